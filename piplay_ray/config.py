@@ -1,0 +1,287 @@
+"""Validated configuration: pydantic models loaded from YAML with OmegaConf.
+
+A config file may name a base with ``extends: other.yaml`` (relative to itself); the child is merged over
+the base, then dotted command-line overrides are merged over both, then ``${...}`` interpolations are
+resolved, then the result is validated. Unknown keys are errors, and every error names the full dotted
+key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Prob = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded or validated; the message lists every problem."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = "piplay"
+    root: str = "runs"  # run directories are created under this folder
+    dir: str | None = None  # an explicit run directory (resume by pointing here); default root/name-timestamp
+    seed: int = 0
+    mode: Literal["local", "cluster"] = "local"
+    resume: bool = True  # continue from the newest complete checkpoint in `dir` when there is one
+
+
+class ModelConfig(Section):
+    """Model paths: a local directory, a hub id, or `builtin:smollm2` / `builtin:tiny` (built by `piplay assets`)."""
+
+    base: str = "builtin:smollm2"
+    examiner: str | None = None  # default: base
+    student: str | None = None  # default: base
+    teacher: str | None = None  # default: the student's initial weights
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    def path_for(self, role: Literal["examiner", "student", "teacher"]) -> str:
+        if role == "teacher":
+            return self.teacher or self.student or self.base
+        return getattr(self, role) or self.base
+
+
+class RolloutConfig(Section):
+    engine: Literal["vllm", "transformers"] = "vllm"
+    workers_per_role: PosInt = 1
+    num_cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
+    num_gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
+    tensor_parallel_size: PosInt = 1
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.85
+    kv_cache_gib: Annotated[float, Field(gt=0)] = 1.0  # vLLM CPU KV-cache size
+    max_model_len: PosInt = 4096
+    max_num_seqs: PosInt = 64
+    temperature: Annotated[float, Field(ge=0)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    max_tokens_per_turn: PosInt = 256
+    max_response_tokens: PosInt = 1024  # all turns together, generated and inserted
+    enforce_eager: bool = True
+
+
+class SearchConfig(Section):
+    retriever: Literal["bm25", "dense", "http"] = "bm25"
+    corpus: str = "builtin:wiki-vital"  # JSONL {"id", "contents", "title"?}, or builtin:wiki-vital
+    index_dir: str | None = None  # default: beside the corpus
+    encoder: str = "builtin:minilm"  # dense: local path, hub id or builtin:minilm
+    query_prefix: str = ""  # e5: "query: "
+    passage_prefix: str = ""  # e5: "passage: "
+    faiss_index: Literal["flat", "hnsw", "ivf"] = "flat"
+    url: str = "http://127.0.0.1:8000"  # http retriever
+    topk: PosInt = 3
+    max_topk: PosInt = 50
+    max_query_chars: PosInt = 512
+    doc_token_budget: PosInt = 128  # per retrieved document, in words, when formatted for the agent
+    replicas: PosInt = 1
+    num_cpus_per_replica: Annotated[float, Field(ge=0)] = 0.5
+    batch_window_ms: Annotated[float, Field(ge=0)] = 5.0
+    cache_size: NonNegInt = 10000
+    timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    retries: NonNegInt = 3
+    backoff_s: Annotated[float, Field(ge=0)] = 0.5
+
+
+class ExaminerConfig(Section):
+    hop_weights: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [4.0, 3.0, 2.0, 1.0])
+    max_turns: PosInt = 6
+    answer_max_words: PosInt = 6
+    format_weight: Annotated[float, Field(ge=0)] = 0.5  # w_f in r_d = 1(0<k<n)(n-k)/(n-1) + w_f r_f
+    attempts: Annotated[int, Field(ge=2)] = 5  # n student attempts per examiner task
+    tasks_per_step: PosInt = 8
+    task_set_size: PosInt = 64  # tasks the examiner writes for the student phase
+
+    @model_validator(mode="after")
+    def _hops(self) -> ExaminerConfig:
+        if not self.hop_weights or sum(self.hop_weights) <= 0:
+            raise ValueError("hop_weights: needs at least one positive weight (index i = i+1 hops)")
+        return self
+
+
+class StudentConfig(Section):
+    group_size: Annotated[int, Field(ge=2)] = 5  # G samples per question
+    max_turns: PosInt = 4
+    tasks_per_step: PosInt = 8
+
+
+class TeacherConfig(Section):
+    backend: Literal["vllm", "transformers"] = "transformers"
+    top_k: PosInt = 20
+    tail_bucket: bool = True
+    include_answer: bool = False  # render the QCP's final answer in the teacher context
+    init: Literal["once", "iteration"] = "once"
+    ema_tau: Prob = 0.05
+    num_cpus: Annotated[float, Field(gt=0)] = 1.0
+    num_gpus: Annotated[float, Field(ge=0)] = 0.0
+
+
+class LossConfig(Section):
+    clip_eps: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
+    std_normalize: bool = True
+    kl_beta: Annotated[float, Field(ge=0)] = 0.0
+
+
+class LearnerConfig(Section):
+    world_size: PosInt = 1
+    num_cpus_per_rank: Annotated[float, Field(gt=0)] = 1.0
+    num_gpus_per_rank: Annotated[float, Field(ge=0)] = 0.0
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    bf16: Literal["auto", True, False] = "auto"  # auto: on where the hardware supports it
+    gradient_checkpointing: bool = False
+    lr: Annotated[float, Field(gt=0)] = 1e-6
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    grad_clip: Annotated[float, Field(gt=0)] = 1.0
+    micro_batch_tokens: PosInt = 4096
+    offload_inactive: bool = True
+    loss: LossConfig = Field(default_factory=LossConfig)
+
+
+class WeightSyncConfig(Section):
+    transport: Literal["object_store", "nccl"] = "object_store"
+    bucket_mb: PosInt = 256
+
+
+class ReplayConfig(Section):
+    capacity_groups: PosInt = 256
+    max_staleness: NonNegInt = 1
+    spill: bool = True
+
+
+class ScheduleConfig(Section):
+    iterations: PosInt = 3  # M
+    examiner_steps: NonNegInt = 50  # W per iteration
+    student_steps: NonNegInt = 50
+    distill_lambda: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [0.03, 0.003, 0.002])
+
+    def lam(self, iteration: int) -> float:
+        """λ for a 0-based iteration; the last value holds for iterations past the list."""
+        if not self.distill_lambda:
+            return 0.0
+        return self.distill_lambda[min(iteration, len(self.distill_lambda) - 1)]
+
+
+class CheckpointConfig(Section):
+    every: NonNegInt = 10  # learner steps; 0 = only at the end
+    keep: PosInt = 2
+
+
+class EvalConfig(Section):
+    every: NonNegInt = 0  # iterations; 0 = never
+    data: list[str] = Field(default_factory=list)  # QA files; empty = the built-in set
+    builtin_size: PosInt = 100
+    max_examples: NonNegInt = 0  # 0 = all
+
+
+class LoggingConfig(Section):
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "piplay-ray"
+    wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+    sample_trajectories: NonNegInt = 8  # per step, written with teacher top-K for the dashboard
+
+
+class DashboardConfig(Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8390
+
+
+class FaultConfig(Section):
+    max_actor_restarts: NonNegInt = 3
+    max_task_retries: NonNegInt = 3
+    learner_restarts: NonNegInt = 1
+
+
+class RayConfig(Section):
+    address: str | None = None  # cluster mode: default $RAY_ADDRESS
+    num_cpus: PosInt | None = None  # local mode: default all cores
+    namespace: str = "piplay"
+
+
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    examiner: ExaminerConfig = Field(default_factory=ExaminerConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
+    replay: ReplayConfig = Field(default_factory=ReplayConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    dashboard: DashboardConfig = Field(default_factory=DashboardConfig)
+    fault: FaultConfig = Field(default_factory=FaultConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _load_tree(path: Path, seen: tuple[Path, ...] = ()) -> Any:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: `extends` cycle through {' -> '.join(str(p) for p in seen)}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # YAML syntax errors
+        raise ConfigError(f"{path}: cannot parse YAML: {e}") from e
+    base = node.pop("extends", None) if OmegaConf.is_dict(node) else None
+    if base is None:
+        return node
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: `extends` must be a file path, got {base!r}")
+    return OmegaConf.merge(_load_tree(path.parent / base, (*seen, path)), node)
+
+
+def _describe(err: dict[str, Any]) -> str:
+    key = ".".join(str(p) for p in err["loc"]) or "<root>"
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        return f"`{key}`: unknown key (value {err['input']!r}); check the spelling against `piplay config show`"
+    if kind == "literal_error":
+        return f"`{key}`: got {err['input']!r}; allowed values: {ctx.get('expected')}"
+    return f"`{key}`: got {err['input']!r}; {err['msg'].lower()}"
+
+
+def validate(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        lines = [_describe(err) for err in e.errors(include_url=False)]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load `path` (or the defaults), merge its bases and dotted `key=value` overrides, and validate."""
+    tree = _load_tree(Path(path)) if path else OmegaConf.create({})
+    bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
+    if bad:
+        raise ConfigError(f"overrides must look like `section.key=value`, got: {', '.join(bad)}")
+    try:
+        merged = OmegaConf.merge(tree, OmegaConf.from_dotlist(list(overrides)))
+        data = OmegaConf.to_container(merged, resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"`{key}`: {e.msg if hasattr(e, 'msg') else e}" if key else str(e)) from None
+    return validate(data or {})
+
+
+def dump_config(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(cfg.model_dump(mode="json")))

@@ -1,0 +1,1 @@
+"""Generation engines behind one small interface (see base.py); one file per engine."""

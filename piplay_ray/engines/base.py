@@ -1,0 +1,54 @@
+"""The engine interface shared by rollout workers and the teacher.
+
+An engine owns one copy of a policy's weights and answers three questions: continue these tokens
+(`generate`), what are the top-K next-token logprobs at these positions of a fixed sequence
+(`prompt_topk`, the teacher's scoring call), and take these new weights (`update_weights`).
+Everything is token ids in, token ids out: no engine ever re-tokenises text it produced.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingSpec:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()  # generation stops after any of these strings (included in the output)
+    seed: int | None = None
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    logprobs: list[float]  # sampling logprob of each generated token
+    finish_reason: str  # "stop" (a stop string), "eos", or "length"
+
+
+@dataclass
+class TopK:
+    """Top-K next-token distribution at each scored position: ids[i], logprobs[i] have K entries."""
+
+    ids: list[list[int]]
+    logprobs: list[list[float]]
+
+
+class Engine(abc.ABC):
+    version: int = 0
+
+    @abc.abstractmethod
+    async def generate(self, prompt_ids: list[int], spec: SamplingSpec) -> Generation: ...
+
+    @abc.abstractmethod
+    async def prompt_topk(self, token_ids: list[int], start: int, k: int) -> TopK:
+        """Distributions predicting token_ids[start:], i.e. from the forward at positions start-1 .. end-2."""
+
+    @abc.abstractmethod
+    def update_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new weights (Hugging Face parameter names); never reuse a prefix cached before."""

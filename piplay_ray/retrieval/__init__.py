@@ -1,0 +1,1 @@
+"""Retrievers behind one batched interface (base.py); one file per implementation."""
