@@ -1,0 +1,98 @@
+"""Embedded assets: the corpus, the tiny model (transformers and vLLM agree), SmolLM2 (slow)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from piplay_ray import assets
+
+
+def test_corpus_is_wiki_jsonl_with_over_10k_docs(corpus_path):
+    docs = [json.loads(line) for line in open(corpus_path, encoding="utf-8")]
+    assert len(docs) >= 10_000
+    assert len({d["id"] for d in docs}) == len(docs)
+    d = docs[0]
+    assert d["contents"].startswith(f'"{d["title"]}"\n') and len(d["contents"]) > len(d["title"]) + 20
+
+
+def test_asset_manifest_detects_corruption(tmp_path, tiny_model):
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny_model, copy)
+    assert assets.verify(copy)
+    with open(copy / "config.json", "a") as f:
+        f.write(" ")
+    assert not assets.verify(copy)
+
+
+def test_builtin_names_resolve_and_unknown_ones_are_refused(tiny_model):
+    assert assets.resolve_model("builtin:tiny") == tiny_model
+    assert assets.resolve_model("Qwen/Qwen3-4B") == "Qwen/Qwen3-4B"
+    with pytest.raises(ValueError, match="builtin:smollm2"):
+        assets.resolve_model("builtin:nope")
+
+
+def test_tiny_model_loads_with_chat_template(tiny_model):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    cfg = AutoConfig.from_pretrained(tiny_model)
+    assert cfg.hidden_size // cfg.num_attention_heads >= 64  # vLLM CPU refuses head_dim 16
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert model.config.eos_token_id == tok.eos_token_id
+
+
+VLLM_VS_HF = textwrap.dedent('''
+    import json, os, sys
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    def main(path):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from vllm import LLM, SamplingParams
+        tok = AutoTokenizer.from_pretrained(path)
+        prompts = ["Who wrote Hamlet?", "The capital of France is", "Tell me about the Moon."]
+        ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                       tokenize=True, return_dict=False) for p in prompts]
+        llm = LLM(model=path, dtype="float32", enforce_eager=True, max_model_len=512, seed=0)
+        outs = llm.generate([{"prompt_token_ids": i} for i in ids], SamplingParams(temperature=0, max_tokens=16))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        res = []
+        for i, o in zip(ids, outs):
+            hf = model.generate(torch.tensor([i]), max_new_tokens=16, do_sample=False)[0, len(i):].tolist()
+            res.append({"vllm": list(o.outputs[0].token_ids), "hf": hf})
+        print("RESULT " + json.dumps(res))
+    if __name__ == "__main__":
+        main(sys.argv[1])
+''')
+
+
+def test_tiny_model_same_greedy_tokens_in_vllm_and_transformers(tiny_model, tmp_path):
+    script = tmp_path / "cmp.py"
+    script.write_text(VLLM_VS_HF)
+    proc = subprocess.run([sys.executable, str(script), tiny_model], capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, proc.stderr[-3000:]
+    for r in json.loads(lines[0][len("RESULT "):]):
+        n = len(r["vllm"])  # vLLM stops at EOS; transformers pads after it
+        assert n > 0 and r["vllm"] == r["hf"][:n]
+
+
+@pytest.mark.slow
+def test_smollm2_answers_paris(smollm2):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**ids, max_new_tokens=40, do_sample=False)
+    text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in text, text
