@@ -1,0 +1,78 @@
+"""The replay store actor: the ReplayBuffer policy behind an async Ray actor with backpressure.
+
+Producers `await put(group)`; when the store is full the call waits (backpressure) until the learner
+samples. The learner `await sample(role, n)`, which waits until n groups are there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import ray
+
+from piplay_ray.replay import Group, ReplayBuffer
+
+
+class ReplayStoreImpl:
+    def __init__(self, capacity_groups: int, max_staleness: int, spill_path: str | None = None):
+        self.spill_path = spill_path
+        if spill_path and Path(spill_path).is_file():
+            self.buffer = ReplayBuffer.restore(spill_path, capacity_groups, max_staleness)
+        else:
+            self.buffer = ReplayBuffer(capacity_groups, max_staleness)
+        self._changed: asyncio.Condition | None = None
+        self.waited_s = 0.0  # total producer time spent blocked by backpressure
+
+    @property
+    def changed(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        return self._changed
+
+    async def put(self, group: Group, timeout: float | None = None) -> str:
+        """Add a group, waiting while the store is full. Returns the buffer's verdict or "timeout"."""
+        start = time.monotonic()
+        async with self.changed:
+            while True:
+                verdict = self.buffer.add(group)
+                if verdict != "full":
+                    self.changed.notify_all()
+                    return verdict
+                remaining = None if timeout is None else timeout - (time.monotonic() - start)
+                if remaining is not None and remaining <= 0:
+                    return "timeout"
+                try:
+                    await asyncio.wait_for(self.changed.wait(), remaining)
+                except TimeoutError:
+                    return "timeout"
+                finally:
+                    self.waited_s += time.monotonic() - start
+
+    async def sample(self, role: str, n_groups: int, timeout: float | None = None) -> list[Group]:
+        """Wait for `n_groups` groups of `role` (or a full store, or the timeout) and pop them."""
+        ready = lambda: self.buffer.size(role) >= n_groups or self.buffer.full()  # noqa: E731
+        async with self.changed:
+            try:
+                await asyncio.wait_for(self.changed.wait_for(ready), timeout)
+            except TimeoutError:
+                pass
+            out = self.buffer.sample(role, n_groups)
+            self.changed.notify_all()
+            return out
+
+    async def set_version(self, role: str, version: int) -> int:
+        async with self.changed:
+            evicted = self.buffer.set_version(role, version)
+            self.changed.notify_all()
+            return evicted
+
+    def stats(self) -> dict:
+        return self.buffer.stats() | {"backpressure_wait_s": self.waited_s}
+
+    def spill(self) -> int:
+        return self.buffer.spill(self.spill_path) if self.spill_path else 0
+
+
+ReplayStore = ray.remote(num_cpus=0)(ReplayStoreImpl)
