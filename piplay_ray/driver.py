@@ -1,0 +1,437 @@
+"""The evolution loop (paper Algorithm 1) as a streaming actor-learner program.
+
+For each iteration: an examiner phase (W learner steps on the difficulty reward), the examiner writes the
+student's task set, then a student phase (W learner steps on exact match plus λ·distillation from the
+QCP-conditioned EMA teacher). Within a phase a producer makes the groups of learner step j with rollout
+weights of version ≥ j − max_staleness while the learner trains on step j − 1, so generation and training
+overlap by up to `replay.max_staleness` versions (0 makes the loop synchronous).
+
+State that a resumed run needs — iteration, phase, steps done in the phase, policy versions — is saved with
+every checkpoint; re-running the same command resumes from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+from tqdm import tqdm
+
+from piplay_ray import assets
+from piplay_ray.config import Config
+from piplay_ray.records import Doc, Experience, Hop, Task
+from piplay_ray.rundir import RunDir, sample_row
+
+ROLES = ("examiner", "student")
+
+
+@dataclass
+class LoopState:
+    """Where the loop is; saved in every checkpoint as the driver state."""
+
+    iteration: int = 0
+    phase: str = "examiner"  # examiner -> tasks -> student -> (next iteration) ; "done" at the end
+    phase_steps: int = 0  # learner steps done in the current phase
+    versions: dict[str, int] = field(default_factory=lambda: {r: 0 for r in ROLES})
+    global_step: int = 0
+    accounting: dict[str, dict] = field(default_factory=dict)  # per task set: issued/trained/dropped
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LoopState:
+        return cls(**d)
+
+
+def load_corpus_docs(path: str) -> list[Doc]:
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            d = json.loads(line)
+            title = d.get("title") or d["contents"].split("\n", 1)[0].strip('"')
+            text = d["contents"].split("\n", 1)[1] if "\n" in d["contents"] else d["contents"]
+            docs.append(Doc(id=str(d["id"]), title=title, contents=text))
+    return docs
+
+
+def rule_task(doc: Doc, iteration: int) -> Task:
+    """A corpus task built by rule (first sentence of an article, title blanked; answer: the title).
+
+    Used only to top up a task set when the examiner wrote too few gate-passing tasks (a small model early
+    in training often writes none); every such task is counted in the metrics as `tasks/rule_built`.
+    """
+    first = doc.contents.split(". ")[0]
+    question = f"Which article begins: \"{first.replace(doc.title, '___')}\"?"
+    return Task(id=f"it{iteration}-rule-{doc.id}", question=question, answer=doc.title, hops=1, source=doc,
+                qcp=[Hop(query=doc.title, docs=[doc])], flags={"rule_built": True}, format_reward=0.0,
+                iteration=iteration)
+
+
+class EvolutionLoop:
+    def __init__(self, cfg: Config, run: RunDir):
+        from transformers import AutoTokenizer
+
+        from piplay_ray.actors.replay import ReplayStore
+        from piplay_ray.actors.rollout import RolloutPool
+        from piplay_ray.actors.search_env import SearchEnvPool
+        from piplay_ray.actors.teacher import Teacher
+        from piplay_ray.examiner import ExaminerSampler
+        from piplay_ray.learner.learner import LearnerGroup
+        from piplay_ray.metrics import MetricsSink
+
+        self.cfg, self.run = cfg, run
+        self.stopping = False
+        self.rng = random.Random(cfg.run.seed)
+        self.paths = {r: assets.resolve_model(cfg.model.path_for(r)) for r in (*ROLES, "teacher")}
+        self.tokenizer = AutoTokenizer.from_pretrained(self.paths["student"])
+        self.docs = load_corpus_docs(assets.resolve_corpus(cfg.search.corpus))
+        self.sampler = ExaminerSampler(self.docs, cfg.examiner.hop_weights, seed=cfg.run.seed)
+        self.metrics = MetricsSink(run.path, cfg.logging)
+        self.state = LoopState()
+
+        _say("starting actors: search env, rollout pools, teacher, learner, replay store")
+        self.search = SearchEnvPool(cfg.search)
+        self.pools = {r: RolloutPool(r, self.paths[r], cfg, self.search) for r in ROLES}
+        self.teacher = Teacher.remote(self.paths["teacher"], cfg)
+        self.learner = LearnerGroup(cfg, ROLES)
+        self.replay = ReplayStore.remote(cfg.replay.capacity_groups, cfg.replay.max_staleness,
+                                         str(run.replay_spill) if cfg.replay.spill else None)
+        self.pool_versions = {r: 0 for r in ROLES}
+        self.bundles: dict[str, tuple[int, object]] = {}
+        self.task_set: list[Task] = []
+        self.version_changed = asyncio.Event()
+
+    # ------------------------------------------------------------------------------------------ resume
+
+    def resume(self) -> bool:
+        from piplay_ray.learner.checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(self.run.checkpoints) if self.cfg.run.resume else None
+        if ckpt is None:
+            return False
+        state = self.learner.load(ckpt)
+        self.state = LoopState.from_dict(state)
+        ray.get(self.teacher.load_checkpoint.remote(str(Path(ckpt) / "teacher")))
+        for role in ROLES:
+            self.publish(role)
+        if self.state.phase == "student":
+            from piplay_ray.examiner import load_tasks, task_set_path
+
+            self.task_set = load_tasks(task_set_path(self.run.path, self.state.iteration))
+        _say(f"resumed from {ckpt}: iteration {self.state.iteration}, phase {self.state.phase}, "
+             f"{self.state.phase_steps} steps done in it, versions {self.state.versions}")
+        return True
+
+    def checkpoint(self) -> None:
+        from piplay_ray.learner.checkpoint import checkpoint_dir
+
+        t = time.monotonic()
+        path = checkpoint_dir(self.run.checkpoints, self.state.global_step)
+        self.learner.save(path, driver_state=self.state.__dict__,
+                          extra={"teacher": lambda d: ray.get(self.teacher.save.remote(str(d)))})
+        if self.cfg.replay.spill:
+            ray.get(self.replay.spill.remote())
+        self.metrics.log({"checkpoint/seconds": time.monotonic() - t}, iteration=self.state.iteration,
+                         phase="system", step=self.state.global_step)
+
+    # ------------------------------------------------------------------------------------------ weights
+
+    def publish(self, role: str) -> None:
+        """Publish the learner's current weights of `role` for the rollout pool (loaded by the producer)."""
+        self.bundles[role] = (self.state.versions[role], self.learner.weights(role))
+        self.version_changed.set()
+
+    async def sync_pool(self, role: str) -> None:
+        version, bundle = self.bundles.get(role, (0, None))
+        if bundle is None or self.pool_versions[role] >= version:
+            return
+        t = time.monotonic()
+        await self.pools[role].update_weights(version, bundle)
+        self.pool_versions[role] = version
+        self.metrics.log({"weight_sync/seconds": time.monotonic() - t, "weight_sync/version": version},
+                         iteration=self.state.iteration, phase=role, step=self.state.global_step)
+
+    async def wait_for_version(self, role: str, minimum: int) -> None:
+        while self.state.versions[role] < minimum and not self.stopping:
+            self.version_changed.clear()
+            await self.version_changed.wait()
+
+    # ------------------------------------------------------------------------------------------ producers
+
+    async def examiner_groups(self, step: int) -> list[list[Experience]]:
+        """One examiner learner step: attempts, n student tries per valid task, difficulty rewards."""
+        from piplay_ray.examiner import build_task, examiner_rewards
+        from piplay_ray.rewards import exact_match
+
+        cfg, it = self.cfg, self.state.iteration
+        docs, hops = self.sampler.sample(cfg.examiner.tasks_per_step)
+        trajs = await self.pools["examiner"].examiner_rollouts(docs, hops)
+        tasks = [build_task(t, d, h, cfg.examiner, it) for t, d, h in zip(trajs, docs, hops, strict=True)]
+        valid = [i for i, t in enumerate(tasks) if t.valid]
+        correct: list[int | None] = [None] * len(tasks)
+        n = cfg.examiner.attempts
+        if valid:
+            attempts = await self.pools["student"].student_rollouts([tasks[i].question for i in valid], n)
+            for i, group in zip(valid, attempts, strict=True):
+                correct[i] = int(sum(exact_match(t.answer, tasks[i].answer) for t in group))
+        rewards, advantages = examiner_rewards(tasks, correct, n, cfg.examiner.format_weight)
+        self.examiner_candidates.extend(tasks[i] for i in valid)
+        by_hop = {h: [t.valid for t in tasks if t.hops == h] for h in range(1, len(cfg.examiner.hop_weights) + 1)}
+        self.metrics.log({
+            "examiner/difficulty_reward": _mean(rewards),
+            "examiner/format_reward": _mean([t.format_reward for t in tasks]),
+            "examiner/gate_pass_rate": len(valid) / len(tasks),
+            **{f"examiner/gate_pass_rate_h{h}": _mean(v) for h, v in by_hop.items() if v},
+            "examiner/solve_rate_hist": [correct[i] / n for i in valid],
+            "rollout/searches_per_traj": _mean([t.num_searches for t in trajs]),
+        }, iteration=it, phase="examiner", step=self.state.global_step)
+        group = [Experience(group_id=f"examiner-{step}", role="examiner", prompt_ids=t.prompt_ids,
+                            response_ids=t.response_ids, mask=t.mask, logprobs=t.logprobs, reward=r,
+                            advantage=a, version=t.version, info={"task": task.id, "hops": task.hops})
+                 for t, task, r, a in zip(trajs, tasks, rewards, advantages, strict=True)]
+        return [group]
+
+    async def student_groups(self, step: int) -> list[list[Experience]]:
+        """One student learner step: G rollouts per task, exact match, teacher top-K with the QCP."""
+        from piplay_ray.losses import group_advantages
+        from piplay_ray.rewards import exact_match, f1
+
+        cfg, it = self.cfg, self.state.iteration
+        k = cfg.student.tasks_per_step
+        tasks = [self.task_set[(step * k + i) % len(self.task_set)] for i in range(k)]
+        groups = await self.pools["student"].student_rollouts([t.question for t in tasks], cfg.student.group_size)
+        flat = [(task, traj) for task, group in zip(tasks, groups, strict=True) for traj in group]
+        rewards = [exact_match(traj.answer, task.answer) for task, traj in flat]
+        advantages = group_advantages(rewards, cfg.student.group_size, cfg.learner.loss.std_normalize).tolist()
+        scores = await self.teacher.score.remote([tr for _, tr in flat], [t for t, _ in flat])
+        exps, rows = [], []
+        for i, ((task, traj), r, a, (t_ids, t_lps, t_tail)) in enumerate(
+                zip(flat, rewards, advantages, scores, strict=True)):
+            exps.append(Experience(group_id=f"student-{step}-{task.id}", role="student", prompt_ids=traj.prompt_ids,
+                                   response_ids=traj.response_ids, mask=traj.mask, logprobs=traj.logprobs,
+                                   reward=r, advantage=a, version=traj.version, teacher_ids=t_ids,
+                                   teacher_logprobs=t_lps, teacher_tail=t_tail, info={"task": task.id}))
+            if i < cfg.logging.sample_trajectories:
+                tokens = self.tokenizer.convert_ids_to_tokens(traj.response_ids)
+                tokens = [self.tokenizer.convert_tokens_to_string([t]) for t in tokens]
+                rows.append(sample_row(task, traj, r, tokens, t_ids, t_lps, t_tail))
+        if rows:
+            self.run.write_samples("student", step, rows)
+        trajs = [tr for _, tr in flat]
+        self.metrics.log({
+            "student/reward": _mean(rewards), "student/em": _mean(rewards),
+            "student/f1": _mean([f1(tr.answer, t.answer) for t, tr in flat]),
+            "rollout/searches_per_traj": _mean([t.num_searches for t in trajs]),
+            "rollout/answer_len": _mean([len((t.answer or "").split()) for t in trajs]),
+            "rollout/tokens": sum(sum(t.mask) for t in trajs),
+            "search/tool_failures": sum(not h.ok for t in trajs for h in t.hops),
+        }, iteration=it, phase="student", step=self.state.global_step)
+        g = cfg.student.group_size
+        return [exps[i : i + g] for i in range(0, len(exps), g)]
+
+    async def produce(self, role: str, first: int, last: int) -> None:
+        """Fill the replay store for learner steps first..last-1, within the staleness bound."""
+        make = self.examiner_groups if role == "examiner" else self.student_groups
+        bound = self.cfg.replay.max_staleness
+        for j in range(first, last):
+            while not self.stopping:
+                await self.wait_for_version(role, j - bound)
+                await self.sync_pool(role)
+                t = time.monotonic()
+                groups = await make(j)
+                tokens = sum(sum(e.mask) for g in groups for e in g)
+                verdicts = [await self.replay.put.remote(g) for g in groups]
+                self.metrics.log({"throughput/rollout_tokens_per_s": tokens / max(time.monotonic() - t, 1e-9),
+                                  "replay/refused": sum(v == "stale" for v in verdicts)},
+                                 iteration=self.state.iteration, phase=role, step=self.state.global_step)
+                if all(v in ("ok", "duplicate") for v in verdicts):
+                    break  # else some groups went stale while generating: make this step's groups again
+            if self.stopping:
+                return
+
+    # ------------------------------------------------------------------------------------------ phases
+
+    async def phase(self, role: str, steps: int) -> None:
+        cfg, st = self.cfg, self.state
+        n_groups = 1 if role == "examiner" else cfg.student.tasks_per_step
+        start = st.versions[role]
+        first = start - st.phase_steps  # the version this phase started at
+        producer = asyncio.create_task(self.produce(role, start, first + steps))
+        bar = tqdm(total=steps, initial=st.phase_steps, desc=f"iter {st.iteration} {role}", unit="step",
+                   file=sys.stderr, dynamic_ncols=True)
+        try:
+            while st.phase_steps < steps and not self.stopping:
+                t_wait = time.monotonic()
+                groups = await self._sample(role, n_groups, producer)
+                waited = time.monotonic() - t_wait
+                exps = [e for g in groups for e in g]
+                stale = max(st.versions[role] - e.version for e in exps)
+                lam = cfg.schedule.lam(st.iteration) if role == "student" else 0.0
+                t = time.monotonic()
+                m = await asyncio.to_thread(self.learner.train_step, role, exps, lam)
+                step_s = time.monotonic() - t
+                st.versions[role] += 1
+                st.phase_steps += 1
+                st.global_step += 1
+                await self.replay.set_version.remote(role, st.versions[role])
+                self.publish(role)
+                if role == "student":
+                    version, bundle = self.bundles["student"]
+                    await self.teacher.ema_update.remote(version, bundle)
+                acct = st.accounting.setdefault(f"iter-{st.iteration}-{role}", {"groups_trained": 0})
+                acct["groups_trained"] += len(groups)
+                self.metrics.log({**m, "schedule/lambda": lam, "replay/staleness": stale,
+                                  "learner/step_seconds": step_s, "learner/idle_frac": waited / (waited + step_s),
+                                  "learner/groups": len(groups), "learner/version": st.versions[role],
+                                  "learner/min_experience_version": min(e.version for e in exps)},
+                                 iteration=st.iteration, phase=role, step=st.global_step)
+                bar.update(1)
+                bar.set_postfix(reward=f"{_mean([e.reward for e in exps]):.3f}", staleness=stale)
+                if cfg.checkpoint.every and st.global_step % cfg.checkpoint.every == 0:
+                    self.checkpoint()
+        finally:
+            bar.close()
+            producer.cancel()
+            try:
+                await producer
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def _sample(self, role: str, n: int, producer: asyncio.Task) -> list[list[Experience]]:
+        while True:
+            groups = await self.replay.sample.remote(role, n, 5.0)
+            if groups:
+                return groups
+            if producer.done():
+                producer.result()  # re-raise a producer failure here
+                raise RuntimeError(f"the {role} producer stopped without filling the replay store")
+
+    async def write_task_set(self) -> None:
+        from piplay_ray.examiner import save_tasks, select_tasks, task_set_path, write_tasks
+
+        cfg, it = self.cfg, self.state.iteration
+        await self.sync_pool("examiner")
+        size = cfg.examiner.task_set_size
+        written = await write_tasks(self.pools["examiner"], self.sampler, size, cfg.examiner, it)
+        tasks = select_tasks([*self.examiner_candidates, *written], size)
+        n_examiner = len(tasks)
+        while len(tasks) < size:  # top up by rule; counted, never silent
+            tasks.append(rule_task(self.docs[self.rng.randrange(len(self.docs))], it))
+        self.rng.shuffle(tasks)
+        save_tasks(task_set_path(self.run.path, it), tasks)
+        self.task_set = tasks
+        self.state.accounting[f"iter-{it}-tasks"] = {"issued": len(tasks), "examiner_written": n_examiner,
+                                                     "rule_built": len(tasks) - n_examiner}
+        self.metrics.log({"tasks/size": len(tasks), "tasks/examiner_written": n_examiner,
+                          "tasks/rule_built": len(tasks) - n_examiner}, iteration=it, phase="examiner",
+                         step=self.state.global_step)
+        _say(f"iteration {it}: task set of {len(tasks)} ({n_examiner} examiner-written) -> "
+             f"{task_set_path(self.run.path, it)}")
+
+    async def evaluate(self) -> None:
+        from piplay_ray.evaluation import evaluate_pool
+
+        await self.sync_pool("student")
+        scores = await evaluate_pool(self.pools["student"], self.cfg, self.run.path / "eval" /
+                                     f"iter-{self.state.iteration}")
+        self.metrics.log({f"eval/{k}": v for k, v in scores.items()}, iteration=self.state.iteration,
+                         phase="eval", step=self.state.global_step)
+
+    async def run_loop(self) -> None:
+        cfg, st = self.cfg, self.state
+        sched = cfg.schedule
+        self.examiner_candidates: list[Task] = []
+        while st.iteration < sched.iterations and not self.stopping:
+            _say(f"iteration {st.iteration + 1}/{sched.iterations}, phase {st.phase}")
+            if st.phase == "examiner":
+                self.sampler.start_iteration(st.iteration)
+                await self.phase("examiner", sched.examiner_steps)
+                if self.stopping:
+                    break
+                st.phase, st.phase_steps = "tasks", 0
+            if st.phase == "tasks":
+                await self.write_task_set()
+                st.phase, st.phase_steps = "student", 0
+                if cfg.teacher.init == "iteration":
+                    await self.teacher.load.remote(st.versions["student"], self.bundles.get("student", (0, None))[1])
+            if st.phase == "student":
+                await self.phase("student", sched.student_steps)
+                if self.stopping:
+                    break
+                if cfg.eval.every and (st.iteration + 1) % cfg.eval.every == 0:
+                    await self.evaluate()
+                st.iteration, st.phase, st.phase_steps = st.iteration + 1, "examiner", 0
+                self.examiner_candidates = []
+        if not self.stopping:
+            st.phase = "done"
+        self.checkpoint()
+
+    def request_stop(self, signum, _frame) -> None:
+        if self.stopping:  # a second signal: stop now
+            raise KeyboardInterrupt
+        _say(f"signal {signum}: finishing the current step, then checkpointing and stopping")
+        self.stopping = True
+        self.version_changed.set()
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+def _say(msg: str) -> None:
+    print(f"[piplay] {msg}", file=sys.stderr, flush=True)
+
+
+def init_ray(cfg: Config) -> None:
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {k: v for k in ("PIPLAY_HOME", "VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE")
+                        if (v := os.environ.get(k))}}
+    if cfg.run.mode == "cluster":
+        ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS", "auto"), namespace=cfg.ray.namespace,
+                 runtime_env=env)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, include_dashboard=False,
+                 runtime_env=env)
+
+
+def train(cfg: Config) -> Path:
+    """Run (or resume) the evolution loop for `cfg`; returns the run directory."""
+    run = RunDir.create(cfg)
+    _say(f"run directory: {run.path}")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.kv_cache_gib))
+    init_ray(cfg)
+    loop = EvolutionLoop(cfg, run)
+    stop_dashboard = None
+    if cfg.dashboard.enabled:
+        from piplay_ray.dashboard.server import start_dashboard
+
+        url, stop_dashboard = start_dashboard(run.path, cfg.dashboard.host, cfg.dashboard.port)
+        _say(f"dashboard: {url}")
+    resumed = loop.resume()
+    if loop.state.phase == "done":
+        raise SystemExit(f"piplay: the run in {run.path} is already complete ({loop.state.global_step} steps); "
+                         "set run.dir to a new folder (or run.resume=false) to start another")
+    if not resumed:
+        for role in ROLES:
+            loop.publish(role)
+    previous = {s: signal.signal(s, loop.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        asyncio.run(loop.run_loop())
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        loop.metrics.close()
+        if stop_dashboard:
+            stop_dashboard()
+        if cfg.run.mode == "local":
+            ray.shutdown()
+    _say(f"done: {loop.state.global_step} learner steps; run directory {run.path}")
+    return run.path

@@ -1,0 +1,87 @@
+"""The run directory: where a run's config, metrics, task sets, samples, checkpoints and logs live.
+
+The directory is deterministic (``run.dir``, else ``run.root/run.name``) so that re-running the same
+command finds the previous run's checkpoints and resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+from piplay_ray.config import Config, dump_config
+from piplay_ray.records import Task, Trajectory, to_dict
+
+
+def run_path(cfg: Config) -> Path:
+    return Path(cfg.run.dir or Path(cfg.run.root) / cfg.run.name).expanduser().resolve()
+
+
+class RunDir:
+    def __init__(self, path: Path):
+        self.path = path
+        for sub in ("tasks", "samples", "checkpoints", "logs"):
+            (path / sub).mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def create(cls, cfg: Config) -> RunDir:
+        path = run_path(cfg)
+        if path.exists() and not cfg.run.resume and any(path.iterdir()):
+            path = path.with_name(f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        run = cls(path)
+        (path / "config.yaml").write_text(dump_config(cfg))
+        return run
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def replay_spill(self) -> Path:
+        return self.path / "replay.parquet"
+
+    def write_samples(self, role: str, step: int, rows: list[dict]) -> Path:
+        path = self.path / "samples" / f"{role}-step-{step:06d}.jsonl"
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+        return path
+
+    def write_health(self, actors: dict[str, dict]) -> None:
+        tmp = self.path / ".health.json.tmp"
+        tmp.write_text(json.dumps({"actors": actors, "updated": time.time()}))
+        os.replace(tmp, self.path / "health.json")
+
+
+def sample_row(task: Task, traj: Trajectory, reward: float, tokens: list[str],
+               teacher_ids: list[list[int]] | None, teacher_logprobs: list[list[float]] | None,
+               teacher_tail: list[float] | None) -> dict:
+    """A dashboard row: the task, the trajectory and a per-token teacher–student disagreement.
+
+    The per-token value is the one-sample estimate of KL(student ‖ teacher) at that position,
+    log p_student(y_t) − log p_teacher(y_t), with the teacher's tail mass standing in for log p_teacher
+    when y_t is outside its top-K. It is what colours the dashboard's tokens; the training loss uses the
+    full top-K form.
+    """
+    token_kl: list[float | None] = []
+    for i, (tok, m) in enumerate(zip(traj.response_ids, traj.mask, strict=True)):
+        if not m or not teacher_ids or not teacher_ids[i]:
+            token_kl.append(None)
+            continue
+        ids, lps = teacher_ids[i], teacher_logprobs[i]
+        if tok in ids:
+            lp_t = lps[ids.index(tok)]
+        elif teacher_tail:
+            lp_t = teacher_tail[i]
+        else:
+            lp_t = min(lps)
+        value = traj.logprobs[i] - lp_t
+        token_kl.append(round(value, 4) if math.isfinite(value) else None)
+    task_d = to_dict(task)
+    task_d["trajectory"] = None  # the examiner's own trajectory is not needed to browse the student's
+    return {"task": task_d, "trajectory": to_dict(traj), "reward": reward, "tokens": tokens, "token_kl": token_kl}
