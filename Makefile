@@ -6,7 +6,7 @@ STAMP := $(VENV)/.piplay-installed
 CONFIG ?= configs/local.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup assets run test test-all lint bench clean
+.PHONY: setup browser assets run test test-all lint bench clean
 
 setup: $(STAMP)
 
@@ -21,16 +21,23 @@ $(STAMP): pyproject.toml
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
 
+# Debian's Chromium drives the dashboard test; installed when missing and apt-get is usable (root),
+# otherwise that test skips with a message.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "chromium is not installed: the dashboard browser test will be skipped"
+
 assets: setup
 	$(VENV)/bin/piplay assets
 
 run: setup assets
 	$(VENV)/bin/piplay train --config $(CONFIG)
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-all: setup assets
+test-all: setup browser assets
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: setup

@@ -58,6 +58,12 @@ def cmd_retriever_serve(args) -> int:
     return 0
 
 
+def cmd_submit(args) -> int:
+    from piplay_ray.submit import cmd_submit as run
+
+    return run(args)
+
+
 def cmd_dashboard(args) -> int:
     from piplay_ray.dashboard.server import serve_run
 
@@ -100,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--host", default="127.0.0.1")
     q.add_argument("--port", type=int, default=8000)
     q.set_defaults(fn=cmd_retriever_serve)
+
+    p = sub.add_parser("submit", help="submit `piplay train` to a Ray cluster as a Ray job")
+    from piplay_ray.submit import add_arguments as add_submit_arguments
+
+    add_submit_arguments(p)
+    p.set_defaults(fn=cmd_submit)
 
     p = sub.add_parser("dashboard", help="serve the dashboard of a run directory")
     p.add_argument("run_dir")

@@ -395,8 +395,8 @@ def init_ray(cfg: Config) -> None:
     env = {"env_vars": {k: v for k in ("PIPLAY_HOME", "VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE")
                         if (v := os.environ.get(k))}}
     if cfg.run.mode == "cluster":
-        ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS", "auto"), namespace=cfg.ray.namespace,
-                 runtime_env=env)
+        # a submitted job already carries its runtime env (`piplay submit`)
+        ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS", "auto"), namespace=cfg.ray.namespace)
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, include_dashboard=False,
                  runtime_env=env)
