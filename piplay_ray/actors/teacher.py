@@ -1,0 +1,229 @@
+"""The teacher actor: an EMA copy of the student that scores the student's tokens with the QCP in view.
+
+It keeps the EMA master weights psi in float32 (so tau * (theta - psi) steps are not rounded away) and a
+scoring backend: a transformers model (batched, left-padded forward; only the response logits are
+materialised) or a vLLM engine (`prompt_topk`, i.e. prompt logprobs). Every update carries the student's
+version; an EMA step for a version the teacher already holds is skipped, so a retried call cannot apply
+the same step twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from piplay_ray import teacher as T
+from piplay_ray.config import Config
+from piplay_ray.engines import named_tensors
+from piplay_ray.records import Task, Trajectory
+
+log = logging.getLogger(__name__)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TeacherImpl:
+    """Plain class behind the `Teacher` actor (usable in-process in tests and scripts)."""
+
+    def __init__(self, model_path: str, cfg: Config, max_batch_tokens: int = 4096):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg, self.tcfg = cfg, cfg.teacher
+        self.max_batch_tokens = max_batch_tokens
+        self.max_len = cfg.rollout.max_model_len
+        self.version = 0
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.device = torch.device("cuda" if self.tcfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        dtype = _DTYPES.get(cfg.model.dtype, torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        # canonical name of every parameter, tied aliases (e.g. lm_head.weight -> embed_tokens.weight) included
+        canon: dict[int, str] = {}
+        self.alias: dict[str, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            self.alias[name] = canon.setdefault(id(p), name)
+        self.engine = None
+        if self.tcfg.backend == "vllm":
+            from piplay_ray.engines import make_engine
+
+            self.master = {n: p.detach() for n, p in model.named_parameters()}
+            self.model = None
+            del model
+            self.engine = make_engine("vllm", model_path, cfg.rollout, dtype=cfg.model.dtype, seed=cfg.run.seed,
+                                      max_logprobs=max(64, self.tcfg.top_k))
+        else:
+            self.model = model.to(self.device, dtype).eval()
+            self._aliased = dtype == torch.float32 and self.device.type == "cpu"
+            if self._aliased:
+                self.master = {n: p.data for n, p in self.model.named_parameters()}  # the model is the master
+            else:
+                self.master = {n: p.detach().float().cpu() for n, p in self.model.named_parameters()}
+        self._lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------------------------- weights
+
+    def _blend(self, weights: Any, tau: float) -> int:
+        """psi <- (1 - tau) psi + tau theta over every parameter; theta streamed as (name, tensor)."""
+        done: set[str] = set()
+        for name, tensor in named_tensors(weights):
+            key = self.alias.get(name)
+            if key is None:
+                raise ValueError(f"teacher: unknown parameter {name!r} (not in the teacher's model)")
+            if key in done:
+                continue  # a tied alias of a parameter already blended
+            T.ema_([self.master[key]], [tensor.detach()], tau)
+            done.add(key)
+        missing = set(self.master) - done
+        if missing:
+            raise ValueError(f"teacher: the update lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
+        return len(done)
+
+    async def _push(self, version: int) -> None:
+        if self.engine is not None:
+            await self.engine.aupdate_weights(version, self.master.items())
+        elif not self._aliased:
+            with torch.no_grad():
+                for name, p in self.model.named_parameters():
+                    p.copy_(self.master[name].to(p.device, p.dtype))
+        self.version = version
+
+    async def ema_update(self, version: int, weights: Any) -> bool:
+        """Blend the student's weights of `version` in with tau = teacher.ema_tau; False if already applied."""
+        async with self._lock:
+            if version <= self.version:
+                log.warning("teacher: EMA for version %d skipped (holding %d)", version, self.version)
+                return False
+            self._blend(weights, self.tcfg.ema_tau)
+            await self._push(version)
+            return True
+
+    async def load(self, version: int, weights: Any) -> None:
+        """psi <- theta exactly (teacher.init = iteration: the driver calls this at each iteration start)."""
+        async with self._lock:
+            self._blend(weights, 1.0)
+            await self._push(version)
+
+    def get_version(self) -> int:
+        return self.version
+
+    def save(self, folder: str) -> str:
+        """Write the EMA master weights and version to `folder/teacher.safetensors` (checkpoints)."""
+        from safetensors.torch import save_file
+
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        path = Path(folder) / "teacher.safetensors"
+        save_file({n: t.detach().cpu().contiguous() for n, t in self.master.items()}, str(path),
+                  metadata={"version": str(self.version)})
+        return str(path)
+
+    async def load_checkpoint(self, folder: str) -> int:
+        """Restore what `save` wrote; returns the restored version."""
+        from safetensors import safe_open
+
+        path = Path(folder) / "teacher.safetensors"
+        with safe_open(str(path), framework="pt") as f:
+            version = int((f.metadata() or {}).get("version", 0))
+            weights = [(n, f.get_tensor(n)) for n in f.keys()]
+        await self.load(version, weights)
+        return version
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """A copy of the EMA master weights (tests, checkpoints)."""
+        return {n: t.clone() for n, t in self.master.items()}
+
+    # ------------------------------------------------------------------------------------- scoring
+
+    async def score(self, trajectories: Sequence[Trajectory], tasks: Sequence[Task]) -> list[T.Scores]:
+        """Teacher top-K (ids, logprobs, tail) per response position of each trajectory, given its task.
+
+        Rows are empty where mask is 0; a trajectory whose teacher sequence exceeds the model length gets
+        empty rows everywhere (no distillation for it) rather than an error.
+        """
+        if len(trajectories) != len(tasks):
+            raise ValueError(f"score: {len(trajectories)} trajectories but {len(tasks)} tasks")
+        k, tail = self.tcfg.top_k, self.tcfg.tail_bucket
+        contexts: dict[str, list[int]] = {}
+        jobs, out = [], [T.empty_scores(len(t.response_ids), tail) for t in trajectories]
+        for i, (traj, task) in enumerate(zip(trajectories, tasks, strict=True)):
+            if task.id not in contexts:
+                contexts[task.id] = T.context_ids(self.tokenizer, task, self.tcfg.include_answer)
+            ids, start = T.sequence(contexts[task.id], traj)
+            if not any(traj.mask):
+                continue
+            if len(ids) > self.max_len:
+                log.warning("teacher: sequence of %d tokens exceeds max_model_len %d; not scored", len(ids),
+                            self.max_len)
+                continue
+            jobs.append((i, ids, start, traj.mask))
+        async with self._lock:
+            if self.engine is not None:
+                results = await asyncio.gather(*(self._score_vllm(ids, start, mask, k, tail)
+                                                 for _, ids, start, mask in jobs))
+            else:
+                results = await asyncio.to_thread(self._score_hf, [(ids, start, mask) for _, ids, start, mask in jobs],
+                                                  k, tail)
+        for (i, *_), res in zip(jobs, results, strict=True):
+            out[i] = res
+        return out
+
+    async def _score_vllm(self, ids: list[int], start: int, mask: Sequence[int], k: int, tail: bool) -> T.Scores:
+        top = await self.engine.prompt_topk(ids, start, k)
+        rows_ids = [list(r) if m else [] for r, m in zip(top.ids, mask, strict=True)]
+        rows_lps = [list(r) if m else [] for r, m in zip(top.logprobs, mask, strict=True)]
+        tails = [T.tail_from_topk(r) if m else 0.0 for r, m in zip(top.logprobs, mask, strict=True)] if tail else None
+        return rows_ids, rows_lps, tails
+
+    @torch.inference_mode()
+    def _score_hf(self, seqs: list[tuple[list[int], int, Sequence[int]]], k: int, tail: bool) -> list[T.Scores]:
+        """Batched forward over left-padded sequences, keeping only the logits that predict response tokens."""
+        results: list[T.Scores | None] = [None] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i][0]))
+        batch: list[int] = []
+
+        def flush():
+            if not batch:
+                return
+            L = max(len(seqs[i][0]) for i in batch)
+            R = max(len(seqs[i][0]) - seqs[i][1] for i in batch)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            ids = torch.full((len(batch), L), pad, dtype=torch.long)
+            attn = torch.zeros((len(batch), L), dtype=torch.long)
+            for row, i in enumerate(batch):
+                s = seqs[i][0]
+                ids[row, L - len(s):] = torch.tensor(s)
+                attn[row, L - len(s):] = 1
+            pos = (attn.cumsum(-1) - 1).clamp(min=0)
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
+                                position_ids=pos.to(self.device), logits_to_keep=R + 1).logits
+            for row, i in enumerate(batch):
+                s, start, mask = seqs[i]
+                r = len(s) - start
+                # the last kept position predicts past the sequence; response token j is predicted just before it
+                results[i] = T.topk_from_logits(logits[row, -(r + 1):-1], mask, k, tail)
+            batch.clear()
+
+        for i in order:
+            L = len(seqs[i][0])
+            if batch and (len(batch) + 1) * L > self.max_batch_tokens:
+                flush()
+            batch.append(i)
+        flush()
+        return results  # type: ignore[return-value]
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+
+Teacher = ray.remote(TeacherImpl)
+
+
+def create_teacher(model_path: str, cfg: Config):
+    """Start the `Teacher` actor with the resources of the `teacher` config section."""
+    return Teacher.options(num_cpus=cfg.teacher.num_cpus, num_gpus=cfg.teacher.num_gpus,
+                           max_restarts=cfg.fault.max_actor_restarts, max_concurrency=64).remote(model_path, cfg)

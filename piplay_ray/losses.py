@@ -1,0 +1,290 @@
+"""The learner's objective, as pure torch: batching, GRPO advantages, clipped surrogate, KL terms, distillation.
+
+Alignment convention: a batch holds right-padded sequences ``input_ids`` [B, T] (prompt then response);
+every per-token tensor is *target-aligned* [B, T-1]: index ``t`` describes the token ``input_ids[:, t+1]``,
+predicted by the logits at position ``t``. ``mask`` is 1 only where that target is a model-generated response
+token, so prompts, inserted ``<information>`` blocks and padding never carry loss or gradient.
+
+Student objective (to minimise), with per-token weights ``w`` from the aggregation mode::
+
+    L = sum_t w_t * [ -min(r_t A, clip(r_t, 1-eps, 1+eps) A) + beta * k3(ref || pi)_t + lam * D_t ]
+
+where ``D_t`` is the reverse KL from the student to the teacher on the teacher's top-K support (optionally
+with a tail bucket holding the remaining mass). The teacher's numbers are constants (no gradient).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from piplay_ray.config import LossConfig
+from piplay_ray.records import Experience
+
+LOG_FLOOR = math.log(1e-12)  # smallest log-mass a bucket may take; keeps KL terms finite
+MAX_LOG_RATIO = 20.0  # |log pi/pi_old| beyond this is clamped (only ever reached by broken data)
+
+
+# ------------------------------------------------------------------------------------------------ batching
+
+
+def collate(experiences: Sequence[Experience], pad_id: int) -> dict[str, Tensor]:
+    """Right-pad experiences into one batch of target-aligned tensors (see the module docstring).
+
+    Keys: ``input_ids``, ``attention_mask`` [B, T]; ``mask``, ``old_logprobs``, ``advantages`` [B, T-1];
+    when any experience carries teacher top-K: ``teacher_ids``, ``teacher_logprobs`` [B, T-1, K] and
+    ``teacher_mask`` [B, T-1] (1 where a teacher distribution exists and mask is 1), plus ``teacher_tail``
+    [B, T-1] when every such experience has a tail; ``ref_logprobs`` [B, T-1] when every experience has
+    ``info["ref_logprobs"]`` (response-aligned, like ``logprobs``).
+    """
+    if not experiences:
+        raise ValueError("collate: no experiences")
+    for i, e in enumerate(experiences):
+        n = len(e.response_ids)
+        if not e.prompt_ids:
+            raise ValueError(f"collate: experience {i} has an empty prompt")
+        if len(e.mask) != n or len(e.logprobs) != n:
+            raise ValueError(f"collate: experience {i}: response_ids ({n}), mask ({len(e.mask)}) and "
+                             f"logprobs ({len(e.logprobs)}) must have the same length")
+    B = len(experiences)
+    T = max(e.num_tokens for e in experiences)
+    if T < 2:
+        raise ValueError("collate: every sequence has a single token; nothing to predict")
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, T), dtype=torch.long)
+    mask = torch.zeros((B, T - 1), dtype=torch.float32)
+    old_logprobs = torch.zeros((B, T - 1), dtype=torch.float32)
+    advantages = torch.zeros((B, T - 1), dtype=torch.float32)
+    for b, e in enumerate(experiences):
+        p, n = len(e.prompt_ids), len(e.response_ids)
+        input_ids[b, : p + n] = torch.tensor(e.prompt_ids + e.response_ids, dtype=torch.long)
+        attention_mask[b, : p + n] = 1
+        # response token i sits at sequence position p+i and is predicted at aligned index p+i-1
+        mask[b, p - 1 : p - 1 + n] = torch.tensor(e.mask, dtype=torch.float32)
+        old_logprobs[b, p - 1 : p - 1 + n] = torch.tensor(e.logprobs, dtype=torch.float32)
+        advantages[b, :] = float(e.advantage)
+    old_logprobs *= mask
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "mask": mask,
+             "old_logprobs": old_logprobs, "advantages": advantages}
+    batch.update(_collate_teacher(experiences, mask, T))
+    if all("ref_logprobs" in e.info for e in experiences):
+        ref = torch.zeros((B, T - 1), dtype=torch.float32)
+        for b, e in enumerate(experiences):
+            p, n = len(e.prompt_ids), len(e.response_ids)
+            if len(e.info["ref_logprobs"]) != n:
+                raise ValueError(f"collate: experience {b}: ref_logprobs must have one entry per response token")
+            ref[b, p - 1 : p - 1 + n] = torch.tensor(e.info["ref_logprobs"], dtype=torch.float32)
+        batch["ref_logprobs"] = ref * mask
+    return batch
+
+
+def _collate_teacher(experiences: Sequence[Experience], mask: Tensor, T: int) -> dict[str, Tensor]:
+    with_teacher = [e for e in experiences if e.teacher_ids is not None]
+    if not with_teacher:
+        return {}
+    ks = {len(row) for e in with_teacher for row in e.teacher_ids if row}
+    if len(ks) > 1:
+        raise ValueError(f"collate: teacher top-K rows have different sizes {sorted(ks)}")
+    if not ks:
+        return {}
+    K = ks.pop()
+    has_tail = all(e.teacher_tail is not None for e in with_teacher)
+    B = len(experiences)
+    ids = torch.zeros((B, T - 1, K), dtype=torch.long)
+    lps = torch.zeros((B, T - 1, K), dtype=torch.float32)
+    tail = torch.full((B, T - 1), LOG_FLOOR, dtype=torch.float32)
+    tmask = torch.zeros((B, T - 1), dtype=torch.float32)
+    for b, e in enumerate(experiences):
+        if e.teacher_ids is None:
+            continue
+        n, p = len(e.response_ids), len(e.prompt_ids)
+        if len(e.teacher_ids) != n or e.teacher_logprobs is None or len(e.teacher_logprobs) != n:
+            raise ValueError(f"collate: experience {b}: teacher_ids/teacher_logprobs need one row per response token")
+        if has_tail and len(e.teacher_tail) != n:
+            raise ValueError(f"collate: experience {b}: teacher_tail needs one entry per response token")
+        for i, (row_ids, row_lps) in enumerate(zip(e.teacher_ids, e.teacher_logprobs, strict=True)):
+            if not row_ids or not e.mask[i]:
+                continue
+            if len(row_lps) != len(row_ids):
+                raise ValueError(f"collate: experience {b}, position {i}: {len(row_ids)} teacher ids but "
+                                 f"{len(row_lps)} logprobs")
+            t = p - 1 + i
+            ids[b, t] = torch.tensor(row_ids, dtype=torch.long)
+            lps[b, t] = torch.tensor(row_lps, dtype=torch.float32)
+            tmask[b, t] = 1.0
+            if has_tail:
+                tail[b, t] = e.teacher_tail[i]
+    out = {"teacher_ids": ids, "teacher_logprobs": lps, "teacher_mask": tmask * mask}
+    if has_tail:
+        out["teacher_tail"] = tail
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ advantages
+
+
+def group_advantages(rewards: Sequence[float] | Tensor, group_size: int, std_normalize: bool = True,
+                     eps: float = 1e-6) -> Tensor:
+    """GRPO advantages: each reward minus its group's mean, divided by the group's std (+eps) if asked.
+
+    `rewards` holds consecutive groups of `group_size` samples (the G answers to one question). The std is
+    the unbiased sample std; a group whose rewards are all equal gets advantage 0 everywhere.
+    """
+    r = torch.as_tensor(rewards, dtype=torch.float32).flatten()
+    if group_size < 1 or r.numel() % group_size:
+        raise ValueError(f"group_advantages: {r.numel()} rewards do not split into groups of {group_size}")
+    g = r.view(-1, group_size)
+    adv = g - g.mean(dim=1, keepdim=True)
+    if std_normalize and group_size > 1:
+        std = g.std(dim=1, keepdim=True)
+        adv = torch.where(std > 0, adv / (std + eps), torch.zeros_like(adv))
+    return adv.flatten()
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+
+
+def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
+    """log pi(input_ids[:, t+1] | <= t) for logits [B, T, V] over input_ids [B, T]; returns [B, T-1] (float32).
+
+    Also what the learner uses for a reference-model forward (``batch["ref_logprobs"]``).
+    """
+    logits = logits[:, :-1].float()
+    lse = torch.logsumexp(logits, dim=-1)
+    return logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1) - lse
+
+
+def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token k3 estimate of KL(pi || ref) from samples of pi: exp(ref - logp) - (ref - logp) - 1 (>= 0)."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1.0
+
+
+def _log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, stable at both ends."""
+    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def topk_reverse_kl(student_lp_at_ids: Tensor, teacher_lp: Tensor, teacher_tail: Tensor | None = None) -> Tensor:
+    """Per-position KL(student || teacher) on the teacher's top-K support, [..., K] -> [...].
+
+    Without a tail both distributions are renormalised over the K ids. With a tail (``teacher_tail`` =
+    log of the teacher's mass outside its top-K) the support is K+1 buckets: the K ids at their actual
+    probabilities plus one bucket holding everything else, for student and teacher alike.
+    `student_lp_at_ids` are the student's full-vocabulary logprobs gathered at the teacher's ids.
+    """
+    s, t = student_lp_at_ids, teacher_lp.clamp(min=LOG_FLOOR)
+    if teacher_tail is None:
+        s = s - torch.logsumexp(s, dim=-1, keepdim=True)
+        t = t - torch.logsumexp(t, dim=-1, keepdim=True)
+        return (s.exp() * (s - t)).sum(-1)
+    s_in = torch.logsumexp(s, dim=-1).clamp(max=-1e-12)  # log mass of the student on the K ids
+    s_tail = _log1mexp(s_in).clamp(min=LOG_FLOOR)
+    t_tail = teacher_tail.clamp(min=LOG_FLOOR)
+    return (s.exp() * (s - t)).sum(-1) + s_tail.exp() * (s_tail - t_tail)
+
+
+def _token_weights(mask: Tensor, aggregation: str, normalizer: float | None) -> Tensor:
+    if aggregation == "token_mean":
+        denom = normalizer if normalizer is not None else mask.sum().clamp(min=1.0)
+        return mask / denom
+    if aggregation == "seq_mean":
+        lens = mask.sum(dim=1, keepdim=True)
+        denom = normalizer if normalizer is not None else (lens > 0).sum().clamp(min=1)
+        return mask / lens.clamp(min=1.0) / denom
+    raise ValueError(f"unknown aggregation {aggregation!r}; allowed: token_mean, seq_mean")
+
+
+def loss_normalizer(batch: dict[str, Tensor], aggregation: str) -> float:
+    """The denominator `compute_loss` uses for this batch: masked tokens (token_mean) or sequences (seq_mean).
+
+    For gradient accumulation, sum this over the micro-batches of a step and pass the total as
+    ``compute_loss(..., normalizer=total)``: the micro-batch losses then add up to the full-batch loss.
+    """
+    m = batch["mask"]
+    return float(m.sum()) if aggregation == "token_mean" else float((m.sum(dim=1) > 0).sum())
+
+
+def _distill(full: Tensor, lse: Tensor, batch: dict[str, Tensor], tmask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token top-K reverse KL [B, T-1] and the sanitised teacher logprobs [B, T-1, K]."""
+    K = batch["teacher_ids"].shape[-1]
+    # padded rows get harmless constants, so no NaN can leak into the gradient through masked positions
+    t_lp = torch.where(tmask[..., None] > 0, batch["teacher_logprobs"].float(), -math.log(K))
+    t_tail = batch.get("teacher_tail")
+    if t_tail is not None:
+        t_tail = torch.where(tmask > 0, t_tail.float(), LOG_FLOOR)
+    s_lp = full.gather(-1, batch["teacher_ids"]) - lse[..., None]
+    return topk_reverse_kl(s_lp, t_lp, t_tail), t_lp
+
+
+@torch.no_grad()
+def distill_per_token(logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
+    """Per-token KL(student || teacher) [B, T-1], 0 where there is no teacher row (dashboard `token_kl`)."""
+    full = logits[:, :-1].float()
+    tmask = batch["teacher_mask"].float() * batch["mask"].float()
+    return _distill(full, torch.logsumexp(full, dim=-1), batch, tmask)[0] * tmask
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+
+
+def compute_loss(logits: Tensor, batch: dict[str, Tensor], loss_cfg: LossConfig, lam: float = 0.0,
+                 normalizer: float | None = None) -> tuple[Tensor, dict[str, float]]:
+    """The student/examiner objective over one (micro-)batch from :func:`collate`.
+
+    `logits` [B, T, V] come from the policy over ``batch["input_ids"]`` (the shift happens here). `lam` is
+    the distillation coefficient (ignored when the batch has no teacher top-K); ``loss_cfg.kl_beta`` weighs
+    the k3 KL to ``batch["ref_logprobs"]`` (required when beta > 0). Returns the scalar loss and float
+    metrics, every one a mean over the generated tokens it concerns.
+    """
+    input_ids, mask = batch["input_ids"], batch["mask"].float()
+    if logits.shape[:2] != input_ids.shape:
+        raise ValueError(f"compute_loss: logits {tuple(logits.shape)} do not match input_ids {tuple(input_ids.shape)}")
+    beta = loss_cfg.kl_beta
+    if beta > 0 and "ref_logprobs" not in batch:
+        raise ValueError("compute_loss: learner.loss.kl_beta > 0 needs batch['ref_logprobs']")
+
+    full = logits[:, :-1].float()
+    lse = torch.logsumexp(full, dim=-1)  # [B, T-1]
+    logp = full.gather(-1, input_ids[:, 1:, None]).squeeze(-1) - lse
+    w = _token_weights(mask, loss_cfg.aggregation, normalizer)
+    n_tok = mask.sum().clamp(min=1.0)
+
+    def tok_mean(x: Tensor) -> float:
+        return float((x.detach() * mask).sum() / n_tok)
+
+    # clipped surrogate: importance ratio against the behaviour policy's sampling logprobs
+    eps, adv = loss_cfg.clip_eps, batch["advantages"]
+    log_ratio = ((logp - batch["old_logprobs"]) * mask).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    ratio = torch.exp(log_ratio)
+    pg = -torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+    loss = (pg * w).sum()
+    clipped = ((ratio > 1 + eps) & (adv > 0)) | ((ratio < 1 - eps) & (adv < 0))
+    metrics = {"pg_loss": float((pg.detach() * w).sum()), "clip_frac": tok_mean(clipped.float()),
+               "policy_kl": tok_mean(ratio - 1.0 - log_ratio), "tokens": float(mask.sum())}
+
+    if "ref_logprobs" in batch:
+        kl = k3_kl(logp, batch["ref_logprobs"])
+        metrics["ref_kl"] = tok_mean(kl)
+        if beta > 0:
+            loss = loss + beta * (kl * w).sum()
+
+    if "teacher_ids" in batch:
+        tmask = batch["teacher_mask"].float() * mask
+        d, t_lp = _distill(full, lse, batch, tmask)
+        n_t = tmask.sum().clamp(min=1.0)
+        metrics["distill_kl"] = float((d.detach() * tmask).sum() / n_t)
+        top1 = batch["teacher_ids"].gather(-1, t_lp.argmax(-1, keepdim=True)).squeeze(-1)
+        metrics["teacher_top1_mismatch"] = float(((top1 != input_ids[:, 1:]).float() * tmask).sum() / n_t)
+        if lam > 0:
+            loss = loss + lam * (d * tmask * w).sum()
+
+    with torch.no_grad():
+        p = torch.softmax(full, dim=-1)
+        ent = lse - (p * full).sum(-1)
+        metrics["entropy"] = tok_mean(ent)
+    metrics["loss"] = float(loss.detach())
+    return loss, metrics
