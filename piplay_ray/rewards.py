@@ -1,0 +1,169 @@
+"""Rewards: answer matching, the examiner's integrity gate and format reward, the difficulty reward and
+hop-grouped advantages.
+
+Pure functions over plain values and records, so every number here can be checked by hand. Nothing in
+this module raises on a malformed model output: bad output simply earns zero. Bad *arguments* from the
+caller (k > n, mismatched lengths) are programming errors and raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
+
+from piplay_ray.records import Doc, Hop
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+# ------------------------------------------------------------------------------------------ answer match
+
+
+def normalize_answer(text: str | None) -> str:
+    """SQuAD normalisation: lower case, drop punctuation and the articles a/an/the, collapse whitespace."""
+    if not text:
+        return ""
+    text = text.lower().translate(_PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def _golds(golds: str | Iterable[str]) -> list[str]:
+    return [golds] if isinstance(golds, str) else [g for g in golds if isinstance(g, str)]
+
+
+def exact_match(pred: str | None, golds: str | Iterable[str]) -> float:
+    """1.0 when the normalised prediction equals any normalised gold answer, else 0.0."""
+    p = normalize_answer(pred)
+    return float(bool(p) and any(p == normalize_answer(g) for g in _golds(golds)))
+
+
+def _token_f1(pred: list[str], gold: list[str]) -> float:
+    common = sum((Counter(pred) & Counter(gold)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+def f1(pred: str | None, golds: str | Iterable[str]) -> float:
+    """Best bag-of-words F1 between the normalised prediction and any gold answer."""
+    p = normalize_answer(pred).split()
+    if not p:
+        return 0.0
+    return max((_token_f1(p, normalize_answer(g).split()) for g in _golds(golds)), default=0.0)
+
+
+def _contains(haystack: str, needle: str) -> bool:
+    """Whole-word containment of normalised `needle` in normalised `haystack` (both already normalised)."""
+    return bool(needle) and f" {needle} " in f" {haystack} "
+
+
+# ------------------------------------------------------------------------------------------ gate rules
+# Each rule is one named check; `format_reward` runs them all and reports every flag, so a dashboard can
+# show why a task was rejected.
+
+
+def has_question(question: str | None) -> bool:
+    return bool(question and question.strip())
+
+
+def has_answer(answer: str | None) -> bool:
+    return bool(answer and answer.strip())
+
+
+def answer_is_short(answer: str | None, max_words: int) -> bool:
+    """A short factoid answer (at most `max_words` words) keeps exact match meaningful."""
+    return has_answer(answer) and len(answer.split()) <= max_words
+
+
+def answer_not_in_question(question: str | None, answer: str | None) -> bool:
+    """The question must not give its answer away (whole-word match after normalisation)."""
+    a = normalize_answer(answer)
+    return bool(a) and not _contains(normalize_answer(question), a)
+
+
+def well_formed(finish_reason: str, invalid_turns: int = 0) -> bool:
+    """The examiner ended by writing its question and answer, with no malformed turn on the way."""
+    return finish_reason == "question" and invalid_turns == 0
+
+
+def count_valid_searches(hops: Sequence[Hop]) -> int:
+    """Searches that worked and returned documents; a repeated query counts once."""
+    seen = {normalize_answer(h.query) for h in hops if h.ok and h.docs and normalize_answer(h.query)}
+    return len(seen)
+
+
+def search_score(valid_searches: int, hop_target: int) -> float:
+    """min((1 + valid searches) / h, 1): a 1-hop task needs no search, an h-hop task needs h-1."""
+    if hop_target < 1:
+        raise ValueError(f"hop_target must be >= 1, got {hop_target}")
+    return min((1 + max(valid_searches, 0)) / hop_target, 1.0)
+
+
+def answer_supported(answer: str | None, docs: Iterable[Doc]) -> bool:
+    """The answer appears (whole words, normalised) in the title or text of one of `docs`."""
+    a = normalize_answer(answer)
+    return bool(a) and any(_contains(normalize_answer(f"{d.title}\n{d.contents}"), a) for d in docs)
+
+
+def format_reward(question: str | None, answer: str | None, hop_target: int, hops: Sequence[Hop],
+                  source: Doc, finish_reason: str, answer_max_words: int,
+                  invalid_turns: int = 0) -> tuple[float, dict[str, bool]]:
+    """The examiner's format reward r_f and the integrity-gate flags.
+
+    r_f = search_score(valid searches, h) when every flag holds, else 0. The flags are what
+    :attr:`records.Task.valid` reads: only tasks passing all of them reach the student.
+    """
+    qcp_docs = [d for h in hops for d in h.docs]
+    flags = {
+        "has_question": has_question(question),
+        "has_answer": has_answer(answer),
+        "answer_short": answer_is_short(answer, answer_max_words),
+        "answer_not_in_question": answer_not_in_question(question, answer),
+        "well_formed": well_formed(finish_reason, invalid_turns),
+        "answer_supported": answer_supported(answer, [source, *qcp_docs]),
+    }
+    r_f = search_score(count_valid_searches(hops), hop_target) if all(flags.values()) else 0.0
+    return r_f, flags
+
+
+# ------------------------------------------------------------------------------------------ examiner RL
+
+
+def difficulty_reward(k: int, n: int, r_f: float, w_f: float) -> float:
+    """r_d = 1(0 < k < n) (n - k)/(n - 1) + w_f r_f, from k exactly-correct answers out of n attempts.
+
+    A task every attempt solves, or none does, teaches the student nothing and earns no difficulty bonus;
+    among solvable-but-hard tasks, fewer correct answers pay more.
+    """
+    if n < 2 or not 0 <= k <= n:
+        raise ValueError(f"need n >= 2 and 0 <= k <= n, got k={k}, n={n}")
+    hard = (n - k) / (n - 1) if 0 < k < n else 0.0
+    return hard + w_f * r_f
+
+
+def hop_group_advantages(rewards: Sequence[float], hops: Sequence[int], eps: float = 1e-6,
+                         std_normalize: bool = True) -> list[float]:
+    """GRPO advantages normalised within each hop group: (r - mean_g) / (std_g + eps).
+
+    Hop targets differ in how hard they are to satisfy, so each h competes only with tasks of the same h.
+    std is the population std over the group. A group of one, or one whose rewards are all equal,
+    gets advantage 0 (never NaN).
+    """
+    if len(rewards) != len(hops):
+        raise ValueError(f"rewards and hops differ in length: {len(rewards)} vs {len(hops)}")
+    groups: dict[int, list[int]] = defaultdict(list)
+    for i, h in enumerate(hops):
+        groups[h].append(i)
+    adv = [0.0] * len(rewards)
+    for idx in groups.values():
+        vals = [float(rewards[i]) for i in idx]
+        if len(idx) < 2 or max(vals) == min(vals):
+            continue
+        mean = sum(vals) / len(vals)
+        std = (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5
+        for i, v in zip(idx, vals, strict=True):
+            adv[i] = (v - mean) / (std + eps) if std_normalize else v - mean
+    return adv

@@ -1,0 +1,161 @@
+"""Evaluation: QA file formats, the built-in set, scoring with exactly known answers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from piplay_ray import evaluation as E
+from piplay_ray.records import Hop, Trajectory
+
+
+def test_load_qa_jsonl_and_parquet(tmp_path):
+    rows = [{"id": "a", "question": "Who?", "golden_answers": ["X", "Y"], "data_source": "nq"},
+            {"question": " Where? ", "golden_answers": "Z"}]
+    p = tmp_path / "dev.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    exs = E.load_qa(p)
+    assert [(e.id, e.question, e.golden_answers, e.data_source) for e in exs] == [
+        ("a", "Who?", ["X", "Y"], "nq"), ("1", "Where?", ["Z"], "dev")]
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # FlashRAG-style columns, and Search-R1's processed layout (answers under reward_model.ground_truth)
+    pq.write_table(pa.table({"question": ["Q1"], "golden_answers": [["A1", "A2"]], "data_source": ["hotpotqa"]}),
+                   tmp_path / "h.parquet")
+    pq.write_table(pa.table({"question": ["Q2"], "data_source": ["nq"],
+                             "reward_model": [{"ground_truth": {"target": ["T"]}, "style": "rule"}]}),
+                   tmp_path / "s.parquet")
+    assert [(e.question, e.golden_answers, e.data_source) for e in E.load_qa(tmp_path / "h.parquet")] == [
+        ("Q1", ["A1", "A2"], "hotpotqa")]
+    assert E.load_qa(tmp_path / "s.parquet")[0].golden_answers == ["T"]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "no answers"}) + "\n")
+    with pytest.raises(ValueError, match="golden_answers"):
+        E.load_qa(bad)
+    with pytest.raises(FileNotFoundError):
+        E.load_qa(tmp_path / "nope.jsonl")
+
+
+def test_rule_question():
+    q = E.rule_question("Jupiter", '"Jupiter"\nJupiter is the fifth planet from the Sun and the largest in the '
+                        "Solar System. It is a gas giant.", "Fifth planet from the Sun")
+    assert q == "What is the fifth planet from the Sun and the largest in the Solar System? (Fifth planet from the Sun)"
+    # the answer must not leak: a title word in the predicate or description rejects the document
+    assert E.rule_question("Jupiter", "Jupiter is the largest planet, named after Jupiter the god.", "Planet") is None
+    assert E.rule_question("Gas", "Gas is a state of matter of gas.", "x") is None
+    assert E.rule_question("X", "No copula here at all in this line.", "d") is None
+    assert E.rule_question("Tom", "Tom is short.", "Cat") is None  # predicate under four words
+    assert E.golden_for_title("Protein (nutrient)") == ["Protein (nutrient)", "Protein"]
+    assert E.golden_for_title("Jupiter") == ["Jupiter"]
+
+
+def test_builtin_set_deterministic_and_clean(corpus_path):
+    a = E.builtin_eval_set(corpus_path, 50, seed=0)
+    assert a == E.builtin_eval_set(corpus_path, 50, seed=0)
+    assert a != E.builtin_eval_set(corpus_path, 50, seed=1)
+    assert len(a) == 50 and len({e.id for e in a}) == 50
+    from piplay_ray.rewards import answer_not_in_question
+
+    assert all(answer_not_in_question(e.question, g) for e in a for g in e.golden_answers)
+    assert all(e.data_source == E.BUILTIN_SOURCE for e in a)
+
+
+def test_builtin_set_bm25_finds_answer_article(corpus_path):
+    from piplay_ray.config import SearchConfig
+    from piplay_ray.retrieval import make_retriever
+
+    examples = E.builtin_eval_set(corpus_path, 100, seed=0)
+    rate = E.answer_article_rate(examples, make_retriever(SearchConfig(corpus=corpus_path)), k=5)
+    print(json.dumps({"metric": "builtin_bm25_top5_answer_article_rate", "seed": 0, "n": 100, "value": rate}))
+    assert rate >= 0.8
+
+
+# ------------------------------------------------------------------------------------------ scoring
+
+EXAMPLES = [
+    E.QAExample("1", "q1", ["Paris"], "a"),
+    E.QAExample("2", "q2", ["Barack Obama"], "a"),
+    E.QAExample("3", "q3", ["York City", "New York"], "b"),
+    E.QAExample("4", "q4", ["Tokyo"], "b"),
+]
+
+
+class ScriptedPool:
+    """Answers each question with a fixed trajectory, the way a rollout pool would return it."""
+
+    def __init__(self, script: dict[str, Trajectory]):
+        self.script, self.calls = script, []
+
+    async def student_rollouts(self, questions, n):
+        self.calls.append((list(questions), n))
+        return [[self.script[q]] for q in questions]
+
+
+def _traj(answer, searches, finish="answer"):
+    return Trajectory(prompt_ids=[0], hops=[Hop(f"s{i}") for i in range(searches)], answer=answer,
+                      finish_reason=finish, turns=searches + 1)
+
+
+def test_scores_exactly_known():
+    pool = ScriptedPool({"q1": _traj("the Paris.", 1), "q2": _traj("Barack Obama Jr", 2),
+                         "q3": _traj("New York", 0), "q4": _traj(None, 3, finish="max_turns")})
+    summary, records = asyncio.run(E.evaluate(pool, EXAMPLES))
+    assert pool.calls == [(["q1", "q2", "q3", "q4"], 1)]
+    assert [r["em"] for r in records] == [1.0, 0.0, 1.0, 0.0]
+    # by hand: q1 EM/F1 1; q2 F1 = 2*(2/3*1)/(2/3+1) = .8; q3 1 (best gold); q4 no answer: 0
+    assert [r["f1"] for r in records] == pytest.approx([1.0, 0.8, 1.0, 0.0])
+    assert summary["a"] == pytest.approx({"em": 0.5, "f1": 0.9, "searches": 1.5, "turns": 2.5,
+                                          "answer_words": 2.5, "invalid": 0.0, "n": 2})
+    # answer_words over answered examples only (q3: 2 words); invalid: q4
+    assert summary["b"] == pytest.approx({"em": 0.5, "f1": 0.5, "searches": 1.5, "turns": 2.5,
+                                          "answer_words": 2.0, "invalid": 0.5, "n": 2})
+    assert summary["overall"] == pytest.approx({"em": 0.5, "f1": 0.7, "searches": 1.5, "turns": 2.5,
+                                                "answer_words": 7 / 3, "invalid": 0.25, "n": 4})
+    flat = E.flat_metrics(summary)
+    assert flat["eval/overall/em"] == 0.5 and flat["eval/b/invalid"] == 0.5
+    assert "overall" in E.format_table(summary)
+
+
+def test_write_results(tmp_path):
+    pool = ScriptedPool({q: _traj("Paris", 0) for q in ("q1", "q2", "q3", "q4")})
+    summary, records = asyncio.run(E.evaluate(pool, EXAMPLES))
+    out = E.write_results(tmp_path / "ev", summary, records, {"model": "m"})
+    lines = [json.loads(x) for x in (out / "examples.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in lines] == ["1", "2", "3", "4"] and lines[0]["prediction"] == "Paris"
+    meta = json.loads((out / "metrics.json").read_text())
+    assert meta["model"] == "m" and meta["summary"]["overall"]["em"] == 0.25
+
+
+def test_load_eval_examples_uses_config(tmp_path, corpus_path):
+    from piplay_ray.config import Config
+
+    cfg = Config()
+    cfg.search.corpus = corpus_path
+    cfg.eval.builtin_size = 7
+    assert len(E.load_eval_examples(cfg)) == 7
+    p = tmp_path / "x.jsonl"
+    p.write_text("".join(json.dumps({"question": f"q{i}", "golden_answers": ["a"]}) + "\n" for i in range(5)))
+    cfg.eval.max_examples = 3
+    assert [e.question for e in E.load_eval_examples(cfg, [str(p)])] == ["q0", "q1", "q2"]
+    assert E.eval_config(cfg).rollout.temperature == 0.0 and cfg.rollout.temperature == 1.0
+
+
+def test_evaluate_pool_for_the_driver(tmp_path):
+    from piplay_ray.config import Config
+
+    p = tmp_path / "qa.jsonl"
+    p.write_text("".join(json.dumps({"question": e.question, "golden_answers": e.golden_answers,
+                                     "data_source": e.data_source}) + "\n" for e in EXAMPLES))
+    cfg = Config()
+    cfg.eval.data = [str(p)]
+    pool = ScriptedPool({"q1": _traj("Paris", 1), "q2": _traj("Obama", 1), "q3": _traj("Kyoto", 1),
+                         "q4": _traj("Tokyo", 1)})
+    scores = asyncio.run(E.evaluate_pool(pool, cfg, tmp_path / "out"))
+    # EM 1, 0, 0, 1; F1: q2 "obama" vs "barack obama" = 2*(1*.5)/1.5 = 2/3
+    assert scores["overall/em"] == 0.5 and scores["a/f1"] == pytest.approx((1 + 2 / 3) / 2)
+    assert scores["overall/n"] == 4 and (tmp_path / "out" / "examples.jsonl").is_file()

@@ -1,0 +1,138 @@
+"""Rewards against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from piplay_ray import rewards as R
+from piplay_ray.records import Doc, Hop
+
+# ------------------------------------------------------------------------------------------ normalisation
+
+
+@pytest.mark.parametrize("raw, norm", [
+    ("The Eiffel Tower", "eiffel tower"),
+    ("  an  Apple, a day! ", "apple day"),
+    ("U.S.A.", "usa"),
+    ("Theatre", "theatre"),  # 'the' only as a whole word
+    ("A", ""),
+    ("", ""),
+    (None, ""),
+    ("Paris\n\tFrance", "paris france"),
+])
+def test_normalize_answer(raw, norm):
+    assert R.normalize_answer(raw) == norm
+
+
+def test_exact_match_cases():
+    assert R.exact_match("the Eiffel Tower.", ["Eiffel tower"]) == 1.0
+    assert R.exact_match("Eiffel", ["Eiffel Tower"]) == 0.0
+    assert R.exact_match("NYC", ["New York City", "nyc"]) == 1.0  # any gold
+    assert R.exact_match("Paris", "paris") == 1.0  # a single gold string
+    assert R.exact_match(None, ["x"]) == 0.0
+    assert R.exact_match("", [""]) == 0.0  # an empty answer never matches
+    assert R.exact_match("the", ["a"]) == 0.0  # both normalise to empty
+
+
+def test_f1_hand_computed():
+    # pred "barack obama jr" vs gold "barack obama": common 2, P=2/3, R=1, F1=2*(2/3)/(5/3)=0.8
+    assert R.f1("Barack Obama Jr.", ["Barack Obama"]) == pytest.approx(0.8)
+    # pred "new york" vs golds "york city" (common 1: P=1/2,R=1/2,F1=.5) and "new york" (1.0): best wins
+    assert R.f1("New York", ["York City", "the New York"]) == pytest.approx(1.0)
+    assert R.f1("New York", ["York City"]) == pytest.approx(0.5)
+    # repeated tokens count by multiplicity: pred "a b b" -> "b b", gold "b c": common 1, P=1/2, R=1/2
+    assert R.f1("a b b", ["b c"]) == pytest.approx(0.5)
+    assert R.f1("cat", ["dog"]) == 0.0
+    assert R.f1(None, ["dog"]) == 0.0
+    assert R.f1("dog", []) == 0.0
+
+
+# ------------------------------------------------------------------------------------------ gate rules
+
+SOURCE = Doc("1", "Marie Curie", '"Marie Curie"\nMarie Curie was a physicist born in Warsaw.')
+HOP_DOC = Doc("2", "Warsaw", '"Warsaw"\nWarsaw is the capital of Poland, on the Vistula river.')
+
+
+def test_gate_rules_individually():
+    assert R.has_question("Who?") and not R.has_question("  ") and not R.has_question(None)
+    assert R.has_answer("x") and not R.has_answer("\n")
+    assert R.answer_is_short("Vistula river", 2) and not R.answer_is_short("the long Vistula river", 3)
+    assert not R.answer_is_short(None, 5)
+    assert R.answer_not_in_question("Which river flows through the city?", "Vistula")
+    assert not R.answer_not_in_question("Which city is on the Vistula?", "the vistula!")
+    assert R.answer_not_in_question("Which theatre?", "the") is False  # empty normalised answer fails
+    assert R.answer_not_in_question("Where was Curie's rival Warsawski born?", "Warsaw")  # whole words only
+    assert R.well_formed("question") and not R.well_formed("max_turns")
+    assert not R.well_formed("question", invalid_turns=1)
+    assert R.answer_supported("Vistula", [SOURCE, HOP_DOC]) and not R.answer_supported("Vistula", [SOURCE])
+    assert R.answer_supported("marie curie", [SOURCE])  # the title counts
+
+
+def test_count_valid_searches_and_score():
+    hops = [Hop("Warsaw", [HOP_DOC]), Hop("warsaw!", [HOP_DOC]), Hop("bad", ok=False, error="down"),
+            Hop("nothing", [])]
+    assert R.count_valid_searches(hops) == 1  # the repeat counts once, failures and empty results not at all
+    assert R.search_score(0, 1) == 1.0
+    assert R.search_score(0, 3) == pytest.approx(1 / 3)
+    assert R.search_score(1, 3) == pytest.approx(2 / 3)
+    assert R.search_score(5, 3) == 1.0
+    with pytest.raises(ValueError):
+        R.search_score(1, 0)
+
+
+def test_format_reward_pass_and_fail():
+    hops = [Hop("Marie Curie birthplace", [HOP_DOC])]
+    r_f, flags = R.format_reward("Which river flows through Marie Curie's birth city?", "Vistula", 3, hops,
+                                 SOURCE, "question", answer_max_words=6)
+    assert all(flags.values()) and r_f == pytest.approx(2 / 3)
+    # leak: answer in question -> gate fails, r_f = 0, the flag says why
+    r_f, flags = R.format_reward("Is the Vistula in Warsaw?", "Vistula", 2, hops, SOURCE, "question", 6)
+    assert r_f == 0.0 and flags["answer_not_in_question"] is False and flags["answer_supported"] is True
+    # unsupported answer (not in any seen doc)
+    r_f, flags = R.format_reward("Which river?", "Danube", 2, hops, SOURCE, "question", 6)
+    assert r_f == 0.0 and not flags["answer_supported"]
+    # malformed ending, empty question
+    r_f, flags = R.format_reward("", None, 1, [], SOURCE, "length", 6)
+    assert r_f == 0.0 and not any(flags.values())
+
+
+# ------------------------------------------------------------------------------------------ difficulty
+
+
+def test_difficulty_reward_table_n5():
+    # by hand, n = 5: k=0 -> 0, k=1 -> 4/4, k=2 -> 3/4, k=3 -> 2/4, k=4 -> 1/4, k=5 -> 0
+    hand = {0: 0.0, 1: 1.0, 2: 0.75, 3: 0.5, 4: 0.25, 5: 0.0}
+    for k, want in hand.items():
+        assert R.difficulty_reward(k, 5, r_f=0.0, w_f=0.5) == pytest.approx(want)
+    # with r_f = 0.8, w_f = 0.5 the bonus is 0.4 for every k
+    with_rf = {0: 0.4, 1: 1.4, 2: 1.15, 3: 0.9, 4: 0.65, 5: 0.4}
+    for k, want in with_rf.items():
+        assert R.difficulty_reward(k, 5, r_f=0.8, w_f=0.5) == pytest.approx(want)
+    for bad in [(-1, 5), (6, 5), (0, 1)]:
+        with pytest.raises(ValueError):
+            R.difficulty_reward(*bad, r_f=0.0, w_f=0.5)
+
+
+def test_hop_group_advantages_mixed_groups():
+    rewards = [1.0, 0.0, 0.5, 0.7, 0.3, 0.3, 0.3, 2.0]
+    hops = [1, 1, 2, 3, 1, 4, 4, 3]
+    adv = R.hop_group_advantages(rewards, hops, eps=1e-6)
+    # hop 1: {1.0, 0.0, 0.3}, mean 13/30, population var = ((17/30)^2 + (13/30)^2 + (4/30)^2)/3
+    m1 = 1.3 / 3
+    s1 = math.sqrt(((1 - m1) ** 2 + m1 ** 2 + (0.3 - m1) ** 2) / 3)
+    # hop 3: {0.7, 2.0}: mean 1.35, std 0.65 -> -1, +1 (up to eps)
+    want = [(1 - m1) / (s1 + 1e-6), (0 - m1) / (s1 + 1e-6), 0.0, -0.65 / 0.650001, (0.3 - m1) / (s1 + 1e-6),
+            0.0, 0.0, 0.65 / 0.650001]
+    assert adv == pytest.approx(want, rel=1e-9)
+    assert adv[2] == 0.0  # size-one group
+    assert adv[5] == 0.0 and adv[6] == 0.0  # identical rewards
+    assert not any(math.isnan(a) for a in adv)
+    # group sums are zero
+    assert sum(adv[i] for i in (0, 1, 4)) == pytest.approx(0.0, abs=1e-12)
+    assert R.hop_group_advantages([0.1] * 3, [2] * 3) == [0.0, 0.0, 0.0]
+    assert R.hop_group_advantages([1.0, 0.0], [1, 1], std_normalize=False) == [0.5, -0.5]
+    assert R.hop_group_advantages([], []) == []
+    with pytest.raises(ValueError):
+        R.hop_group_advantages([1.0], [1, 2])
