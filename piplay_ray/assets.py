@@ -156,6 +156,8 @@ def build_smollm2(out: Path) -> dict:
         # save_pretrained refuses a GGUF-loaded model: copy the weights into a fresh one.
         config = loaded.config
         config.torch_dtype = torch.bfloat16
+        if hasattr(config, "quantization_config"):  # the weights are dequantised: vLLM would refuse "gguf"
+            del config.quantization_config
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict())
         model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)

@@ -89,6 +89,7 @@ def test_smollm2_answers_paris(smollm2):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    assert "quantization_config" not in json.loads(open(f"{smollm2}/config.json").read())  # vLLM refuses gguf
     tok = AutoTokenizer.from_pretrained(smollm2)
     model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
     ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
