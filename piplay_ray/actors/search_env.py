@@ -1,0 +1,283 @@
+"""The search environment: a pool of Ray actors that every rollout worker searches through.
+
+Each replica runs a :class:`SearchService` (plain asyncio, testable without Ray): concurrent requests wait
+a short window (``batch_window_ms``) and go to the retriever as one batch, identical in-flight queries are
+merged, repeated queries come from an LRU cache, and each result is formatted for the agent (numbered
+documents with titles, each cut to ``doc_token_budget`` words). The service never raises to a caller:
+bad input and retriever failures come back as :class:`SearchResult` with ``ok=False`` and an error the
+agent loop can show the model and score.
+
+Bad input, concretely: a query that is empty after cleaning (see :mod:`piplay_ray.retrieval.queries`) or is
+not a string is a failed call ("empty query"); a long query is truncated to ``max_query_chars``; ``topk < 1``
+fails every query of the request; ``topk > max_topk`` is clamped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from piplay_ray.records import Doc, Hop
+from piplay_ray.retrieval.base import Retriever
+from piplay_ray.retrieval.queries import check_topk, clean_query
+
+MAX_BATCH = 256  # queries per retriever call; more wait for the next batch
+
+
+# ------------------------------------------------------------------------------------------ formatting
+
+
+@dataclass
+class SearchResult:
+    query: str  # as searched (cleaned); the raw query when it was rejected
+    docs: list[Doc] = field(default_factory=list)  # contents already cut to the token budget
+    text: str = ""  # what the agent sees inside <information>
+    ok: bool = True
+    error: str | None = None
+    cached: bool = False
+
+    def to_hop(self) -> Hop:
+        return Hop(query=self.query, docs=list(self.docs), ok=self.ok, error=self.error)
+
+
+def body_of(doc: Doc) -> str:
+    """The document text without a leading title line (wiki JSONL repeats the title there)."""
+    head, _, rest = doc.contents.partition("\n")
+    return rest.strip() if rest and head.strip().strip('"') == doc.title else doc.contents.strip()
+
+
+def truncate_words(text: str, budget: int) -> str:
+    words = text.split()
+    return text if len(words) <= budget else " ".join(words[:budget]) + " ..."
+
+
+def format_docs(docs: list[Doc], budget: int) -> tuple[list[Doc], str]:
+    """Cut each document to `budget` words and number them: ``Doc 1 (Title: T) text``, one per line."""
+    cut = [Doc(d.id, d.title, truncate_words(body_of(d), budget), d.score) for d in docs]
+    if not cut:
+        return cut, "No results found."
+    return cut, "\n".join(f"Doc {i} (Title: {d.title}) {d.contents}" for i, d in enumerate(cut, 1))
+
+
+def failed(query, error: str) -> SearchResult:
+    query = query if isinstance(query, str) else repr(query)
+    return SearchResult(query=query, ok=False, error=error, text=f"Search failed: {error}")
+
+
+# ------------------------------------------------------------------------------------------ service
+
+
+class SearchService:
+    """Micro-batching, caching, formatting front of one retriever. All methods run on one event loop."""
+
+    def __init__(self, retriever: Retriever, topk: int = 3, max_topk: int = 50, max_query_chars: int = 512,
+                 doc_token_budget: int = 128, batch_window_ms: float = 5.0, cache_size: int = 10000):
+        self.retriever = retriever
+        self.topk, self.max_topk, self.max_query_chars = topk, max_topk, max_query_chars
+        self.budget, self.window_s, self.cache_size = doc_token_budget, batch_window_ms / 1000, cache_size
+        self._cache: OrderedDict[tuple[str, int], SearchResult] = OrderedDict()
+        self._pending: dict[tuple[str, int], asyncio.Future] = {}
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._m = {"requests": 0, "queries": 0, "cache_hits": 0, "cache_misses": 0, "failed": 0, "batches": 0,
+                   "batched_queries": 0, "max_batch": 0, "retriever_errors": 0}
+        self._latency: deque[float] = deque(maxlen=10000)
+        self._batch_sizes: deque[int] = deque(maxlen=10000)
+        self._t0: float | None = None
+
+    async def search(self, queries: list[str], topk: int | None = None) -> list[SearchResult]:
+        """One result per query, in order. Never raises."""
+        start = time.perf_counter()
+        self._t0 = self._t0 or start
+        if isinstance(queries, str):
+            queries = [queries]
+        self._m["requests"] += 1
+        self._m["queries"] += len(queries)
+        try:
+            k = check_topk(self.topk if topk is None else topk, self.max_topk)
+        except ValueError as e:
+            self._m["failed"] += len(queries)
+            return [failed(q, str(e)) for q in queries]
+        results: list[SearchResult | None] = [None] * len(queries)
+        waits: list[tuple[int, asyncio.Future]] = []
+        for i, raw in enumerate(queries):
+            try:
+                q = clean_query(raw, self.max_query_chars)
+            except TypeError as e:
+                results[i] = failed(raw, str(e))
+                continue
+            if not q:
+                results[i] = failed(raw, "empty query")
+                continue
+            hit = self._cache.get((q, k))
+            if hit is not None:
+                self._cache.move_to_end((q, k))
+                self._m["cache_hits"] += 1
+                results[i] = SearchResult(hit.query, hit.docs, hit.text, cached=True)
+                continue
+            self._m["cache_misses"] += 1
+            fut = self._pending.get((q, k))
+            if fut is None:
+                fut = self._pending[(q, k)] = asyncio.get_running_loop().create_future()
+            waits.append((i, fut))
+        if waits:
+            self._ensure_loop().set()
+            for i, fut in waits:
+                results[i] = await asyncio.shield(fut)
+        self._m["failed"] += sum(not r.ok for r in results)
+        self._latency.append(time.perf_counter() - start)
+        return results
+
+    def _ensure_loop(self) -> asyncio.Event:
+        if self._loop_task is None or self._loop_task.done():
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._batch_loop())
+        return self._wake
+
+    async def _batch_loop(self) -> None:
+        """One retriever call at a time; requests that arrive meanwhile form the next batch."""
+        while True:
+            await self._wake.wait()
+            if self.window_s:
+                await asyncio.sleep(self.window_s)
+            keys = list(self._pending)[:MAX_BATCH]
+            futs = [self._pending.pop(key) for key in keys]
+            if not self._pending:
+                self._wake.clear()
+            if keys:
+                await self._run_batch(keys, futs)
+
+    async def _run_batch(self, keys: list[tuple[str, int]], futs: list[asyncio.Future]) -> None:
+        kmax = max(k for _, k in keys)
+        self._m["batches"] += 1
+        self._m["batched_queries"] += len(keys)
+        self._m["max_batch"] = max(self._m["max_batch"], len(keys))
+        self._batch_sizes.append(len(keys))
+        try:
+            docs = await asyncio.to_thread(self.retriever.search, [q for q, _ in keys], kmax)
+            if len(docs) != len(keys):
+                raise RuntimeError(f"retriever returned {len(docs)} result lists for {len(keys)} queries")
+        except Exception as e:  # a failed batch fails its callers, not the service
+            self._m["retriever_errors"] += 1
+            for (q, _), fut in zip(keys, futs, strict=True):
+                if not fut.done():
+                    fut.set_result(failed(q, f"{type(e).__name__}: {e}"))
+            return
+        for (q, k), found, fut in zip(keys, docs, futs, strict=True):
+            cut, text = format_docs(found[:k], self.budget)
+            res = SearchResult(query=q, docs=cut, text=text)
+            if self.cache_size:
+                self._cache[(q, k)] = res
+                if len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+            if not fut.done():
+                fut.set_result(res)
+
+    def metrics(self) -> dict:
+        m = dict(self._m)
+        lat = np.asarray(self._latency) * 1000 if self._latency else np.zeros(1)
+        elapsed = time.perf_counter() - self._t0 if self._t0 else 0.0
+        looked_up = m["cache_hits"] + m["cache_misses"]
+        m.update(
+            qps=m["queries"] / elapsed if elapsed else 0.0,
+            latency_p50_ms=float(np.percentile(lat, 50)),
+            latency_p99_ms=float(np.percentile(lat, 99)),
+            mean_batch=m["batched_queries"] / m["batches"] if m["batches"] else 0.0,
+            cache_hit_rate=m["cache_hits"] / looked_up if looked_up else 0.0,
+            cache_entries=len(self._cache),
+        )
+        return m
+
+
+# ------------------------------------------------------------------------------------------ Ray
+
+
+@functools.cache
+def _actor_class():
+    import ray
+
+    @ray.remote
+    class SearchEnvActor:
+        """One replica: builds its retriever from the config (or a factory) and serves SearchService."""
+
+        def __init__(self, cfg, retriever_factory=None):
+            from piplay_ray.retrieval import make_retriever
+
+            retriever = retriever_factory() if retriever_factory else make_retriever(cfg)
+            self.service = SearchService(retriever, cfg.topk, cfg.max_topk, cfg.max_query_chars,
+                                         cfg.doc_token_budget, cfg.batch_window_ms, cfg.cache_size)
+
+        async def search(self, queries: list[str], topk: int | None = None) -> list[SearchResult]:
+            return await self.service.search(queries, topk)
+
+        async def metrics(self) -> dict:
+            return self.service.metrics()
+
+        async def ready(self) -> bool:
+            return True
+
+    return SearchEnvActor
+
+
+class SearchEnvPool:
+    """Handles to `cfg.replicas` search actors; picklable, so rollout workers can hold one.
+
+    Requests go round-robin over the replicas. :meth:`search` never raises: a dead or unreachable replica
+    yields failed results for that request.
+    """
+
+    def __init__(self, cfg, replicas: int | None = None, retriever_factory=None, max_restarts: int = 3):
+        actor = _actor_class()
+        self.cfg = cfg
+        self.actors = [actor.options(num_cpus=cfg.num_cpus_per_replica, max_restarts=max_restarts,
+                                     max_task_retries=0).remote(cfg, retriever_factory)
+                       for _ in range(replicas or cfg.replicas)]
+        self._next = random.randrange(len(self.actors))
+
+    def wait_ready(self, timeout_s: float = 600) -> None:
+        import ray
+
+        ray.get([a.ready.remote() for a in self.actors], timeout=timeout_s)
+
+    def search_async(self, queries: list[str], topk: int | None = None):
+        """An ObjectRef to the list of SearchResult (for callers that overlap search with other work)."""
+        self._next = (self._next + 1) % len(self.actors)
+        return self.actors[self._next].search.remote(list(queries), topk)
+
+    def search(self, queries: list[str], topk: int | None = None, timeout_s: float | None = None) -> list[SearchResult]:
+        import ray
+
+        timeout_s = timeout_s or self.cfg.timeout_s * (self.cfg.retries + 2) + 30
+        try:
+            return ray.get(self.search_async(queries, topk), timeout=timeout_s)
+        except Exception as e:  # actor died, timed out: a failed tool call, not a dead rollout
+            return [failed(q, f"search env unavailable: {type(e).__name__}: {e}") for q in queries]
+
+    def metrics(self) -> dict:
+        """Summed counters over replicas, plus each replica's own figures under ``replicas``."""
+        import ray
+
+        per = ray.get([a.metrics.remote() for a in self.actors])
+        total = {k: sum(m[k] for m in per) for k in ("requests", "queries", "cache_hits", "cache_misses", "failed",
+                                                     "batches", "batched_queries", "retriever_errors", "qps")}
+        total["max_batch"] = max(m["max_batch"] for m in per)
+        total["mean_batch"] = total["batched_queries"] / total["batches"] if total["batches"] else 0.0
+        looked_up = total["cache_hits"] + total["cache_misses"]
+        total["cache_hit_rate"] = total["cache_hits"] / looked_up if looked_up else 0.0
+        total["latency_p50_ms"] = max(m["latency_p50_ms"] for m in per)
+        total["latency_p99_ms"] = max(m["latency_p99_ms"] for m in per)
+        total["replicas"] = per
+        return total
+
+    def shutdown(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []

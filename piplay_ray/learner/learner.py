@@ -1,0 +1,464 @@
+"""The DeepSpeed learner: one Ray actor per data-parallel rank, one engine and optimizer per trained role.
+
+`LearnerGroup` (driver side) places `learner.world_size` `LearnerWorker` actors in a placement group, wires
+them into one torch.distributed group (gloo on CPU, NCCL on GPU) and fans every call out to all ranks:
+ZeRO's collectives need every rank in every step, every gather and every checkpoint. The examiner and
+the student share the ranks' devices and alternate by phase; with `offload_inactive` the idle role's
+optimizer and weights move to host memory on GPUs (on CPU they already live there).
+
+A step sees the whole global batch on every rank; `batching.plan` splits it into token-budget
+micro-batches, the same count per rank. Each micro-batch loss is normalised by the global batch's
+token (or sequence) count and multiplied by the world size, which cancels DeepSpeed's gradient
+averaging, so the update equals one full-batch step whatever the world size and micro-batching.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from piplay_ray.config import Config, LearnerConfig
+from piplay_ray.learner import batching, checkpoint
+from piplay_ray.records import Experience
+
+log = logging.getLogger(__name__)
+ROLES = ("examiner", "student")
+_ADDITIVE = {"loss", "pg_loss", "tokens"}  # summed over micro-batches; every other metric is a token mean
+
+
+def ds_config(lc: LearnerConfig, world_size: int, bf16: bool) -> dict:
+    """The DeepSpeed config: one engine step per learner step; accumulation is driven by the learner."""
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": world_size,
+        "gradient_clipping": lc.grad_clip,
+        "zero_optimization": {"stage": lc.zero_stage, "overlap_comm": False, "contiguous_gradients": True,
+                              "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7},
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def use_bf16(setting, device: torch.device) -> bool:
+    """`learner.bf16`: auto means bf16 on a GPU that supports it, fp32 on CPU (exact, and no faster there)."""
+    if setting == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if setting and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("learner.bf16=true but this GPU does not support bf16")
+    return bool(setting)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _validate(experiences: Sequence[Experience]) -> None:
+    for i, e in enumerate(experiences):
+        n = len(e.response_ids)
+        if not e.prompt_ids or not n:
+            raise ValueError(f"experience {i}: needs a non-empty prompt and response")
+        if len(e.mask) != n or len(e.logprobs) != n:
+            raise ValueError(f"experience {i}: response_ids ({n}), mask ({len(e.mask)}) and logprobs "
+                             f"({len(e.logprobs)}) must have the same length")
+        for key in ("teacher_ids", "teacher_logprobs", "teacher_tail"):
+            value = getattr(e, key)
+            if value is not None and len(value) != n:
+                raise ValueError(f"experience {i}: {key} has {len(value)} positions, the response {n}")
+
+
+class _Policy:
+    """One trained role on one rank: its DeepSpeed engine, tokenizer and version counter."""
+
+    def __init__(self, role: str, path: str, cfg: Config, world_size: int, device: torch.device):
+        import deepspeed
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        lc = cfg.learner
+        self.role, self.path, self.version = role, path, 0
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if lc.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        opt = torch.optim.AdamW(model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay,
+                                fused=device.type == "cuda")
+        sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+        self.bf16 = use_bf16(lc.bf16, device)
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=opt, lr_scheduler=sched, config=ds_config(lc, world_size, self.bf16))
+        self.offloaded = False
+
+    @property
+    def zero3(self) -> bool:
+        return self.engine.zero_optimization_stage() == 3
+
+    def param_metadata(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """(name, dtype, full shape) without gathering (ZeRO-3 keeps the full shape in `ds_shape`)."""
+        return [(n, p.dtype, tuple(getattr(p, "ds_shape", p.shape))) for n, p in self.engine.module.named_parameters()]
+
+    def full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full tensor) for every parameter; under ZeRO-3 all ranks must iterate together."""
+        module = self.engine.module
+        for name, p in module.named_parameters():
+            if self.zero3:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p]):
+                    yield name, p.data.detach().clone()
+            else:
+                yield name, p.data.detach()
+
+
+class LearnerWorker:
+    """One data-parallel rank. Plain class: `LearnerGroup` wraps it with `ray.remote`."""
+
+    def __init__(self, cfg: dict, roles: Sequence[str], rank: int, world_size: int):
+        self.cfg = Config.model_validate(cfg)
+        self.roles, self.rank, self.world_size = tuple(roles), rank, world_size
+        self.policies: dict[str, _Policy] = {}
+        self.transports: dict[tuple[str, str], object] = {}
+        self.active: str | None = None
+
+    def node_info(self) -> tuple[str, int, int]:
+        import ray
+
+        gpu = ray.get_gpu_ids()
+        return ray.util.get_node_ip_address(), _free_port(), int(gpu[0]) if gpu else -1
+
+    def setup(self, master_addr: str, master_port: int, local_rank: int, local_size: int) -> dict:
+        env = {"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(self.rank),
+               "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(local_rank), "LOCAL_SIZE": str(local_size),
+               "CROSS_RANK": "0", "CROSS_SIZE": "1"}
+        os.environ.update(env)
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        from piplay_ray import assets
+
+        # Ray gives each GPU rank its own device, so the visible device is always index 0
+        if torch.cuda.is_available():
+            torch.cuda.set_device(0)
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   auto_mpi_discovery=False, init_method=f"tcp://{master_addr}:{master_port}",
+                                   rank=self.rank, world_size=self.world_size)
+        # DeepSpeed's CPU all-reduce maps every rank's /dev/shm buffer during init; once all ranks are past
+        # it the names can go (the mappings stay valid), so a crash cannot leak RAM-backed files.
+        torch.distributed.barrier()
+        self.close()
+        self.device = torch.device(get_accelerator().current_device_name())
+        torch.manual_seed(self.cfg.run.seed)
+        for role in self.roles:
+            path = assets.resolve_model(self.cfg.model.path_for(role))
+            self.policies[role] = _Policy(role, path, self.cfg, self.world_size, self.device)
+        self.activate(self.roles[0])
+        return {"rank": self.rank, "device": str(self.device), "bf16": self.policies[self.roles[0]].bf16}
+
+    # ------------------------------------------------------------------------------------------ phases
+
+    def close(self) -> None:
+        """Unlink DeepSpeed's CPU all-reduce buffers in /dev/shm (RAM): DeepSpeed never deletes them."""
+        import glob
+
+        addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+        if addr and port:
+            for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_*"):
+                try:
+                    os.unlink(f)
+                except OSError:
+                    pass
+
+    def activate(self, role: str) -> None:
+        """Make `role` resident on the device; with offload_inactive, the other roles go to host memory."""
+        self._policy(role)
+        self.active = role
+        if self.device.type == "cpu" or not self.cfg.learner.offload_inactive:
+            return
+        for name, pol in self.policies.items():
+            try:
+                if name != role and not pol.offloaded:
+                    pol.engine.offload_states()
+                    pol.offloaded = True
+                elif name == role and pol.offloaded:
+                    pol.engine.reload_states()
+                    pol.offloaded = False
+            except (AssertionError, NotImplementedError, AttributeError) as e:  # unsupported stage/version
+                log.warning("offload of %s not available (%s); keeping it resident", name, e)
+
+    def _policy(self, role: str) -> _Policy:
+        if role not in self.policies:
+            raise ValueError(f"role {role!r} is not trained by this learner (roles: {', '.join(self.policies)})")
+        return self.policies[role]
+
+    # ------------------------------------------------------------------------------------------ step
+
+    def train_step(self, role: str, experiences: list[Experience], lam: float = 0.0) -> dict[str, float]:
+        from piplay_ray.losses import collate, compute_loss
+
+        pol = self._policy(role)
+        if self.active != role:
+            self.activate(role)
+        if not experiences:
+            raise ValueError(f"train_step({role!r}): empty batch")
+        wrong = {e.role for e in experiences} - {role}
+        if wrong:
+            raise ValueError(f"train_step({role!r}): got experiences of role(s) {sorted(wrong)}")
+        _validate(experiences)  # on every rank before any collective: a bad record fails all ranks, never hangs one
+        lc = self.cfg.learner
+        agg = lc.loss.aggregation
+        normalizer = (sum(sum(e.mask) for e in experiences) if agg == "token_mean"
+                      else sum(1 for e in experiences if any(e.mask)))
+        if normalizer == 0:
+            raise ValueError(f"train_step({role!r}): no experience has a trained (mask==1) token")
+        plan = batching.plan([e.num_tokens for e in experiences], lc.micro_batch_tokens, self.world_size)
+        mine = plan[self.rank]
+        engine = pol.engine
+        engine.train()
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        for j, mb in enumerate(mine):
+            real = bool(mb)
+            batch = collate([experiences[i] for i in (mb or [0])], pol.pad_id)  # filler: zero-weight copy
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            loss, metrics = compute_loss(logits, batch, lc.loss, lam, normalizer=float(normalizer))
+            engine.set_gradient_accumulation_boundary(j == len(mine) - 1)
+            engine.backward(loss * (self.world_size if real else 0.0), scale_wrt_gas=False)
+            if real:
+                for k, v in metrics.items():
+                    w = 1.0 if k in _ADDITIVE else metrics.get("tokens", 0.0)
+                    sums[k] = sums.get(k, 0.0) + v * w
+        engine.step()
+        step_s = time.perf_counter() - t0
+        pol.version += 1
+        grad_norm = engine.get_global_grad_norm()
+        local = {"sums": sums, "tokens_seen": sum(experiences[i].num_tokens for mb in mine for i in mb)}
+        gathered = [None] * self.world_size
+        torch.distributed.all_gather_object(gathered, local)
+        total: dict[str, float] = {}
+        for g in gathered:
+            for k, v in g["sums"].items():
+                total[k] = total.get(k, 0.0) + v
+        trained = total.get("tokens", 0.0)
+        out = {k: (v if k in _ADDITIVE else v / max(trained, 1.0)) for k, v in total.items()}
+        seen = sum(g["tokens_seen"] for g in gathered)
+        out.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                   lr=float(pol.scheduler.get_last_lr()[0]), step_time_s=step_s, tokens_per_s=seen / step_s,
+                   total_tokens=float(seen), micro_batches=float(len(mine) * self.world_size),
+                   sequences=float(len(experiences)), version=float(pol.version))
+        return out
+
+    # ------------------------------------------------------------------------------------------ weights
+
+    def version(self, role: str) -> int:
+        return self._policy(role).version
+
+    def publish(self, role: str, transport_kind: str | None = None):
+        """Every rank iterates (ZeRO-3 gathers); rank 0 packs and returns the bundle, others return None."""
+        from piplay_ray.learner.weight_sync import make_transport
+
+        pol = self._policy(role)
+        ws = self.cfg.weight_sync
+        params = pol.full_parameters()
+        if self.rank != 0:
+            for _ in params:
+                pass
+            return None
+        kind = transport_kind or ws.transport
+        transport = self.transports.setdefault((role, kind), make_transport(kind, ws.bucket_mb))
+        bundle = transport.publish(pol.version, params)
+        bundle.meta.update(role=role)
+        return bundle
+
+    def connect_receivers(self, role: str, receivers: list, num_workers: int) -> None:
+        """NCCL transport: rank 0 joins the receivers' vLLM workers in one group; other ranks do nothing."""
+        if self.rank != 0:
+            return
+        from piplay_ray.learner.weight_sync import make_transport
+
+        transport = make_transport("nccl", self.cfg.weight_sync.bucket_mb)
+        ip, port, _ = self.node_info()
+        transport.connect(receivers, num_workers, self._policy(role).param_metadata, ip, port)
+        self.transports[(role, "nccl")] = transport
+
+    def state_dict(self, role: str) -> dict[str, torch.Tensor] | None:
+        """Full CPU parameters (rank 0; None elsewhere): for tests and the HF export."""
+        sd = {n: t.to("cpu", copy=True) for n, t in self._policy(role).full_parameters()}
+        return sd if self.rank == 0 else None
+
+    def optimizer_state(self, role: str) -> dict:
+        """This rank's optimizer state (its ZeRO partition) as CPU tensors: for tests of exact resume."""
+        opt = self._policy(role).engine.optimizer
+        inner = getattr(opt, "optimizer", opt)
+        return {f"{i}.{k}": v.detach().to("cpu", copy=True) if torch.is_tensor(v) else v
+                for i, st in enumerate(inner.state.values()) for k, v in st.items()}
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def save(self, path: str) -> None:
+        """Write this rank's part of a checkpoint into `path` (the group renames it when all are done)."""
+        path = Path(path)
+        for role, pol in self.policies.items():
+            sd = self.state_dict(role)
+            if self.rank == 0:
+                checkpoint.save_hf(pol.engine.module, pol.tokenizer, sd, path / role)
+            pol.engine.save_checkpoint(str(path / role / "train_state"), tag="state",
+                                       client_state={"version": pol.version}, save_latest=False)
+        (path / "rng").mkdir(exist_ok=True)
+        torch.save(checkpoint.rng_state(), path / "rng" / f"rank-{self.rank}.pt")
+        torch.distributed.barrier()
+
+    def load(self, path: str) -> dict[str, int]:
+        path = Path(path)
+        for role, pol in self.policies.items():
+            if not (path / role / "train_state").is_dir():
+                raise FileNotFoundError(f"{path}: no training state for role {role!r}")
+            _, client = pol.engine.load_checkpoint(str(path / role / "train_state"), tag="state",
+                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+            if client is None:
+                raise RuntimeError(f"{path}: DeepSpeed could not load the {role} state")
+            pol.version = int(client["version"])
+        rng = path / "rng" / f"rank-{self.rank}.pt"
+        if rng.is_file():
+            checkpoint.set_rng_state(torch.load(rng, weights_only=False))
+        return {role: pol.version for role, pol in self.policies.items()}
+
+
+class LearnerGroup:
+    """Driver-side handle over the learner ranks; every method fans out to all ranks and waits."""
+
+    def __init__(self, cfg: Config, roles: Sequence[str] = ROLES):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bad = [r for r in roles if r not in ROLES]
+        if bad or not roles:
+            raise ValueError(f"LearnerGroup roles must be a non-empty subset of {ROLES}, got {list(roles)}")
+        self.cfg, self.roles = cfg, tuple(roles)
+        lc = cfg.learner
+        ws = lc.world_size
+        bundle = {"CPU": lc.num_cpus_per_rank, **({"GPU": lc.num_gpus_per_rank} if lc.num_gpus_per_rank else {})}
+        self.pg = placement_group([dict(bundle) for _ in range(ws)], strategy="PACK")
+        ray.get(self.pg.ready(), timeout=600)
+        env = {"OMP_NUM_THREADS": str(max(1, int(lc.num_cpus_per_rank)))}
+        if not lc.num_gpus_per_rank:
+            env["DS_ACCELERATOR"] = "cpu"
+        actor = ray.remote(LearnerWorker)
+        self.workers = [
+            actor.options(num_cpus=lc.num_cpus_per_rank, num_gpus=lc.num_gpus_per_rank,
+                          scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
+                          runtime_env={"env_vars": env})
+            .remote(cfg.model_dump(mode="json"), self.roles, r, ws)
+            for r in range(ws)
+        ]
+        infos = ray.get([w.node_info.remote() for w in self.workers])
+        master_ip, master_port = infos[0][0], infos[0][1]
+        ips = [ip for ip, _, _ in infos]
+        local = [ips[:r].count(ips[r]) for r in range(ws)]
+        self.info = ray.get([w.setup.remote(master_ip, master_port, local[r], ips.count(ips[r]))
+                             for r, w in enumerate(self.workers)])
+
+    def _all(self, method: str, *args):
+        import ray
+
+        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+
+    def train_step(self, role: str, experiences: list[Experience], lam: float = 0.0) -> dict[str, float]:
+        """One optimizer step of `role` on this global batch; returns loss terms, grad norm, tokens/s, timing."""
+        import ray
+
+        ref = ray.put(list(experiences))
+        return self._all("train_step", role, ref, lam)[0]
+
+    def activate(self, role: str) -> None:
+        self._all("activate", role)
+
+    def version(self, role: str) -> int:
+        return self._all("version", role)[0]
+
+    def weights(self, role: str, transport: str | None = None):
+        """The role's current weights as a versioned bundle (`named_tensors()`, `version`, `nbytes`)."""
+        return self._all("publish", role, transport)[0]
+
+    def connect_receivers(self, role: str, receivers: list, num_workers: int) -> None:
+        """For `weight_sync.transport=nccl`: rendezvous with these vLLM engine actors (`num_workers` GPU
+        workers in all) once; later `weights(role)` pushes to them and returns a receipt."""
+        self._all("connect_receivers", role, list(receivers), num_workers)
+
+    def state_dict(self, role: str) -> dict[str, torch.Tensor]:
+        return self._all("state_dict", role)[0]
+
+    def save(self, path: str | os.PathLike, driver_state: dict | None = None,
+             extra: dict[str, Callable[[Path], object]] | None = None) -> Path:
+        """Atomically write a complete checkpoint to `path`: all ranks, then `extra[name](folder)` for other
+        state that belongs in it (e.g. the teacher), then the driver state, then the rename. A `step-N`
+        folder also prunes its siblings down to the newest `checkpoint.keep`."""
+        import ray
+
+        path = Path(path)
+        with checkpoint.atomic_dir(path) as tmp:
+            ray.get([w.save.remote(str(tmp)) for w in self.workers])
+            for name, write in (extra or {}).items():
+                (tmp / name).mkdir(parents=True, exist_ok=True)
+                write(tmp / name)
+            versions = {role: self.version(role) for role in self.roles}
+            checkpoint.write_json(tmp / checkpoint.LEARNER_STATE,
+                                  {"versions": versions, "world_size": self.cfg.learner.world_size,
+                                   "zero_stage": self.cfg.learner.zero_stage})
+            checkpoint.write_json(tmp / checkpoint.DRIVER_STATE, dict(driver_state or {}))
+        if checkpoint.is_step_dir(path):
+            checkpoint.prune(path.parent, self.cfg.checkpoint.keep)
+        return path
+
+    def checkpoint(self, run_dir: str | os.PathLike, step: int, driver_state: dict | None = None,
+                   keep: int | None = None) -> Path:
+        """Save `run_dir/checkpoints/step-{step:06d}` (driver state gets `step`) and keep the newest `keep`."""
+        path = self.save(checkpoint.checkpoint_dir(run_dir, step), {"step": step, **(driver_state or {})})
+        if keep is not None:
+            checkpoint.prune(run_dir, keep)
+        return path
+
+    def load(self, path: str | os.PathLike) -> dict:
+        """Restore weights, optimizer, scheduler, RNG and versions; returns the driver state saved with it."""
+        path = Path(path)
+        if not checkpoint.is_complete(path):
+            raise FileNotFoundError(f"{path} is not a complete checkpoint")
+        saved = checkpoint.read_json(path / checkpoint.LEARNER_STATE)
+        if saved.get("world_size", self.cfg.learner.world_size) != self.cfg.learner.world_size:
+            raise ValueError(f"{path} was written by {saved['world_size']} learner ranks; this group has "
+                             f"{self.cfg.learner.world_size} (ZeRO optimizer shards are per rank)")
+        self._all("load", str(path))
+        return checkpoint.read_driver_state(path)
+
+    def resume(self, run_dir: str | os.PathLike) -> dict | None:
+        """Load the newest complete checkpoint of `run_dir`; None when there is none (a fresh run)."""
+        path = checkpoint.latest_checkpoint(run_dir)
+        return None if path is None else self.load(path)
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        try:
+            ray.get([w.close.remote() for w in self.workers], timeout=60)
+        except Exception as e:  # a dead rank: its buffers go when the node restarts
+            log.warning("learner shutdown: %s", e)
+        for w in self.workers:
+            ray.kill(w)
+        remove_placement_group(self.pg)
+        self.workers = []

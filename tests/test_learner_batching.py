@@ -1,0 +1,42 @@
+"""Token-budget micro-batching: pure planning, no DeepSpeed."""
+
+import pytest
+
+from piplay_ray.learner import batching
+
+
+def test_pack_respects_budget_and_covers_everything():
+    lengths = [10, 50, 20, 20, 5, 40, 30]
+    groups = batching.pack(lengths, max_tokens=60)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for g in groups:
+        assert len(g) * max(lengths[i] for i in g) <= 60
+    # longest first: 50 alone (50+40 would pad to 100), 40 alone, then 30+20 (2*30=60), 20+10+5 (3*20=60)
+    assert groups == [[1], [5], [6, 2], [3, 0, 4]]
+
+
+def test_oversized_sequence_gets_its_own_micro_batch():
+    assert batching.pack([500, 3, 3], max_tokens=100) == [[0], [1, 2]]
+
+
+def test_plan_gives_every_rank_the_same_count_with_fillers():
+    lengths = [100, 90, 80, 10, 10]
+    plan = batching.plan(lengths, max_tokens=100, world_size=2)
+    assert len(plan) == 2 and len(plan[0]) == len(plan[1])
+    real = sorted(i for rank in plan for mb in rank for i in mb)
+    assert real == list(range(5))
+    # 4 micro-batches ([0], [1], [2], [3, 4]) over 2 ranks: balanced by padded tokens, no filler needed
+    assert sum(1 for rank in plan for mb in rank if not mb) == 0
+    loads = [sum(len(mb) * max((lengths[i] for i in mb), default=0) for mb in rank) for rank in plan]
+    assert abs(loads[0] - loads[1]) <= 100
+
+
+def test_plan_with_fewer_micro_batches_than_ranks_pads_with_fillers():
+    plan = batching.plan([7, 7], max_tokens=100, world_size=3)
+    assert plan == [[[0, 1]], [[]], [[]]]
+
+
+@pytest.mark.parametrize("lengths,budget,ws", [([], 10, 1), ([3], 0, 1), ([3], 10, 0), ([0], 10, 1)])
+def test_bad_input_is_a_clear_error(lengths, budget, ws):
+    with pytest.raises(ValueError):
+        batching.plan(lengths, budget, ws)
