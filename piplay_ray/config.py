@@ -60,7 +60,7 @@ class RolloutConfig(Section):
     num_gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
     tensor_parallel_size: PosInt = 1
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.85
-    kv_cache_gib: Annotated[float, Field(gt=0)] = 1.0  # vLLM CPU KV-cache size
+    kv_cache_gib: PosInt = 1  # vLLM CPU KV-cache size (VLLM_CPU_KVCACHE_SPACE takes whole GiB)
     max_model_len: PosInt = 4096
     max_num_seqs: PosInt = 64
     temperature: Annotated[float, Field(ge=0)] = 1.0

@@ -60,17 +60,26 @@ def load_corpus_docs(path: str) -> list[Doc]:
     return docs
 
 
-def rule_task(doc: Doc, iteration: int) -> Task:
-    """A corpus task built by rule (first sentence of an article, title blanked; answer: the title).
+def rule_tasks(corpus_path: str, docs: dict[str, Doc], n: int, iteration: int, seed: int,
+               exclude: set[str]) -> list[Task]:
+    """Up to `n` corpus tasks built by rule (the evaluation set's rule), none of them in `exclude`.
 
-    Used only to top up a task set when the examiner wrote too few gate-passing tasks (a small model early
-    in training often writes none); every such task is counted in the metrics as `tasks/rule_built`.
+    They top up a task set when the examiner wrote too few gate-passing tasks (a small base model often
+    writes none early on); the QCP is the one search that leads from the clue to the answer's article.
+    Every such task is counted in the metrics as `tasks/rule_built`.
     """
-    first = doc.contents.split(". ")[0]
-    question = f"Which article begins: \"{first.replace(doc.title, '___')}\"?"
-    return Task(id=f"it{iteration}-rule-{doc.id}", question=question, answer=doc.title, hops=1, source=doc,
-                qcp=[Hop(query=doc.title, docs=[doc])], flags={"rule_built": True}, format_reward=0.0,
-                iteration=iteration)
+    from piplay_ray.evaluation import builtin_eval_set
+
+    pool = builtin_eval_set(corpus_path, n + len(exclude), seed=seed * 1000 + iteration + 1)
+    tasks = []
+    for ex in pool:
+        if ex.id in exclude or len(tasks) >= n:
+            continue
+        doc = docs[ex.id.removeprefix("builtin-")]
+        tasks.append(Task(id=f"it{iteration}-rule-{doc.id}", question=ex.question, answer=ex.golden_answers[0],
+                          hops=1, source=doc, qcp=[Hop(query=ex.question, docs=[doc])],
+                          flags={"rule_built": True}, iteration=iteration))
+    return tasks
 
 
 class EvolutionLoop:
@@ -80,7 +89,7 @@ class EvolutionLoop:
         from piplay_ray.actors.replay import ReplayStore
         from piplay_ray.actors.rollout import RolloutPool
         from piplay_ray.actors.search_env import SearchEnvPool
-        from piplay_ray.actors.teacher import Teacher
+        from piplay_ray.actors.teacher import create_teacher
         from piplay_ray.examiner import ExaminerSampler
         from piplay_ray.learner.learner import LearnerGroup
         from piplay_ray.metrics import MetricsSink
@@ -90,18 +99,19 @@ class EvolutionLoop:
         self.rng = random.Random(cfg.run.seed)
         self.paths = {r: assets.resolve_model(cfg.model.path_for(r)) for r in (*ROLES, "teacher")}
         self.tokenizer = AutoTokenizer.from_pretrained(self.paths["student"])
-        self.docs = load_corpus_docs(assets.resolve_corpus(cfg.search.corpus))
+        self.corpus_path = assets.resolve_corpus(cfg.search.corpus)
+        self.docs = load_corpus_docs(self.corpus_path)
+        self.docs_by_id = {d.id: d for d in self.docs}
         self.sampler = ExaminerSampler(self.docs, cfg.examiner.hop_weights, seed=cfg.run.seed)
-        self.metrics = MetricsSink(run.path, cfg.logging)
+        self.metrics = MetricsSink(run.path, cfg.logging, config=cfg.model_dump(mode="json"))
         self.state = LoopState()
 
         _say("starting actors: search env, rollout pools, teacher, learner, replay store")
         self.search = SearchEnvPool(cfg.search)
         self.pools = {r: RolloutPool(r, self.paths[r], cfg, self.search) for r in ROLES}
-        self.teacher = Teacher.remote(self.paths["teacher"], cfg)
+        self.teacher = create_teacher(self.paths["teacher"], cfg)
         self.learner = LearnerGroup(cfg, ROLES)
-        self.replay = ReplayStore.remote(cfg.replay.capacity_groups, cfg.replay.max_staleness,
-                                         str(run.replay_spill) if cfg.replay.spill else None)
+        self.replay = ReplayStore.remote(cfg.replay.capacity_groups, cfg.replay.max_staleness)
         self.pool_versions = {r: 0 for r in ROLES}
         self.bundles: dict[str, tuple[int, object]] = {}
         self.task_set: list[Task] = []
@@ -112,12 +122,13 @@ class EvolutionLoop:
     def resume(self) -> bool:
         from piplay_ray.learner.checkpoint import latest_checkpoint
 
-        ckpt = latest_checkpoint(self.run.checkpoints) if self.cfg.run.resume else None
+        ckpt = latest_checkpoint(self.run.path) if self.cfg.run.resume else None
         if ckpt is None:
             return False
         state = self.learner.load(ckpt)
         self.state = LoopState.from_dict(state)
         ray.get(self.teacher.load_checkpoint.remote(str(Path(ckpt) / "teacher")))
+        ray.get(self.replay.restore.remote(str(Path(ckpt) / "replay" / "replay.parquet")))
         for role in ROLES:
             self.publish(role)
         if self.state.phase == "student":
@@ -132,11 +143,11 @@ class EvolutionLoop:
         from piplay_ray.learner.checkpoint import checkpoint_dir
 
         t = time.monotonic()
-        path = checkpoint_dir(self.run.checkpoints, self.state.global_step)
-        self.learner.save(path, driver_state=self.state.__dict__,
-                          extra={"teacher": lambda d: ray.get(self.teacher.save.remote(str(d)))})
-        if self.cfg.replay.spill:
-            ray.get(self.replay.spill.remote())
+        path = checkpoint_dir(self.run.path, self.state.global_step)
+        extra = {"teacher": lambda d: ray.get(self.teacher.save.remote(str(d)))}
+        if self.cfg.replay.spill:  # buffered groups are part of the checkpoint, consistent with its versions
+            extra["replay"] = lambda d: ray.get(self.replay.spill.remote(str(d / "replay.parquet")))
+        self.learner.save(path, driver_state=self.state.__dict__, extra=extra)
         self.metrics.log({"checkpoint/seconds": time.monotonic() - t}, iteration=self.state.iteration,
                          phase="system", step=self.state.global_step)
 
@@ -152,7 +163,7 @@ class EvolutionLoop:
         if bundle is None or self.pool_versions[role] >= version:
             return
         t = time.monotonic()
-        await self.pools[role].update_weights(version, bundle)
+        await self.pools[role].aupdate_weights(version, bundle)
         self.pool_versions[role] = version
         self.metrics.log({"weight_sync/seconds": time.monotonic() - t, "weight_sync/version": version},
                          iteration=self.state.iteration, phase=role, step=self.state.global_step)
@@ -222,7 +233,7 @@ class EvolutionLoop:
                 tokens = [self.tokenizer.convert_tokens_to_string([t]) for t in tokens]
                 rows.append(sample_row(task, traj, r, tokens, t_ids, t_lps, t_tail))
         if rows:
-            self.run.write_samples("student", step, rows)
+            self.metrics.write_samples("student", step, rows)
         trajs = [tr for _, tr in flat]
         self.metrics.log({
             "student/reward": _mean(rewards), "student/em": _mean(rewards),
@@ -286,7 +297,7 @@ class EvolutionLoop:
                     await self.teacher.ema_update.remote(version, bundle)
                 acct = st.accounting.setdefault(f"iter-{st.iteration}-{role}", {"groups_trained": 0})
                 acct["groups_trained"] += len(groups)
-                self.metrics.log({**m, "schedule/lambda": lam, "replay/staleness": stale,
+                self.metrics.log({**learner_metrics(m), "schedule/lambda": lam, "replay/staleness": stale,
                                   "learner/step_seconds": step_s, "learner/idle_frac": waited / (waited + step_s),
                                   "learner/groups": len(groups), "learner/version": st.versions[role],
                                   "learner/min_experience_version": min(e.version for e in exps)},
@@ -321,8 +332,11 @@ class EvolutionLoop:
         written = await write_tasks(self.pools["examiner"], self.sampler, size, cfg.examiner, it)
         tasks = select_tasks([*self.examiner_candidates, *written], size)
         n_examiner = len(tasks)
-        while len(tasks) < size:  # top up by rule; counted, never silent
-            tasks.append(rule_task(self.docs[self.rng.randrange(len(self.docs))], it))
+        if n_examiner < size:  # top up by rule; counted, never silent
+            from piplay_ray.evaluation import builtin_eval_set
+
+            held_out = {ex.id for ex in builtin_eval_set(self.corpus_path, cfg.eval.builtin_size, cfg.run.seed)}
+            tasks += rule_tasks(self.corpus_path, self.docs_by_id, size - n_examiner, it, cfg.run.seed, held_out)
         self.rng.shuffle(tasks)
         save_tasks(task_set_path(self.run.path, it), tasks)
         self.task_set = tasks
@@ -380,6 +394,21 @@ class EvolutionLoop:
         self.version_changed.set()
 
 
+LOSS_TERMS = {"loss", "pg_loss", "clip_frac", "policy_kl", "ref_kl", "distill_kl", "teacher_top1_mismatch",
+              "entropy"}
+
+
+def learner_metrics(m: dict) -> dict:
+    """Namespace the learner's step metrics the way the dashboard reads them."""
+    out = {}
+    for k, v in m.items():
+        if k == "tokens_per_s":
+            out["throughput/learner_tokens_per_s"] = v
+        elif k != "version":
+            out[("loss/" if k in LOSS_TERMS else "learner/") + k] = v
+    return out
+
+
 def _mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs) if xs else 0.0
@@ -406,7 +435,6 @@ def train(cfg: Config) -> Path:
     """Run (or resume) the evolution loop for `cfg`; returns the run directory."""
     run = RunDir.create(cfg)
     _say(f"run directory: {run.path}")
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.kv_cache_gib))
     init_ray(cfg)
     loop = EvolutionLoop(cfg, run)
     stop_dashboard = None

@@ -6,9 +6,7 @@ command finds the previous run's checkpoints and resumes it.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -38,24 +36,6 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
-
-    @property
-    def replay_spill(self) -> Path:
-        return self.path / "replay.parquet"
-
-    def write_samples(self, role: str, step: int, rows: list[dict]) -> Path:
-        path = self.path / "samples" / f"{role}-step-{step:06d}.jsonl"
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-        return path
-
-    def write_health(self, actors: dict[str, dict]) -> None:
-        tmp = self.path / ".health.json.tmp"
-        tmp.write_text(json.dumps({"actors": actors, "updated": time.time()}))
-        os.replace(tmp, self.path / "health.json")
 
 
 def sample_row(task: Task, traj: Trajectory, reward: float, tokens: list[str],

@@ -106,11 +106,11 @@ def test_replay_store_as_a_ray_actor(tmp_path):
     ray.init(num_cpus=1, include_dashboard=False, ignore_reinit_error=True)
     try:
         spill = str(tmp_path / "r.parquet")
-        store = ReplayStore.remote(4, 1, spill)
+        store = ReplayStore.remote(4, 1)
         assert ray.get([store.put.remote(group(f"g{i}", 0)) for i in range(3)]) == ["ok"] * 3
         assert ray.get(store.set_version.remote("student", 2)) == 3  # all now stale
         assert ray.get(store.put.remote(group("new", 2))) == "ok"
-        assert ray.get(store.spill.remote()) == 3
+        assert ray.get(store.spill.remote(spill)) == 3
         ray.kill(store)
         again = ReplayStore.remote(4, 1, spill)  # a restarted store recovers from its spill
         got = ray.get(again.sample.remote("student", 1, 5))

@@ -17,11 +17,10 @@ from piplay_ray.replay import Group, ReplayBuffer
 
 class ReplayStoreImpl:
     def __init__(self, capacity_groups: int, max_staleness: int, spill_path: str | None = None):
-        self.spill_path = spill_path
-        if spill_path and Path(spill_path).is_file():
-            self.buffer = ReplayBuffer.restore(spill_path, capacity_groups, max_staleness)
-        else:
-            self.buffer = ReplayBuffer(capacity_groups, max_staleness)
+        self.capacity, self.max_staleness = capacity_groups, max_staleness
+        self.buffer = ReplayBuffer(capacity_groups, max_staleness)
+        if spill_path:
+            self.restore(spill_path)
         self._changed: asyncio.Condition | None = None
         self.waited_s = 0.0  # total producer time spent blocked by backpressure
 
@@ -71,8 +70,16 @@ class ReplayStoreImpl:
     def stats(self) -> dict:
         return self.buffer.stats() | {"backpressure_wait_s": self.waited_s}
 
-    def spill(self) -> int:
-        return self.buffer.spill(self.spill_path) if self.spill_path else 0
+    def spill(self, path: str) -> int:
+        """Write the buffered groups to `path` (the driver puts it inside each checkpoint)."""
+        return self.buffer.spill(path)
+
+    def restore(self, path: str) -> bool:
+        """Replace the content with a spill, if `path` exists (a resumed run keeps what was buffered)."""
+        if not Path(path).is_file():
+            return False
+        self.buffer = ReplayBuffer.restore(path, self.capacity, self.max_staleness)
+        return True
 
 
 ReplayStore = ray.remote(num_cpus=0)(ReplayStoreImpl)
