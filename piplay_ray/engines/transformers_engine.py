@@ -1,0 +1,117 @@
+"""The transformers engine: the fallback rollout engine and the reference the vLLM engine is tested against.
+
+One model, one request at a time (a lock serialises the forward passes, which run in a thread so the event
+loop keeps serving search calls). Logprobs are the model's raw log-softmax, like vLLM's `raw_logprobs`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Iterable
+
+import torch
+
+from piplay_ray.engines.base import Engine, Generation, SamplingSpec, TopK
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """Greedy at temperature 0, else nucleus sampling from softmax(logits / temperature)."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_p, 0) - sorted_p < top_p  # always keeps the most likely token
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TransformersEngine(Engine):
+    def __init__(self, model_path: str, dtype: str = "auto", seed: int = 0, device: str | None = None,
+                 num_threads: int | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=_DTYPES.get(dtype, "auto"))
+        self.model.to(self.device).eval()
+        eos = self.model.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos_ids = set(eos) | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+        self.seed = seed
+        self._lock = threading.Lock()
+        self._calls = 0
+
+    # ------------------------------------------------------------------------------------- generate
+
+    @torch.inference_mode()
+    def generate_sync(self, prompt_ids: list[int], spec: SamplingSpec) -> Generation:
+        with self._lock:
+            self._calls += 1
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(spec.seed if spec.seed is not None else self.seed * 1_000_003 + self._calls)
+            ids = torch.tensor([prompt_ids], device=self.device)
+            past, out_ids, logprobs, finish = None, [], [], "length"
+            for _ in range(spec.max_tokens):
+                out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
+                past = out.past_key_values
+                logits = out.logits[0, -1].float()
+                tok = sample_token(logits, spec.temperature, spec.top_p, generator)
+                out_ids.append(tok)
+                logprobs.append(float(torch.log_softmax(logits, -1)[tok]))
+                if tok in self.eos_ids:
+                    finish = "eos"
+                    break
+                if spec.stop and any(s in self.tokenizer.decode(out_ids[-32:]) for s in spec.stop):
+                    finish = "stop"
+                    break
+                ids = torch.tensor([[tok]], device=self.device)
+            return Generation(out_ids, logprobs, finish)
+
+    async def generate(self, prompt_ids: list[int], spec: SamplingSpec) -> Generation:
+        return await asyncio.to_thread(self.generate_sync, list(prompt_ids), spec)
+
+    # ------------------------------------------------------------------------------------- scoring
+
+    @torch.inference_mode()
+    def logprobs_of(self, token_ids: list[int], start: int) -> torch.Tensor:
+        """Full next-token log-distributions predicting token_ids[start:] (rows = positions)."""
+        if not 1 <= start <= len(token_ids):
+            raise ValueError(f"start must be in [1, {len(token_ids)}], got {start}")
+        with self._lock:
+            ids = torch.tensor([token_ids], device=self.device)
+            logits = self.model(input_ids=ids).logits[0, start - 1 : len(token_ids) - 1].float()
+        return torch.log_softmax(logits, -1).cpu()
+
+    def prompt_topk_sync(self, token_ids: list[int], start: int, k: int) -> TopK:
+        values, ids = torch.topk(self.logprobs_of(token_ids, start), k, dim=-1)
+        return TopK(ids=ids.tolist(), logprobs=values.tolist())
+
+    async def prompt_topk(self, token_ids: list[int], start: int, k: int) -> TopK:
+        return await asyncio.to_thread(self.prompt_topk_sync, list(token_ids), start, k)
+
+    # ------------------------------------------------------------------------------------- weights
+
+    @torch.inference_mode()
+    def update_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        from piplay_ray.engines import named_tensors
+
+        state = self.model.state_dict()
+        with self._lock:
+            for name, tensor in named_tensors(weights):
+                if name not in state:
+                    raise KeyError(f"update_weights: {name!r} is not a parameter of the model")
+                if state[name].shape != tensor.shape:
+                    raise ValueError(f"update_weights: {name} has shape {tuple(tensor.shape)}, "
+                                     f"expected {tuple(state[name].shape)}")
+                state[name].copy_(tensor)
+            self.version = version
+
+    async def aupdate_weights(self, version: int, weights) -> None:
+        """`update_weights` for callers on an event loop."""
+        await asyncio.to_thread(self.update_weights, version, weights)

@@ -1,0 +1,209 @@
+"""The vLLM engine: continuous batching of many agent turns at once, token ids in, token ids out.
+
+vLLM's `AsyncLLM` runs on its own event loop in a background thread, so the engine serves coroutines from
+any loop (a Ray async actor, a test, a script) and many trajectories share one batch while others wait on
+search. Weight updates go by reference: the new tensors are written once to a safetensors file in shared
+memory and the worker process maps it (vLLM's RPC would otherwise msgspec-serialise tensors). After the
+reload, the CPU backend's prepacked GEMM handle of every `VocabParallelEmbedding` (embedding and LM head) is
+rebuilt, since `reload_weights` only repacks the linear layers (DESIGN.md section 4), and the prefix cache is
+reset so that no KV computed with old weights is reused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterable
+
+import torch
+
+from piplay_ray.engines.base import Engine, Generation, SamplingSpec, TopK
+
+GiB = 1 << 30
+
+
+class WeightLoader:
+    """vLLM worker extension (mixed into the worker class): reload weights from a shared-memory file."""
+
+    def piplay_reload(self, path: str) -> int:
+        from safetensors import safe_open
+        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+        from vllm.platforms import current_platform
+
+        with safe_open(path, framework="pt") as f:
+            names = list(f.keys())
+            self.reload_weights(weights_iterator=((n, f.get_tensor(n)) for n in names))
+        if current_platform.is_cpu():
+            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+            for module in self.model_runner.get_model().modules():
+                if isinstance(module, VocabParallelEmbedding) and hasattr(module, "weight"):
+                    dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+        return len(names)
+
+
+def write_shared(weights: Iterable[tuple[str, torch.Tensor]], folder: str | None = None) -> str:
+    """Save tensors to one safetensors file in shared memory (tensors sharing storage are copied)."""
+    from safetensors.torch import save_file
+
+    seen, tensors = set(), {}
+    for name, t in weights:
+        t = t.detach().to("cpu").contiguous()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        tensors[name] = t.clone() if key in seen else t
+        seen.add(key)
+    folder = folder or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+    fd, path = tempfile.mkstemp(prefix="piplay-weights-", suffix=".safetensors", dir=folder)
+    os.close(fd)
+    save_file(tensors, path)
+    return path
+
+
+class VLLMEngine(Engine):
+    def __init__(self, model_path: str, *, dtype: str = "auto", seed: int = 0, max_model_len: int = 4096,
+                 max_num_seqs: int = 64, gpu_memory_utilization: float = 0.85, kv_cache_gib: float = 1.0,
+                 tensor_parallel_size: int = 1, enforce_eager: bool = True, max_logprobs: int = 64):
+        from vllm import AsyncEngineArgs
+        from vllm.platforms import current_platform
+
+        on_cpu = current_platform.is_cpu()
+        args = AsyncEngineArgs(
+            model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
+            tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager, max_logprobs=max_logprobs,
+            enable_prefix_caching=True, disable_log_stats=True,
+            worker_extension_cls=f"{WeightLoader.__module__}.{WeightLoader.__qualname__}",
+            **({"kv_cache_memory_bytes": int(kv_cache_gib * GiB)} if on_cpu
+               else {"gpu_memory_utilization": gpu_memory_utilization}),
+        )
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine-loop", daemon=True)
+        self._thread.start()
+        self._inflight = 0
+        self._ready: asyncio.Event | None = None
+        self._idle: asyncio.Condition | None = None
+        self.llm = self._call(self._start(args))
+
+    async def _start(self, args):
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._ready, self._idle = asyncio.Event(), asyncio.Condition()
+        self._ready.set()
+        return AsyncLLM.from_engine_args(args)
+
+    def _call(self, coro):
+        """Run a coroutine on the engine loop and wait for it (from synchronous code)."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    async def _on_engine(self, coro):
+        """Await a coroutine that runs on the engine loop, from whatever loop the caller is on."""
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
+    @property
+    def tokenizer(self):
+        return self.llm.tokenizer
+
+    # ------------------------------------------------------------------------------------- requests
+
+    async def _request(self, prompt_ids: list[int], params):
+        from vllm.inputs import TokensPrompt
+
+        await self._ready.wait()  # closed while weights are being replaced
+        self._inflight += 1
+        try:
+            final = None
+            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params,
+                                               request_id=uuid.uuid4().hex):
+                final = out
+            return final
+        finally:
+            self._inflight -= 1
+            async with self._idle:
+                self._idle.notify_all()
+
+    async def generate(self, prompt_ids: list[int], spec: SamplingSpec) -> Generation:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
+                                stop=list(spec.stop), include_stop_str_in_output=True, logprobs=0,
+                                seed=spec.seed, output_kind=RequestOutputKind.FINAL_ONLY)
+        out = (await self._on_engine(self._request(prompt_ids, params))).outputs[0]
+        ids = list(out.token_ids)
+        logprobs = [float(lp[t].logprob) for lp, t in zip(out.logprobs, ids, strict=True)]
+        if out.finish_reason == "length":
+            finish = "length"
+        elif out.finish_reason == "stop" and isinstance(out.stop_reason, str):
+            finish = "stop"
+        elif out.finish_reason == "stop":
+            finish = "eos"  # the EOS token (stop_reason None) or a stop token id
+        else:
+            raise RuntimeError(f"vLLM request ended with {out.finish_reason!r}")
+        return Generation(ids, logprobs, finish)
+
+    async def prompt_topk(self, token_ids: list[int], start: int, k: int) -> TopK:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        if not 1 <= start <= len(token_ids):
+            raise ValueError(f"start must be in [1, {len(token_ids)}], got {start}")
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        out = await self._on_engine(self._request(token_ids, params))
+        ids, lps = [], []
+        for dist in out.prompt_logprobs[start:]:
+            # the dict holds the top k plus the actual next token when it ranks below k
+            best = sorted(dist.items(), key=lambda kv: kv[1].rank)[:k]
+            ids.append([t for t, _ in best])
+            lps.append([float(lp.logprob) for _, lp in best])
+        return TopK(ids=ids, logprobs=lps)
+
+    # ------------------------------------------------------------------------------------- weights
+
+    async def _swap(self, path: str) -> None:
+        self._ready.clear()  # new requests wait; requests already running finish on the old weights
+        async with self._idle:
+            await self._idle.wait_for(lambda: self._inflight == 0)
+        try:
+            await self.llm.collective_rpc("piplay_reload", args=(path,))
+            if not await self.llm.reset_prefix_cache():  # refuses while requests run; none do here
+                raise RuntimeError("vLLM refused to reset its prefix cache after a weight update")
+        finally:
+            self._ready.set()
+
+    def update_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        from piplay_ray.engines import named_tensors
+
+        path = write_shared(named_tensors(weights))
+        try:
+            self._call(self._swap(path))
+        finally:
+            os.unlink(path)
+        self.version = version
+
+    async def aupdate_weights(self, version: int, weights) -> None:
+        """`update_weights` for callers on an event loop (the file is written in a thread)."""
+        from piplay_ray.engines import named_tensors
+
+        path = await asyncio.to_thread(write_shared, named_tensors(weights))
+        try:
+            await self._on_engine(self._swap(path))
+        finally:
+            os.unlink(path)
+        self.version = version
+
+    def shutdown(self) -> None:
+        if getattr(self, "llm", None) is not None:
+            self.llm.shutdown()
+            self.llm = None
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    def __del__(self):
+        try:
+            self.shutdown()
+        except Exception:
+            pass

@@ -1,0 +1,218 @@
+"""The agent text protocol: prompts, tags and the parsing of model turns (the one module that knows the format).
+
+The model writes `<think>…</think>`, `<search>query</search>` and `<answer>…</answer>` (the examiner writes
+`<question>…</question>` before its answer); the environment inserts `<information>…</information>` after a
+search. Prompts are built with the model's own chat template and encoded once; the agent loop then works on
+token ids only. Parsing is total: every string maps to an :class:`Action`, malformed text to ``invalid``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from piplay_ray.records import Doc, Hop
+
+SEARCH_OPEN, SEARCH_CLOSE = "<search>", "</search>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+QUESTION_OPEN, QUESTION_CLOSE = "<question>", "</question>"
+INFO_OPEN, INFO_CLOSE = "<information>", "</information>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# A turn ends when the model closes an action; the closing tag is kept in the sampled tokens.
+STOP_STRINGS: tuple[str, ...] = (SEARCH_CLOSE, ANSWER_CLOSE)
+
+_TAGS = ("search", "answer", "question", "information", "think")
+_ANY_TAG = re.compile(r"</?(?:" + "|".join(_TAGS) + r")>")
+_MODEL_INFO = re.compile(re.escape(INFO_OPEN) + r".*?(?:" + re.escape(INFO_CLOSE) + r"|\Z)", re.S)
+_THINK = re.compile(re.escape(THINK_OPEN) + r".*?" + re.escape(THINK_CLOSE), re.S)
+
+STUDENT_SYSTEM = (
+    "You answer questions by searching a Wikipedia corpus. Reason inside <think> and </think>. "
+    "To search, write <search>your query</search>; the results are then shown to you between "
+    "<information> and </information>. You may search as many times as you need. When you know the "
+    "answer, write it inside <answer> and </answer>: a short answer of a few words, without explanation. "
+    "For example, <answer>Paris</answer>."
+)
+
+EXAMINER_SYSTEM = (
+    "You write hard multi-hop questions from a Wikipedia corpus. Reason inside <think> and </think>. "
+    "To search, write <search>your query</search>; the results are then shown to you between "
+    "<information> and </information>. When you are done, write the question inside <question> and "
+    "</question>, then its answer inside <answer> and </answer>: a short answer of a few words."
+)
+
+TEACHER_NOTE = (
+    "Privileged information (hidden from the solver): the question was built by the following searches, "
+    "in order. Use it to judge good next steps."
+)
+
+
+def _chat_ids(tokenizer, system: str, user: str) -> list[int]:
+    """Encode a system+user turn with the model's chat template, ending in an open assistant turn."""
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # templates without a system role: fold the instructions into the user turn
+        messages = [{"role": "user", "content": f"{system}\n\n{user}"}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+# --------------------------------------------------------------------------------------------- prompts
+
+
+def student_user_text(question: str) -> str:
+    return f"Question: {question.strip()}"
+
+
+def student_prompt_ids(tokenizer, question: str) -> list[int]:
+    """The student's prompt: the instructions and the question, ready for generation."""
+    return _chat_ids(tokenizer, STUDENT_SYSTEM, student_user_text(question))
+
+
+def _doc_text(doc: Doc, max_words: int) -> str:
+    words = doc.contents.split()
+    body = " ".join(words[:max_words]) + (" …" if len(words) > max_words else "")
+    return f"({doc.title}) {body}" if doc.title and not body.lstrip('"').startswith(doc.title) else body
+
+
+def examiner_user_text(doc: Doc, hops: int, max_words: int = 256) -> str:
+    if hops < 1:
+        raise ValueError(f"hop target must be >= 1, got {hops}")
+    if hops == 1:
+        plan = ("Do not search. Write a question that can be answered from this document alone, "
+                "and its answer.")
+    else:
+        plan = (f"Make a {hops}-hop question. Do exactly {hops - 1} search(es), each one following an entity "
+                "found in the previous step outward from this document. Then write a question that needs "
+                f"all {hops} steps to answer: it may name only the first entity (from this document) and "
+                "must not reveal any intermediate answer. The answer is what the last step found.")
+    return f"Document:\n{_doc_text(doc, max_words)}\n\nHop target: {hops}. {plan}"
+
+
+def examiner_prompt_ids(tokenizer, doc: Doc, hops: int, max_words: int = 256) -> list[int]:
+    """The examiner's prompt: a source document and the hop target h (h-1 searches, then question+answer)."""
+    return _chat_ids(tokenizer, EXAMINER_SYSTEM, examiner_user_text(doc, hops, max_words))
+
+
+def render_qcp(qcp: Sequence[Hop], answer: str | None = None, max_words: int = 64) -> str:
+    """The question construction path as text: each search and what it found, optionally the answer."""
+    lines = [TEACHER_NOTE]
+    for i, hop in enumerate(qcp, 1):
+        lines.append(f"Step {i}: searched {hop.query.strip()!r}.")
+        if not hop.ok:
+            lines.append("  (the search failed)")
+        for doc in hop.docs:
+            lines.append(f"  - {_doc_text(doc, max_words)}")
+    if not qcp:
+        lines.append("(The question was written from the source document without searching.)")
+    if answer is not None:
+        lines.append(f"The answer is: {answer.strip()}")
+    return "\n".join(lines)
+
+
+def teacher_prompt_ids(tokenizer, question: str, qcp: Sequence[Hop], answer: str | None = None,
+                       include_answer: bool = False, max_words: int = 64) -> list[int]:
+    """The teacher's context: the student's prompt with the QCP rendered as privileged information.
+
+    The student's response ids are appended to these ids unchanged, so the teacher scores exactly the
+    tokens the student sampled.
+    """
+    privileged = render_qcp(qcp, answer if include_answer else None, max_words)
+    return _chat_ids(tokenizer, STUDENT_SYSTEM, f"{student_user_text(question)}\n\n{privileged}")
+
+
+def information_block(text: str) -> str:
+    """The environment's reply to a search, as inserted after the model's `</search>`."""
+    return f"\n\n{INFO_OPEN}\n{text.strip()}\n{INFO_CLOSE}\n\n"
+
+
+# --------------------------------------------------------------------------------------------- parsing
+
+ActionKind = Literal["search", "answer", "question", "invalid"]
+
+
+@dataclass(frozen=True)
+class Action:
+    """What a model turn asks for. `question` is the examiner's final output (question + answer)."""
+
+    kind: ActionKind
+    query: str | None = None
+    answer: str | None = None
+    question: str | None = None
+    error: str | None = None
+
+
+def _clean(text: str) -> str:
+    """Drop model-written `<information>` blocks (never evidence) and closed `<think>` blocks."""
+    return _THINK.sub(" ", _MODEL_INFO.sub(" ", text))
+
+
+def _unclosed(prefix: str) -> bool:
+    """Whether an action tag is still open at the end of `prefix` (a tag nested inside another)."""
+    return any(prefix.count(f"<{t}>") > prefix.count(f"</{t}>") for t in ("search", "answer", "question"))
+
+
+def _span(text: str, open_tag: str, close_tag: str, end: int) -> tuple[str | None, str | None]:
+    """The content of the tag pair that closes at `end`, or (None, error) when it is malformed."""
+    start = text.rfind(open_tag, 0, end)
+    if start < 0:
+        return None, f"{close_tag} without {open_tag}"
+    content = text[start + len(open_tag) : end]
+    if _ANY_TAG.search(content) or _unclosed(text[:start]):
+        return None, f"nested tags around {open_tag}"
+    content = content.strip()
+    if not content:
+        return None, f"empty {open_tag}"
+    return content, None
+
+
+def _last_content(text: str, open_tag: str, close_tag: str) -> str | None:
+    end = text.rfind(close_tag)
+    if end < 0:
+        return None
+    content, _ = _span(text, open_tag, close_tag, end)
+    return content
+
+
+def parse_turn(text: str, role: str = "student") -> Action:
+    """Map one model turn to an action; total (never raises).
+
+    The first closed action wins (generation stops there; anything after it is ignored). A student turn
+    is a search or an answer; an examiner turn is a search or a question followed by its answer.
+    """
+    if not isinstance(text, str):
+        return Action("invalid", error="not text")
+    body = _clean(text)
+    s, a = body.find(SEARCH_CLOSE), body.find(ANSWER_CLOSE)
+    if s < 0 and a < 0:
+        if SEARCH_OPEN in body or ANSWER_OPEN in body:
+            return Action("invalid", error="unclosed tag")
+        return Action("invalid", error="no action")
+    if s >= 0 and (a < 0 or s < a):
+        query, err = _span(body, SEARCH_OPEN, SEARCH_CLOSE, s)
+        return Action("search", query=query) if err is None else Action("invalid", error=err)
+    answer, err = _span(body, ANSWER_OPEN, ANSWER_CLOSE, a)
+    if err is not None:
+        return Action("invalid", error=err)
+    if role != "examiner":
+        return Action("answer", answer=answer)
+    q_end = body.rfind(QUESTION_CLOSE, 0, a)
+    if q_end < 0:
+        return Action("invalid", answer=answer, error="answer without a question")
+    question, err = _span(body, QUESTION_OPEN, QUESTION_CLOSE, q_end)
+    if err is not None:
+        return Action("invalid", answer=answer, error=err)
+    return Action("question", answer=answer, question=question)
+
+
+def extract_answer(text: str) -> str | None:
+    """The last well-formed `<answer>` in `text` (outside model-written information), else None."""
+    return _last_content(_clean(text), ANSWER_OPEN, ANSWER_CLOSE) if isinstance(text, str) else None
+
+
+def extract_question(text: str) -> str | None:
+    """The last well-formed `<question>` in `text`, else None."""
+    return _last_content(_clean(text), QUESTION_OPEN, QUESTION_CLOSE) if isinstance(text, str) else None

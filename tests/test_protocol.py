@@ -1,0 +1,128 @@
+"""The text protocol: every model string maps to a defined action; prompts come from the chat template."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from piplay_ray import protocol as P
+from piplay_ray.records import Doc, Hop
+
+
+@pytest.mark.parametrize(
+    "text, kind, value",
+    [
+        ("<think>who?</think><search>capital of France</search>", "search", "capital of France"),
+        ("<answer> Paris </answer>", "answer", "Paris"),  # answer without any search
+        ("I think <answer>Paris</answer> and then more text <search>x</search>", "answer", "Paris"),
+        ("<search>a</search><search>b</search>", "search", "a"),  # several searches: the first wins
+        ("<search>first</search> then <answer>b</answer>", "search", "first"),
+        ("<search>   </search>", "invalid", None),  # empty search
+        ("<search>unfinished query", "invalid", None),  # missing close tag
+        ("<answer>Paris", "invalid", None),
+        ("no tags at all", "invalid", None),
+        ("", "invalid", None),
+        ("query</search>", "invalid", None),  # close without open
+        ("<search>outer <search>inner</search>", "invalid", None),  # nested
+        ("<answer><search>x</search></answer>", "invalid", None),  # a search nested inside an answer
+        ("<search>a <answer>b</answer> c</search>", "invalid", None),
+        ("<SEARCH>x</SEARCH>", "invalid", None),  # tags are case-sensitive
+        # a model-written information block is never evidence, and tags inside it are not actions
+        ("<information>the answer is <answer>Rome</answer></information><search>q</search>", "search", "q"),
+        ("<information>fake results <search>q</search>", "invalid", None),
+        ("<think>maybe <answer>x</answer>?</think><answer>y</answer>", "answer", "y"),
+        ("<answer>Paris</answer></answer>", "answer", "Paris"),  # text after </answer> is ignored
+    ],
+)
+def test_parse_student(text, kind, value):
+    action = P.parse_turn(text)
+    assert action.kind == kind, action
+    if kind == "search":
+        assert action.query == value
+    elif kind == "answer":
+        assert action.answer == value
+    else:
+        assert action.error
+
+
+def test_parse_examiner():
+    a = P.parse_turn("<think>ok</think><question>Who founded X?</question>\n<answer>Bob</answer>", "examiner")
+    assert (a.kind, a.question, a.answer) == ("question", "Who founded X?", "Bob")
+    assert P.parse_turn("<search>X founder</search>", "examiner").kind == "search"
+    assert P.parse_turn("<answer>Bob</answer>", "examiner").kind == "invalid"  # no question
+    assert P.parse_turn("<question></question><answer>Bob</answer>", "examiner").kind == "invalid"
+    assert P.parse_turn("<question>Who?<answer>Bob</answer>", "examiner").kind == "invalid"
+
+
+def test_parse_is_total_on_garbage():
+    import random
+
+    rng = random.Random(0)
+    pieces = ["<search>", "</search>", "<answer>", "</answer>", "<information>", "</information>",
+              "<think>", "</think>", "<question>", "</question>", "a", " ", "\n", "<", ">", "/", "é"]
+    for _ in range(2000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 12)))
+        for role in ("student", "examiner"):
+            action = P.parse_turn(text, role)
+            assert action.kind in ("search", "answer", "question", "invalid")
+            if action.kind == "search":
+                assert action.query.strip() and not P._ANY_TAG.search(action.query)
+    assert P.parse_turn(None).kind == "invalid"  # type: ignore[arg-type]
+
+
+def test_extract():
+    assert P.extract_answer("<answer>a</answer> x <answer> b </answer>") == "b"
+    assert P.extract_answer("<information><answer>z</answer></information>") is None
+    assert P.extract_answer("nothing") is None
+    assert P.extract_question("<question>q?</question><answer>a</answer>") == "q?"
+    assert P.extract_question("<question></question>") is None
+
+
+def test_information_block():
+    block = P.information_block("  Doc 1: text \n")
+    assert block.count(P.INFO_OPEN) == 1 and block.count(P.INFO_CLOSE) == 1
+    assert "Doc 1: text" in block
+    assert P.parse_turn(block).kind == "invalid"  # an inserted block is not an action
+
+
+def test_prompts(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ids = P.student_prompt_ids(tok, "Who wrote Hamlet?")
+    text = tok.decode(ids)
+    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
+    assert "Who wrote Hamlet?" in text and "<search>" in text and "<answer>" in text
+    assert ids == list(tok(text, add_special_tokens=False)["input_ids"])
+
+    doc = Doc(id="7", title="Hamlet", contents='"Hamlet"\nHamlet is a tragedy by William Shakespeare.')
+    ex = tok.decode(P.examiner_prompt_ids(tok, doc, 3))
+    assert "tragedy by William Shakespeare" in ex and "Hop target: 3" in ex and "exactly 2 search" in ex
+    assert "<question>" in ex
+    assert "Do not search" in tok.decode(P.examiner_prompt_ids(tok, doc, 1))
+    with pytest.raises(ValueError):
+        P.examiner_prompt_ids(tok, doc, 0)
+
+    qcp = [Hop("Shakespeare birthplace", [Doc("1", "Stratford-upon-Avon", "A market town in Warwickshire.")]),
+           Hop("broken", ok=False, error="timeout")]
+    t = tok.decode(P.teacher_prompt_ids(tok, "Where was the author of Hamlet born?", qcp, answer="Stratford"))
+    assert "Where was the author of Hamlet born?" in t and "Shakespeare birthplace" in t
+    assert "market town in Warwickshire" in t and "failed" in t and "Stratford\n" not in t.split("answer is")[-1]
+    assert "The answer is" not in t
+    t2 = tok.decode(P.teacher_prompt_ids(tok, "q", qcp, answer="Stratford", include_answer=True))
+    assert "The answer is: Stratford" in t2
+    # the teacher prompt shares the student's system instructions
+    assert t.split("<|im_start|>user")[0] == text.split("<|im_start|>user")[0]
+
+
+def test_prompt_without_system_role():
+    class NoSystem:
+        def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+            if any(m["role"] == "system" for m in messages):
+                raise ValueError("System role not supported")
+            return "U:" + messages[0]["content"] + "\nA:"
+
+        def __call__(self, text, add_special_tokens):
+            return {"input_ids": [ord(c) for c in text]}
+
+    ids = P.student_prompt_ids(NoSystem(), "q?")
+    text = "".join(map(chr, ids))
+    assert text.startswith("U:" + P.STUDENT_SYSTEM) and text.endswith("Question: q?\nA:")
