@@ -116,6 +116,34 @@ class EvolutionLoop:
         self.bundles: dict[str, tuple[int, object]] = {}
         self.task_set: list[Task] = []
         self.version_changed = asyncio.Event()
+        self.restarts: dict[str, int] = {}
+        self.last_errors: dict[str, str] = {}
+
+    # ------------------------------------------------------------------------------------------ health
+
+    def actors(self) -> dict[str, object]:
+        named = {f"search-{i}": a for i, a in enumerate(self.search.actors)}
+        for role, pool in self.pools.items():
+            named |= {f"rollout-{role}-{i}": w for i, w in enumerate(pool.workers)}
+        named |= {f"learner-{i}": w for i, w in enumerate(self.learner.workers)}
+        return named | {"teacher": self.teacher, "replay": self.replay}
+
+    def write_health(self, timeout_s: float = 10.0) -> dict[str, dict]:
+        """Ping every actor; write health.json for the dashboard (alive, restarts, last error)."""
+        refs = {name: a.__ray_ready__.remote() for name, a in self.actors().items()}
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        health = {}
+        for name, ref in refs.items():
+            error = self.last_errors.get(name)
+            alive = ref in ready
+            if alive:
+                try:
+                    ray.get(ref)
+                except Exception as e:  # the actor is dead
+                    alive, error = False, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            health[name] = {"alive": alive, "restarts": self.restarts.get(name, 0), "last_error": error}
+        self.metrics.write_health(health)
+        return health
 
     # ------------------------------------------------------------------------------------------ resume
 
@@ -302,6 +330,7 @@ class EvolutionLoop:
                                   "learner/groups": len(groups), "learner/version": st.versions[role],
                                   "learner/min_experience_version": min(e.version for e in exps)},
                                  iteration=st.iteration, phase=role, step=st.global_step)
+                await asyncio.to_thread(self.write_health)
                 bar.update(1)
                 bar.set_postfix(reward=f"{_mean([e.reward for e in exps]):.3f}", staleness=stale)
                 if cfg.checkpoint.every and st.global_step % cfg.checkpoint.every == 0:

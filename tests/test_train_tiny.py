@@ -90,3 +90,33 @@ def test_resume_continues_at_the_right_step(tiny_run, tmp_path):
     # a finished run is not silently re-trained for zero steps
     again = train(run_dir)
     assert again.returncode != 0 and "already complete" in again.stderr
+
+
+def test_dashboard_of_the_tiny_run(tiny_run, tmp_path):
+    """Headless Chromium on the real run's dashboard: charts with data, the task browser with a QCP and a
+    trajectory coloured by the teacher–student disagreement, actor health; a screenshot as an artifact."""
+    from test_dashboard_browser import CHROMIUM, chromium, parse
+
+    from piplay_ray.dashboard.server import start_dashboard
+
+    if not CHROMIUM:
+        pytest.skip("Debian's chromium is not installed (make browser)")
+    url, stop = start_dashboard(tiny_run, "127.0.0.1", 0)
+    try:
+        res = chromium(url, tmp_path / "profile", "--dump-dom")
+        assert res.returncode == 0, res.stderr[-2000:]
+        page = parse(res.stdout)
+        shot = ROOT / "test-artifacts" / "dashboard-tiny-run.png"
+        shot.parent.mkdir(exist_ok=True)
+        chromium(url, tmp_path / "profile2", f"--screenshot={shot}")
+        assert shot.is_file() and shot.stat().st_size > 10_000
+    finally:
+        stop()
+    assert int(page.by_id("chart-rewards").attrs["data-points"]) > 0
+    assert int(page.by_id("chart-loss-distill-kl").attrs["data-points"]) > 0
+    detail = page.by_id("task-detail")
+    assert detail.find_all("li", cls="qcp-hop"), "no QCP shown"
+    toks = detail.find_all(cls="traj")[0].find_all("span", cls="tok")
+    assert [t for t in toks if "data-kl" in t.attrs], "no KL-coloured tokens"
+    actors = {r.attrs["data-actor"] for r in page.by_id("health").find_all("tr", data_actor=True)}
+    assert {"teacher", "replay", "learner-0", "rollout-student-0", "search-0"} <= actors
