@@ -146,7 +146,6 @@ def test_failed_job_fails_the_wrapper(ray_head):
     assert "boom" in proc.stdout and proc.stdout.rstrip().endswith("FAILED")
 
 
-@pytest.mark.slow
 def test_submit_tiny_training_run(ray_head, tiny_model, tmp_path):
     """The issue's acceptance test: `piplay train` on configs/tiny.yaml as a Ray job, to SUCCEEDED."""
     run_dir = tmp_path / "run"
