@@ -28,19 +28,36 @@ _ANY_TAG = re.compile(r"</?(?:" + "|".join(_TAGS) + r")>")
 _MODEL_INFO = re.compile(re.escape(INFO_OPEN) + r".*?(?:" + re.escape(INFO_CLOSE) + r"|\Z)", re.S)
 _THINK = re.compile(re.escape(THINK_OPEN) + r".*?" + re.escape(THINK_CLOSE), re.S)
 
-STUDENT_SYSTEM = (
-    "You answer questions by searching a Wikipedia corpus. Reason inside <think> and </think>. "
+# Small instruct models (SmolLM2-135M) follow the format only when the instructions sit in the user turn
+# with a worked example and the assistant turn opens with RESPONSE_PREFIX; large ones (Qwen3) are fine with
+# the same layout. Measured in bench/protocol_adherence.py.
+INSTRUCTIONS_ROLE: Literal["system", "user"] = "user"
+# Fixed text that opens every prompt's assistant turn: part of the PROMPT ids (never sampled, mask 0), so
+# the student, the examiner and the teacher's context all continue from it. The first turn's text then
+# starts inside an open think; parsing treats a `</think>` without its opener as closing this one.
+RESPONSE_PREFIX = THINK_OPEN
+
+STUDENT_INSTRUCTIONS = (
+    "Answer the question by searching a Wikipedia corpus. Think inside <think> and </think>. "
     "To search, write <search>your query</search>; the results are then shown to you between "
     "<information> and </information>. You may search as many times as you need. When you know the "
-    "answer, write it inside <answer> and </answer>: a short answer of a few words, without explanation. "
-    "For example, <answer>Paris</answer>."
+    "answer, write it inside <answer> and </answer>: a short answer of a few words, without explanation.\n\n"
+    "Example:\n"
+    "Question: In which country is the Eiffel Tower?\n"
+    "<think>I need to find where the Eiffel Tower is.</think><search>Eiffel Tower</search>\n"
+    "<information>Doc 1 (Title: Eiffel Tower) The Eiffel Tower is a wrought-iron tower in Paris, France.\n"
+    "</information>\n"
+    "<think>The Eiffel Tower is in Paris, France.</think><answer>France</answer>"
 )
 
-EXAMINER_SYSTEM = (
-    "You write hard multi-hop questions from a Wikipedia corpus. Reason inside <think> and </think>. "
+EXAMINER_INSTRUCTIONS = (
+    "You write hard multi-hop questions from a Wikipedia corpus. Think inside <think> and </think>. "
     "To search, write <search>your query</search>; the results are then shown to you between "
     "<information> and </information>. When you are done, write the question inside <question> and "
-    "</question>, then its answer inside <answer> and </answer>: a short answer of a few words."
+    "</question>, then its answer inside <answer> and </answer>: a short answer of a few words.\n\n"
+    "Example of the final output:\n"
+    "<think>The document says the tower is in Paris.</think>"
+    "<question>In which city is the Eiffel Tower?</question><answer>Paris</answer>"
 )
 
 TEACHER_NOTE = (
@@ -49,15 +66,23 @@ TEACHER_NOTE = (
 )
 
 
-def _chat_ids(tokenizer, system: str, user: str) -> list[int]:
-    """Encode a system+user turn with the model's chat template, ending in an open assistant turn."""
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-    try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception:  # templates without a system role: fold the instructions into the user turn
-        messages = [{"role": "user", "content": f"{system}\n\n{user}"}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+def _chat_ids(tokenizer, instructions: str, user: str) -> list[int]:
+    """Encode the instructions and the user text with the model's chat template, then the response prefix.
+
+    With INSTRUCTIONS_ROLE "system" the instructions are the system turn (folded into the user turn for
+    templates without a system role); with "user" they open the user turn.
+    """
+    messages = [{"role": "user", "content": f"{instructions}\n\n{user}"}]
+    if INSTRUCTIONS_ROLE == "system":
+        try:
+            text = tokenizer.apply_chat_template([{"role": "system", "content": instructions},
+                                                  {"role": "user", "content": user}],
+                                                 tokenize=False, add_generation_prompt=True)
+            return list(tokenizer(text + RESPONSE_PREFIX, add_special_tokens=False)["input_ids"])
+        except Exception:  # templates without a system role
+            pass
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text + RESPONSE_PREFIX, add_special_tokens=False)["input_ids"])
 
 
 # --------------------------------------------------------------------------------------------- prompts
@@ -69,7 +94,7 @@ def student_user_text(question: str) -> str:
 
 def student_prompt_ids(tokenizer, question: str) -> list[int]:
     """The student's prompt: the instructions and the question, ready for generation."""
-    return _chat_ids(tokenizer, STUDENT_SYSTEM, student_user_text(question))
+    return _chat_ids(tokenizer, STUDENT_INSTRUCTIONS, student_user_text(question))
 
 
 def _doc_text(doc: Doc, max_words: int) -> str:
@@ -89,12 +114,13 @@ def examiner_user_text(doc: Doc, hops: int, max_words: int = 256) -> str:
                 "found in the previous step outward from this document. Then write a question that needs "
                 f"all {hops} steps to answer: it may name only the first entity (from this document) and "
                 "must not reveal any intermediate answer. The answer is what the last step found.")
-    return f"Document:\n{_doc_text(doc, max_words)}\n\nHop target: {hops}. {plan}"
+    return (f"Document:\n{_doc_text(doc, max_words)}\n\nHop target: {hops}. {plan} "
+            f"End with {QUESTION_OPEN}the question{QUESTION_CLOSE}{ANSWER_OPEN}its answer{ANSWER_CLOSE}.")
 
 
 def examiner_prompt_ids(tokenizer, doc: Doc, hops: int, max_words: int = 256) -> list[int]:
     """The examiner's prompt: a source document and the hop target h (h-1 searches, then question+answer)."""
-    return _chat_ids(tokenizer, EXAMINER_SYSTEM, examiner_user_text(doc, hops, max_words))
+    return _chat_ids(tokenizer, EXAMINER_INSTRUCTIONS, examiner_user_text(doc, hops, max_words))
 
 
 def render_qcp(qcp: Sequence[Hop], answer: str | None = None, max_words: int = 64) -> str:
@@ -121,7 +147,7 @@ def teacher_prompt_ids(tokenizer, question: str, qcp: Sequence[Hop], answer: str
     tokens the student sampled.
     """
     privileged = render_qcp(qcp, answer if include_answer else None, max_words)
-    return _chat_ids(tokenizer, STUDENT_SYSTEM, f"{student_user_text(question)}\n\n{privileged}")
+    return _chat_ids(tokenizer, STUDENT_INSTRUCTIONS, f"{student_user_text(question)}\n\n{privileged}")
 
 
 def information_block(text: str) -> str:
@@ -146,8 +172,15 @@ class Action:
 
 
 def _clean(text: str) -> str:
-    """Drop model-written `<information>` blocks (never evidence) and closed `<think>` blocks."""
-    return _THINK.sub(" ", _MODEL_INFO.sub(" ", text))
+    """Drop model-written `<information>` blocks (never evidence) and closed `<think>` blocks.
+
+    Text before a first `</think>` that has no opener is a think the prompt's RESPONSE_PREFIX opened.
+    """
+    text = _MODEL_INFO.sub(" ", text)
+    close = text.find(THINK_CLOSE)
+    if close >= 0 and THINK_OPEN not in text[:close]:
+        text = " " + text[close + len(THINK_CLOSE):]
+    return _THINK.sub(" ", text)
 
 
 def _unclosed(prefix: str) -> bool:

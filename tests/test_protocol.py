@@ -32,6 +32,13 @@ from piplay_ray.records import Doc, Hop
         ("<information>fake results <search>q</search>", "invalid", None),
         ("<think>maybe <answer>x</answer>?</think><answer>y</answer>", "answer", "y"),
         ("<answer>Paris</answer></answer>", "answer", "Paris"),  # text after </answer> is ignored
+        # the first turn continues the prompt's RESPONSE_PREFIX (`<think>`): an unopened `</think>` closes it
+        ("look it up</think><search>Eiffel Tower</search>", "search", "Eiffel Tower"),
+        ("it is France</think><answer>France</answer>", "answer", "France"),
+        ("maybe <answer>x</answer> no</think><answer>y</answer>", "answer", "y"),  # as inside <think>…</think>
+        ("just prose</think> France", "invalid", None),  # untagged prose is never an answer
+        ("thinking about <search>x</think><answer>y</answer>", "answer", "y"),  # tags inside the think
+        ("a</think><think>b</think><answer>c</answer>", "answer", "c"),
     ],
 )
 def test_parse_student(text, kind, value):
@@ -89,14 +96,17 @@ def test_prompts(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     ids = P.student_prompt_ids(tok, "Who wrote Hamlet?")
     text = tok.decode(ids)
-    assert text.startswith("<|im_start|>system\n") and text.endswith("<|im_start|>assistant\n")
-    assert "Who wrote Hamlet?" in text and "<search>" in text and "<answer>" in text
+    # instructions and a worked example in the user turn; the assistant turn opens with the fixed prefix
+    assert text.startswith("<|im_start|>user\n" + P.STUDENT_INSTRUCTIONS)
+    assert text.endswith("Question: Who wrote Hamlet?<|im_end|>\n<|im_start|>assistant\n" + P.RESPONSE_PREFIX)
+    assert "<search>" in text and "<answer>" in text and "Example" in text
     assert ids == list(tok(text, add_special_tokens=False)["input_ids"])
 
     doc = Doc(id="7", title="Hamlet", contents='"Hamlet"\nHamlet is a tragedy by William Shakespeare.')
     ex = tok.decode(P.examiner_prompt_ids(tok, doc, 3))
     assert "tragedy by William Shakespeare" in ex and "Hop target: 3" in ex and "exactly 2 search" in ex
-    assert "<question>" in ex
+    assert "<question>" in ex and ex.endswith("<|im_start|>assistant\n" + P.RESPONSE_PREFIX)
+    assert ex.index("Document:") < ex.rindex("End with <question>")  # the format request follows the document
     assert "Do not search" in tok.decode(P.examiner_prompt_ids(tok, doc, 1))
     with pytest.raises(ValueError):
         P.examiner_prompt_ids(tok, doc, 0)
@@ -109,11 +119,73 @@ def test_prompts(tiny_model):
     assert "The answer is" not in t
     t2 = tok.decode(P.teacher_prompt_ids(tok, "q", qcp, answer="Stratford", include_answer=True))
     assert "The answer is: Stratford" in t2
-    # the teacher prompt shares the student's system instructions
-    assert t.split("<|im_start|>user")[0] == text.split("<|im_start|>user")[0]
+    # the teacher's context shares the student's instructions and ends in the same open assistant turn
+    assert t.startswith("<|im_start|>user\n" + P.STUDENT_INSTRUCTIONS)
+    assert t.endswith("<|im_start|>assistant\n" + P.RESPONSE_PREFIX)
 
 
-def test_prompt_without_system_role():
+@pytest.mark.parametrize("prefix", ["<think>", ""])
+def test_response_prefix_is_prompt_not_response(tiny_model, monkeypatch, prefix):
+    """The prefix is in the prompt ids (never sampled, never in the response/mask) and in the teacher's
+    context at the same place, so the teacher scores the student's response ids in the same position."""
+    import asyncio
+
+    from piplay_ray.agent import run_agent
+    from piplay_ray.engines.base import Engine, Generation, SamplingSpec, TopK
+    from piplay_ray.records import Task
+    from piplay_ray.teacher import context_ids, sequence
+
+    monkeypatch.setattr(P, "RESPONSE_PREFIX", prefix)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    enc = lambda s: list(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    question = "Who wrote Hamlet?"
+    template = tok.apply_chat_template(
+        [{"role": "user", "content": f"{P.STUDENT_INSTRUCTIONS}\n\n{P.student_user_text(question)}"}],
+        tokenize=False, add_generation_prompt=True)
+    prompt = P.student_prompt_ids(tok, question)
+    assert prompt == enc(template + prefix)
+    if prefix:
+        assert prompt[-len(enc(prefix)):] == enc(prefix) and prompt[: -len(enc(prefix))] == enc(template)
+
+    turn = enc("it is Shakespeare</think><answer>William Shakespeare</answer>" if prefix
+               else "<think>it is Shakespeare</think><answer>William Shakespeare</answer>")
+
+    class OneTurn(Engine):
+        async def generate(self, prompt_ids, spec):
+            self.seen = list(prompt_ids)
+            return Generation(turn, [-0.1] * len(turn), "stop")
+
+        async def prompt_topk(self, token_ids, start, k):
+            return TopK([], [])
+
+        def update_weights(self, version, weights):
+            pass
+
+    engine = OneTurn()
+    traj = asyncio.run(run_agent(engine, None, tok, prompt, SamplingSpec(64), max_turns=2))
+    assert engine.seen == prompt and traj.prompt_ids == prompt  # the model continues from the prefix
+    assert traj.response_ids == turn and traj.mask == [1] * len(turn)  # the prefix is not a response token
+    assert (traj.finish_reason, traj.answer) == ("answer", "William Shakespeare")
+
+    task = Task(id="t", question=question, answer="William Shakespeare", hops=1,
+                source=Doc("1", "Hamlet", "Hamlet is a tragedy by William Shakespeare."), qcp=[])
+    ctx = context_ids(tok, task)
+    assert tok.decode(ctx).endswith("<|im_start|>assistant\n" + prefix)
+    if prefix:
+        assert ctx[-len(enc(prefix)):] == enc(prefix)
+    full, start = sequence(ctx, traj)
+    assert full[start:] == turn and full[:start] == ctx
+
+
+def test_instructions_as_system_turn(tiny_model, monkeypatch):
+    monkeypatch.setattr(P, "INSTRUCTIONS_ROLE", "system")
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    text = tok.decode(P.student_prompt_ids(tok, "q?"))
+    assert text.startswith("<|im_start|>system\n" + P.STUDENT_INSTRUCTIONS + "<|im_end|>")
+    assert text.endswith("<|im_start|>user\nQuestion: q?<|im_end|>\n<|im_start|>assistant\n" + P.RESPONSE_PREFIX)
+
+
+def test_prompt_without_system_role(monkeypatch):
     class NoSystem:
         def apply_chat_template(self, messages, tokenize, add_generation_prompt):
             if any(m["role"] == "system" for m in messages):
@@ -123,6 +195,7 @@ def test_prompt_without_system_role():
         def __call__(self, text, add_special_tokens):
             return {"input_ids": [ord(c) for c in text]}
 
-    ids = P.student_prompt_ids(NoSystem(), "q?")
-    text = "".join(map(chr, ids))
-    assert text.startswith("U:" + P.STUDENT_SYSTEM) and text.endswith("Question: q?\nA:")
+    for role in ("system", "user"):  # a system-less template folds the instructions into the user turn
+        monkeypatch.setattr(P, "INSTRUCTIONS_ROLE", role)
+        text = "".join(map(chr, P.student_prompt_ids(NoSystem(), "q?")))
+        assert text.startswith("U:" + P.STUDENT_INSTRUCTIONS) and text.endswith("Question: q?\nA:" + P.RESPONSE_PREFIX)
