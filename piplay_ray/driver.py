@@ -8,6 +8,11 @@ overlap by up to `replay.max_staleness` versions (0 makes the loop synchronous).
 
 State that a resumed run needs — iteration, phase, steps done in the phase, policy versions — is saved with
 every checkpoint; re-running the same command resumes from the newest complete checkpoint.
+
+Faults (see :mod:`piplay_ray.fault`): rollout pools re-issue work lost with a dead worker, the teacher
+client restores the EMA of a restarted teacher, a failed learner group is rebuilt from the newest
+checkpoint (up to `fault.learner_restarts` times), and a retriever outage only fails tool calls. Every
+task of a task set ends up trained on or reported as dropped with its reason in `accounting.json`.
 """
 
 from __future__ import annotations
@@ -27,10 +32,16 @@ from tqdm import tqdm
 
 from piplay_ray import assets
 from piplay_ray.config import Config
+from piplay_ray.fault import TaskLedger, actor_state, describe, is_actor_failure
 from piplay_ray.records import Doc, Experience, Hop, Task
 from piplay_ray.rundir import RunDir, sample_row
 
 ROLES = ("examiner", "student")
+
+
+class LearnerFailure(RuntimeError):
+    """A learner rank died during a step (or another actor failed past its retries); the loop rebuilds the
+    learner group and rolls everything back to the newest checkpoint."""
 
 
 @dataclass
@@ -89,7 +100,7 @@ class EvolutionLoop:
         from piplay_ray.actors.replay import ReplayStore
         from piplay_ray.actors.rollout import RolloutPool
         from piplay_ray.actors.search_env import SearchEnvPool
-        from piplay_ray.actors.teacher import create_teacher
+        from piplay_ray.actors.teacher import TeacherClient, create_teacher
         from piplay_ray.examiner import ExaminerSampler
         from piplay_ray.learner.learner import LearnerGroup
         from piplay_ray.metrics import MetricsSink
@@ -110,6 +121,7 @@ class EvolutionLoop:
         self.search = SearchEnvPool(cfg.search)
         self.pools = {r: RolloutPool(r, self.paths[r], cfg, self.search) for r in ROLES}
         self.teacher = create_teacher(self.paths["teacher"], cfg)
+        self.teacher_client = TeacherClient(self.teacher, cfg.fault.max_task_retries, self._teacher_fallback)
         self.learner = LearnerGroup(cfg, ROLES)
         self.replay = ReplayStore.remote(cfg.replay.capacity_groups, cfg.replay.max_staleness)
         self.pool_versions = {r: 0 for r in ROLES}
@@ -118,6 +130,9 @@ class EvolutionLoop:
         self.version_changed = asyncio.Event()
         self.restarts: dict[str, int] = {}
         self.last_errors: dict[str, str] = {}
+        self.learner_restarts = 0
+        self.probes = {"sent": 0, "failed": 0}
+        self.last_rollout_error = ""
 
     # ------------------------------------------------------------------------------------------ health
 
@@ -129,21 +144,61 @@ class EvolutionLoop:
         return named | {"teacher": self.teacher, "replay": self.replay}
 
     def write_health(self, timeout_s: float = 10.0) -> dict[str, dict]:
-        """Ping every actor; write health.json for the dashboard (alive, restarts, last error)."""
-        refs = {name: a.__ray_ready__.remote() for name, a in self.actors().items()}
+        """Ping every actor and probe the retriever; write health.json for the dashboard (alive, restarts,
+        last error). Restarts are the most of what the driver, the pools and Ray's actor table saw."""
+        actors = self.actors()
+        refs = {name: a.__ray_ready__.remote() for name, a in actors.items()}
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        seen = {name: h for pool in self.pools.values() for name, h in pool.health().items()}
+        seen["teacher"] = {"restarts": self.teacher_client.restarts, "last_error": self.teacher_client.last_error}
         health = {}
         for name, ref in refs.items():
-            error = self.last_errors.get(name)
+            error = self.last_errors.get(name) or seen.get(name, {}).get("last_error")
             alive = ref in ready
             if alive:
                 try:
                     ray.get(ref)
                 except Exception as e:  # the actor is dead
-                    alive, error = False, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-            health[name] = {"alive": alive, "restarts": self.restarts.get(name, 0), "last_error": error}
+                    alive, error = False, describe(e)
+            gcs = actor_state(actors[name])[1] or 0
+            self.restarts[name] = max(self.restarts.get(name, 0), seen.get(name, {}).get("restarts", 0), gcs)
+            health[name] = {"alive": alive, "restarts": self.restarts[name], "last_error": error}
+        ok, error = self.probe_search()
+        if error:
+            self.last_errors["retriever"] = error
+        health["retriever"] = {"alive": ok, "restarts": 0, "last_error": self.last_errors.get("retriever")}
         self.metrics.write_health(health)
         return health
+
+    def probe_search(self) -> tuple[bool, str | None]:
+        """One real, uncached query through the search env: an outage shows even when no agent searches."""
+        n = self.probes["sent"] = self.probes["sent"] + 1
+        (res,) = self.search.search([f"{self.docs[n % len(self.docs)].title} {n}"])
+        self.probes["failed"] += not res.ok
+        return res.ok, res.error
+
+    def write_accounting(self) -> dict:
+        """accounting.json: per task set issued/trained/dropped (with reasons), per phase the groups each
+        learner step consumed, restarts per actor, learner rebuilds and retriever probes."""
+        doc = {"tasks": {k: v for k, v in self.state.accounting.items() if k.endswith("-tasks")},
+               "phases": {k: v for k, v in self.state.accounting.items() if not k.endswith("-tasks")},
+               "restarts": dict(self.restarts), "learner_restarts": self.learner_restarts,
+               "rollout_retries": {r: p.retried for r, p in self.pools.items()},
+               "teacher_restores": self.teacher_client.restarts,
+               "search_probes": dict(self.probes), "updated": time.time()}
+        tmp = self.run.path / "accounting.json.tmp"
+        tmp.write_text(json.dumps(doc, indent=1, default=str))
+        tmp.replace(self.run.path / "accounting.json")
+        return doc
+
+    def ledger(self, iteration: int) -> TaskLedger:
+        return TaskLedger(self.state.accounting.setdefault(f"iter-{iteration}-tasks", {}))
+
+    def _teacher_fallback(self) -> Path | None:
+        from piplay_ray.learner.checkpoint import latest_checkpoint
+
+        ckpt = latest_checkpoint(self.run.path)
+        return None if ckpt is None else ckpt / "teacher"
 
     # ------------------------------------------------------------------------------------------ resume
 
@@ -153,9 +208,16 @@ class EvolutionLoop:
         ckpt = latest_checkpoint(self.run.path) if self.cfg.run.resume else None
         if ckpt is None:
             return False
+        self.restore(ckpt)
+        asyncio.run(self.teacher_client.load_checkpoint(str(Path(ckpt) / "teacher")))
+        _say(f"resumed from {ckpt}: iteration {self.state.iteration}, phase {self.state.phase}, "
+             f"{self.state.phase_steps} steps done in it, versions {self.state.versions}")
+        return True
+
+    def restore(self, ckpt: Path) -> None:
+        """Learner, loop state and replay content as of checkpoint `ckpt` (the caller restores the teacher)."""
         state = self.learner.load(ckpt)
         self.state = LoopState.from_dict(state)
-        ray.get(self.teacher.load_checkpoint.remote(str(Path(ckpt) / "teacher")))
         ray.get(self.replay.restore.remote(str(Path(ckpt) / "replay" / "replay.parquet")))
         for role in ROLES:
             self.publish(role)
@@ -163,19 +225,55 @@ class EvolutionLoop:
             from piplay_ray.examiner import load_tasks, task_set_path
 
             self.task_set = load_tasks(task_set_path(self.run.path, self.state.iteration))
-        _say(f"resumed from {ckpt}: iteration {self.state.iteration}, phase {self.state.phase}, "
-             f"{self.state.phase_steps} steps done in it, versions {self.state.versions}")
-        return True
 
-    def checkpoint(self) -> None:
+    async def rebuild_learner(self, error: str) -> None:
+        """After a learner failure: a new learner group, then everything back to the newest checkpoint
+        (or to the start when there is none); past `fault.learner_restarts`, stop with a clear message."""
+        from piplay_ray.actors.replay import ReplayStore
+        from piplay_ray.learner.checkpoint import latest_checkpoint
+        from piplay_ray.learner.learner import LearnerGroup
+
+        self.learner_restarts += 1
+        self.last_errors["learner-0"] = error
+        ckpt = latest_checkpoint(self.run.path)
+        limit = self.cfg.fault.learner_restarts
+        if self.learner_restarts > limit:
+            self.write_accounting()
+            raise SystemExit(f"piplay: the learner failed {self.learner_restarts} times (fault.learner_restarts="
+                             f"{limit}); last error: {error}. Stopping. "
+                             + (f"Rerun the same command to resume from {ckpt}." if ckpt else
+                                "No checkpoint was written yet; rerunning starts over."))
+        _say(f"learner failed ({error}); rebuilding it ({self.learner_restarts}/{limit}) from "
+             f"{ckpt or 'the initial weights'}")
+        await asyncio.to_thread(self.learner.shutdown)
+        self.learner = await asyncio.to_thread(LearnerGroup, self.cfg, ROLES)
+        ray.kill(self.replay)  # its dedup set must match the state we roll back to
+        spill = str(Path(ckpt) / "replay" / "replay.parquet") if ckpt else None
+        self.replay = ReplayStore.remote(self.cfg.replay.capacity_groups, self.cfg.replay.max_staleness, spill)
+        self.pool_versions = {r: -1 for r in ROLES}  # the pools get the rolled-back weights
+        if ckpt is not None:
+            self.restore(ckpt)
+            await self.teacher_client.load_checkpoint(str(ckpt / "teacher"))
+        else:
+            self.state = LoopState(accounting=self.state.accounting)
+            for role in ROLES:
+                self.publish(role)
+            ray.kill(self.teacher, no_restart=False)  # back to its initial weights
+            self.teacher_client.reset()
+        for role in ROLES:
+            await self.replay.set_version.remote(role, self.state.versions[role])
+
+    async def checkpoint(self) -> None:
         from piplay_ray.learner.checkpoint import checkpoint_dir
 
         t = time.monotonic()
         path = checkpoint_dir(self.run.path, self.state.global_step)
+        await self.teacher_client.ensure()  # never save a restarted teacher's base weights as the EMA
         extra = {"teacher": lambda d: ray.get(self.teacher.save.remote(str(d)))}
         if self.cfg.replay.spill:  # buffered groups are part of the checkpoint, consistent with its versions
             extra["replay"] = lambda d: ray.get(self.replay.spill.remote(str(d / "replay.parquet")))
-        self.learner.save(path, driver_state=self.state.__dict__, extra=extra)
+        await asyncio.to_thread(self.learner.save, path, driver_state=self.state.__dict__, extra=extra)
+        self.write_accounting()
         self.metrics.log({"checkpoint/seconds": time.monotonic() - t}, iteration=self.state.iteration,
                          phase="system", step=self.state.global_step)
 
@@ -210,15 +308,29 @@ class EvolutionLoop:
 
         cfg, it = self.cfg, self.state.iteration
         docs, hops = self.sampler.sample(cfg.examiner.tasks_per_step)
-        trajs = await self.pools["examiner"].examiner_rollouts(docs, hops)
+        trajs = await self.rollouts_or_partial("examiner", "examiner_rollouts", docs, hops)
+        keep = [i for i, t in enumerate(trajs) if t is not None]
+        if not keep:
+            raise RuntimeError(f"examiner step {step}: no rollout could be produced: {self.last_rollout_error}")
+        trajs, docs, hops = [trajs[i] for i in keep], [docs[i] for i in keep], [hops[i] for i in keep]
         tasks = [build_task(t, d, h, cfg.examiner, it) for t, d, h in zip(trajs, docs, hops, strict=True)]
         valid = [i for i, t in enumerate(tasks) if t.valid]
         correct: list[int | None] = [None] * len(tasks)
         n = cfg.examiner.attempts
         if valid:
-            attempts = await self.pools["student"].student_rollouts([tasks[i].question for i in valid], n)
+            attempts = await self.rollouts_or_partial("student", "student_rollouts",
+                                                      [tasks[i].question for i in valid], n)
+            lost = {i for i, group in zip(valid, attempts, strict=True) if group is None}
             for i, group in zip(valid, attempts, strict=True):
-                correct[i] = int(sum(exact_match(t.answer, tasks[i].answer) for t in group))
+                if group is not None:
+                    correct[i] = int(sum(exact_match(t.answer, tasks[i].answer) for t in group))
+            if lost:  # no difficulty signal without attempts: those tasks leave this step's group, reported
+                self.state.accounting.setdefault(f"iter-{it}-examiner", {}).setdefault("failures", []).append(
+                    {"step": step, "tasks": len(lost), "reason": self.last_rollout_error})
+                kept = [i for i in range(len(tasks)) if i not in lost]
+                trajs, tasks, docs, hops = ([x[i] for i in kept] for x in (trajs, tasks, docs, hops))
+                correct = [correct[i] for i in kept]
+                valid = [i for i, t in enumerate(tasks) if t.valid]
         rewards, advantages = examiner_rewards(tasks, correct, n, cfg.examiner.format_weight)
         self.examiner_candidates.extend(tasks[i] for i in valid)
         by_hop = {h: [t.valid for t in tasks if t.hops == h] for h in range(1, len(cfg.examiner.hop_weights) + 1)}
@@ -229,6 +341,7 @@ class EvolutionLoop:
             **{f"examiner/gate_pass_rate_h{h}": _mean(v) for h, v in by_hop.items() if v},
             "examiner/solve_rate_hist": [correct[i] / n for i in valid],
             "rollout/searches_per_traj": _mean([t.num_searches for t in trajs]),
+            "search/tool_failures": sum(not h.ok for t in trajs for h in t.hops),
         }, iteration=it, phase="examiner", step=self.state.global_step)
         group = [Experience(group_id=f"examiner-{step}", role="examiner", prompt_ids=t.prompt_ids,
                             response_ids=t.response_ids, mask=t.mask, logprobs=t.logprobs, reward=r,
@@ -244,11 +357,19 @@ class EvolutionLoop:
         cfg, it = self.cfg, self.state.iteration
         k = cfg.student.tasks_per_step
         tasks = [self.task_set[(step * k + i) % len(self.task_set)] for i in range(k)]
-        groups = await self.pools["student"].student_rollouts([t.question for t in tasks], cfg.student.group_size)
+        groups = await self.rollouts_or_partial("student", "student_rollouts", [t.question for t in tasks],
+                                                cfg.student.group_size)
+        ledger = self.ledger(it)
+        for task, group in zip(tasks, groups, strict=True):
+            if group is None:  # reported, never silent; its task may still be trained in another step
+                ledger.failed(task.id, self.last_rollout_error)
+        if all(g is None for g in groups):
+            raise RuntimeError(f"student step {step}: no group could be produced: {self.last_rollout_error}")
+        tasks, groups = zip(*[(t, g) for t, g in zip(tasks, groups, strict=True) if g is not None], strict=True)
         flat = [(task, traj) for task, group in zip(tasks, groups, strict=True) for traj in group]
         rewards = [exact_match(traj.answer, task.answer) for task, traj in flat]
         advantages = group_advantages(rewards, cfg.student.group_size, cfg.learner.loss.std_normalize).tolist()
-        scores = await self.teacher.score.remote([tr for _, tr in flat], [t for t, _ in flat])
+        scores = await self.teacher_client.score([tr for _, tr in flat], [t for t, _ in flat])
         exps, rows = [], []
         for i, ((task, traj), r, a, (t_ids, t_lps, t_tail)) in enumerate(
                 zip(flat, rewards, advantages, scores, strict=True)):
@@ -273,6 +394,17 @@ class EvolutionLoop:
         }, iteration=it, phase="student", step=self.state.global_step)
         g = cfg.student.group_size
         return [exps[i : i + g] for i in range(0, len(exps), g)]
+
+    async def rollouts_or_partial(self, pool: str, method: str, *args) -> list:
+        """A pool request whose lost shares (after the pool's retries) come back as None items."""
+        from piplay_ray.actors.rollout import RolloutFailed
+
+        try:
+            return await getattr(self.pools[pool], method)(*args)
+        except RolloutFailed as e:
+            self.last_rollout_error = e.reason
+            _say(f"{pool} rollouts: {e.reason}")
+            return e.partial
 
     async def produce(self, role: str, first: int, last: int) -> None:
         """Fill the replay store for learner steps first..last-1, within the staleness bound."""
@@ -322,19 +454,31 @@ class EvolutionLoop:
                 self.publish(role)
                 if role == "student":
                     version, bundle = self.bundles["student"]
-                    await self.teacher.ema_update.remote(version, bundle)
+                    await self.teacher_client.ema_update(version, bundle)
+                    self.ledger(st.iteration).trained(g[0].info["task"] for g in groups)
                 acct = st.accounting.setdefault(f"iter-{st.iteration}-{role}", {"groups_trained": 0})
                 acct["groups_trained"] += len(groups)
+                acct.setdefault("steps", {})[str(st.global_step)] = [g[0].group_id for g in groups]
                 self.metrics.log({**learner_metrics(m), "schedule/lambda": lam, "replay/staleness": stale,
                                   "learner/step_seconds": step_s, "learner/idle_frac": waited / (waited + step_s),
                                   "learner/groups": len(groups), "learner/version": st.versions[role],
                                   "learner/min_experience_version": min(e.version for e in exps)},
                                  iteration=st.iteration, phase=role, step=st.global_step)
-                await asyncio.to_thread(self.write_health)
+                health = await asyncio.to_thread(self.write_health)
+                self.metrics.log({"search/probe_failures": self.probes["failed"],
+                                  "search/retriever_up": int(health["retriever"]["alive"]),
+                                  "fault/restarts": sum(self.restarts.values()),
+                                  "fault/learner_restarts": self.learner_restarts},
+                                 iteration=st.iteration, phase="system", step=st.global_step)
+                self.write_accounting()
                 bar.update(1)
                 bar.set_postfix(reward=f"{_mean([e.reward for e in exps]):.3f}", staleness=stale)
                 if cfg.checkpoint.every and st.global_step % cfg.checkpoint.every == 0:
-                    self.checkpoint()
+                    await self.checkpoint()
+        except Exception as e:  # a dead learner rank (or an actor past its retries): roll back, go on
+            if is_actor_failure(e):
+                raise LearnerFailure(describe(e)) from e
+            raise
         finally:
             bar.close()
             producer.cancel()
@@ -402,18 +546,44 @@ class EvolutionLoop:
                 await self.write_task_set()
                 st.phase, st.phase_steps = "student", 0
                 if cfg.teacher.init == "iteration":
-                    await self.teacher.load.remote(st.versions["student"], self.bundles.get("student", (0, None))[1])
+                    await self.teacher_client.load(st.versions["student"], self.bundles.get("student", (0, None))[1])
             if st.phase == "student":
                 await self.phase("student", sched.student_steps)
                 if self.stopping:
                     break
+                self.close_task_set()
                 if cfg.eval.every and (st.iteration + 1) % cfg.eval.every == 0:
                     await self.evaluate()
                 st.iteration, st.phase, st.phase_steps = st.iteration + 1, "examiner", 0
                 self.examiner_candidates = []
         if not self.stopping:
             st.phase = "done"
-        self.checkpoint()
+        await asyncio.to_thread(self.write_health)  # restarts seen since the last step reach the accounting
+        await self.checkpoint()
+
+    async def run_resilient(self) -> None:
+        """run_loop, rebuilt from the newest checkpoint after each learner failure (up to the limit)."""
+        while True:
+            try:
+                return await self.run_loop()
+            except Exception as e:  # e.g. a dead learner rank while writing the final checkpoint
+                if not isinstance(e, LearnerFailure) and not is_actor_failure(e):
+                    raise
+                await self.rebuild_learner(str(e) if isinstance(e, LearnerFailure) else describe(e))
+
+    def close_task_set(self) -> None:
+        """End of a student phase: every task of the set is trained or dropped with a reason."""
+        st, k = self.state, self.cfg.student.tasks_per_step
+        first = st.versions["student"] - st.phase_steps
+        scheduled = [self.task_set[(j * k + i) % len(self.task_set)].id
+                     for j in range(first, st.versions["student"]) for i in range(k)]
+        rec = self.ledger(st.iteration).close([t.id for t in self.task_set], scheduled)
+        if rec["n_dropped"]:
+            _say(f"iteration {st.iteration}: {rec['n_dropped']} of {len(self.task_set)} tasks dropped: "
+                 f"{sorted(set(rec['dropped'].values()))}")
+        self.metrics.log({"tasks/trained": rec["n_trained"], "tasks/dropped": rec["n_dropped"]},
+                         iteration=st.iteration, phase="student", step=st.global_step)
+        self.write_accounting()
 
     def request_stop(self, signum, _frame) -> None:
         if self.stopping:  # a second signal: stop now
@@ -481,7 +651,7 @@ def train(cfg: Config) -> Path:
             loop.publish(role)
     previous = {s: signal.signal(s, loop.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        asyncio.run(loop.run_loop())
+        asyncio.run(loop.run_resilient())
     finally:
         for s, h in previous.items():
             signal.signal(s, h)

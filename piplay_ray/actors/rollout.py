@@ -3,6 +3,13 @@
 A :class:`RolloutWorker` is an async actor: every trajectory is a coroutine of :func:`~piplay_ray.agent.run_agent`,
 so while some wait on the search env the engine batches the others' turns. A :class:`RolloutPool` owns the
 workers of one role (examiner or student weights), spreads requests over them and pushes new weights to all.
+
+Faults: workers are restartable Ray actors. The pool keeps the latest weights it pushed and, before every
+request, asks the worker who it is (a per-process incarnation token and its weight version): a restarted
+worker (new token, old version) gets the latest weights before it produces anything. A worker that dies
+mid-request has its share of the request re-issued, on the restarted actor or the next worker, up to
+`fault.max_task_retries` times; a share that still fails makes the request raise :class:`RolloutFailed`,
+which carries the shares that did succeed so the caller can report exactly what was lost.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -18,7 +26,17 @@ import ray
 from piplay_ray import protocol
 from piplay_ray.agent import run_agent
 from piplay_ray.engines.base import SamplingSpec
+from piplay_ray.fault import actor_state, describe, is_actor_failure, wait_alive
 from piplay_ray.records import Doc, Trajectory
+
+
+class RolloutFailed(RuntimeError):
+    """Some shares of a request failed after every retry. `partial[i]` is the i-th item's result, or None
+    where it was lost; `reason` says why."""
+
+    def __init__(self, reason: str, partial: list):
+        super().__init__(reason)
+        self.reason, self.partial = reason, partial
 
 
 @ray.remote
@@ -44,9 +62,14 @@ class RolloutWorker:
         self.stats = {"trajectories": 0, "generated_tokens": 0, "inserted_tokens": 0, "busy_s": 0.0}
         self._inflight = 0
         self._busy_since = 0.0
+        self.incarnation = uuid.uuid4().hex  # new on every (re)start of this actor
 
     def ready(self) -> bool:
         return True
+
+    def identity(self) -> tuple[str, int]:
+        """(incarnation token, weight version): how the pool notices a restart and stale weights."""
+        return self.incarnation, self.engine.version
 
     def get_version(self) -> int:
         return self.engine.version
@@ -132,25 +155,90 @@ class RolloutPool:
             for i in range(r.workers_per_role)
         ]
         self.version = 0
+        self.names = [f"rollout-{role}-{i}" for i in range(len(self.workers))]
+        self._latest: tuple[int, object] | None = None  # (version, weights arg) a restarted worker must get
+        self._incarnation: list[str | None] = [None] * len(self.workers)
+        self._restarts = [0] * len(self.workers)
+        self._errors: list[str | None] = [None] * len(self.workers)
+        self.retried = 0  # shares re-issued after a worker failure
 
     def wait_ready(self, timeout_s: float = 900) -> None:
         ray.get([w.ready.remote() for w in self.workers], timeout=timeout_s)
 
+    # ------------------------------------------------------------------------------------------ faults
+
+    def _note_error(self, i: int, e: BaseException) -> None:
+        self._errors[i] = describe(e)
+
+    async def _ensure_current(self, i: int) -> None:
+        """Wait until worker i serves calls; if it restarted, give it the latest weights first."""
+        w = self.workers[i]
+        token, version = await wait_alive(lambda: w.identity.remote(), w)
+        if self._incarnation[i] is not None and token != self._incarnation[i]:
+            self._restarts[i] += 1
+        self._incarnation[i] = token
+        if self._latest is not None and version != self._latest[0]:  # restarted, or a rollback
+            await w.update_weights.remote(*self._latest)
+
+    async def _call(self, share: int, method: str, *args):
+        """Run `method(*args)` for one share, re-issuing it after a worker failure (same worker once it is
+        back, or the next one), at most `fault.max_task_retries` times."""
+        retries = self.cfg.fault.max_task_retries
+        for attempt in range(retries + 1):
+            i = (share + attempt) % len(self.workers)
+            try:
+                await self._ensure_current(i)
+                return await getattr(self.workers[i], method).remote(*args)
+            except Exception as e:
+                if not is_actor_failure(e):
+                    raise
+                self._note_error(i, e)
+                if attempt == retries:
+                    raise
+                self.retried += 1
+
+    async def _fan_out(self, n_items: int, method: str, make_args) -> list:
+        """Split items over the workers, run every share with retries; raise RolloutFailed on lost shares."""
+        parts = [p for p in _split(n_items, len(self.workers)) if p]
+        outs = await asyncio.gather(*[self._call(k, method, *make_args(part)) for k, part in enumerate(parts)],
+                                    return_exceptions=True)
+        partial, errors = [None] * n_items, []
+        for part, out in zip(parts, outs, strict=True):
+            if isinstance(out, BaseException):
+                if not is_actor_failure(out):
+                    raise out
+                errors.append(describe(out))
+                continue
+            for i, item in zip(part, out, strict=True):
+                partial[i] = item
+        if errors:
+            raise RolloutFailed(f"{len(errors)} of {len(parts)} shares lost after "
+                                f"{self.cfg.fault.max_task_retries} retries: {errors[0]}", partial)
+        return partial
+
+    def health(self) -> dict[str, dict]:
+        """{worker name: {alive, restarts, last_error}} from the pool's own observations and Ray's table."""
+        out = {}
+        for i, (name, w) in enumerate(zip(self.names, self.workers, strict=True)):
+            state, restarts = actor_state(w)
+            out[name] = {"alive": state in (None, "ALIVE"), "restarts": max(self._restarts[i], restarts or 0),
+                         "last_error": self._errors[i]}
+        return out
+
+    # ------------------------------------------------------------------------------------------ requests
+
     async def student_rollouts(self, questions: Sequence[str], n: int,
                                temperature: float | None = None) -> list[list[Trajectory]]:
         """`n` trajectories for each question; a question's samples stay on one worker (same prefix)."""
-        parts = _split(len(questions), len(self.workers))
-        outs = await asyncio.gather(*[w.student_rollouts.remote([questions[i] for i in part], n, temperature)
-                                      for w, part in zip(self.workers, parts, strict=True) if part])
-        return [group for out in outs for group in out]
+        questions = list(questions)
+        return await self._fan_out(len(questions), "student_rollouts",
+                                   lambda part: ([questions[i] for i in part], n, temperature))
 
     async def examiner_rollouts(self, docs: Sequence[Doc], hops: Sequence[int]) -> list[Trajectory]:
         if len(docs) != len(hops):
             raise ValueError(f"{len(docs)} docs but {len(hops)} hop targets")
-        parts = _split(len(docs), len(self.workers))
-        outs = await asyncio.gather(*[w.examiner_rollouts.remote([docs[i] for i in part], [hops[i] for i in part])
-                                      for w, part in zip(self.workers, parts, strict=True) if part])
-        return [t for out in outs for t in out]
+        return await self._fan_out(len(docs), "examiner_rollouts",
+                                   lambda part: ([docs[i] for i in part], [hops[i] for i in part]))
 
     def _weights_arg(self, weights):
         """A learner bundle travels as is (it knows how to fetch its tensors); plain pairs go to the object
@@ -161,14 +249,27 @@ class RolloutPool:
 
         return ray.put(list(named_tensors(weights)))
 
+    async def _push(self, i: int) -> None:
+        """Bring worker i to the latest weights, retrying through a restart."""
+        for attempt in range(self.cfg.fault.max_task_retries + 1):
+            try:
+                await self._ensure_current(i)
+                return
+            except Exception as e:
+                if not is_actor_failure(e) or attempt == self.cfg.fault.max_task_retries:
+                    raise
+                self._note_error(i, e)
+
     async def aupdate_weights(self, version: int, weights) -> None:
         arg = self._weights_arg(weights)
-        await asyncio.gather(*[w.update_weights.remote(version, arg) for w in self.workers])
+        self._latest = (version, arg)
+        await asyncio.gather(*[self._push(i) for i in range(len(self.workers))])
         self.version = version
 
     def update_weights(self, version: int, weights) -> None:
         """Push `weights` (pairs or a bundle with `named_tensors()`) to every worker; returns when all hold them."""
         arg = self._weights_arg(weights)
+        self._latest = (version, arg)
         ray.get([w.update_weights.remote(version, arg) for w in self.workers])
         self.version = version
 

@@ -227,3 +227,108 @@ def create_teacher(model_path: str, cfg: Config):
     """Start the `Teacher` actor with the resources of the `teacher` config section."""
     return Teacher.options(num_cpus=cfg.teacher.num_cpus, num_gpus=cfg.teacher.num_gpus,
                            max_restarts=cfg.fault.max_actor_restarts, max_concurrency=64).remote(model_path, cfg)
+
+
+class TeacherClient:
+    """Driver-side handle on the `Teacher` actor that survives its restarts.
+
+    A restarted teacher comes back with the base model's weights, i.e. without its EMA. The client keeps a
+    snapshot of the EMA (an object-store reference to `state()`, owned by the driver, so it outlives the
+    actor) taken after every update, checks the teacher's version before and after each call, and on a
+    mismatch or an actor error restores the snapshot with `load(version, snapshot)` and retries the call, up
+    to `fault.max_task_retries` times. Without a snapshot it falls back to `fallback_folder()` (the latest
+    checkpoint's teacher folder), if any.
+    """
+
+    def __init__(self, actor, retries: int = 3, fallback_folder=None):
+        self.actor, self.retries, self.fallback_folder = actor, retries, fallback_folder
+        self.version = 0  # the EMA version the teacher must hold
+        self._snapshot = None  # (version, ObjectRef of state())
+        self.restarts = 0
+        self.last_error: str | None = None
+
+    async def _take_snapshot(self) -> bool:
+        """Snapshot the EMA of `self.version`; False when the teacher restarted meanwhile (EMA lost)."""
+        from piplay_ray.fault import is_actor_failure
+
+        ref = self.actor.state.remote()
+        try:
+            await asyncio.to_thread(ray.wait, [ref], fetch_local=False)  # materialised, not copied here
+            held = await self.actor.get_version.remote()  # runs after state(): same caller, in order
+        except Exception as e:
+            if not is_actor_failure(e):
+                raise
+            return False
+        if held != self.version:
+            return False
+        self._snapshot = (self.version, ref)
+        return True
+
+    async def _update(self, method: str, *args) -> int:
+        """An EMA-changing call, then a verified snapshot; if the teacher restarted in between, start over
+        from the previous snapshot (the call is deterministic given it)."""
+        base = (self.version, self._snapshot)
+        for _ in range(self.retries + 1):
+            self.version, self._snapshot = base
+            out = await self._call(method, *args)
+            self.version = out if method == "load_checkpoint" else args[0]
+            if await self._take_snapshot():
+                return self.version
+            self.restarts += 1
+        raise RuntimeError(f"teacher: {method} kept failing; the teacher restarts faster than it updates")
+
+    async def _restore(self) -> None:
+        from piplay_ray.fault import wait_alive
+
+        held = await wait_alive(lambda: self.actor.get_version.remote(), self.actor)
+        if held == self.version:
+            return
+        self.restarts += 1
+        if self._snapshot is not None and self._snapshot[0] == self.version:
+            await self.actor.load.remote(self.version, self._snapshot[1])
+        elif self.version == 0:
+            return  # the base weights are the version-0 teacher
+        else:
+            folder = self.fallback_folder() if self.fallback_folder else None
+            if folder is None:
+                raise RuntimeError(f"teacher restarted and its EMA of version {self.version} cannot be recovered")
+            self.version = await self.actor.load_checkpoint.remote(str(folder))
+            log.warning("teacher: EMA restored from %s (version %d)", folder, self.version)
+
+    async def _call(self, method: str, *args):
+        from piplay_ray.fault import describe, is_actor_failure
+
+        for attempt in range(self.retries + 1):
+            try:
+                await self._restore()
+                out = await getattr(self.actor, method).remote(*args)
+                if method == "score" and await self.actor.get_version.remote() != self.version:
+                    raise ray.exceptions.ActorUnavailableError("teacher restarted while scoring", None)
+                return out
+            except Exception as e:
+                if not is_actor_failure(e) or attempt == self.retries:
+                    raise
+                self.last_error = describe(e)
+
+    async def score(self, trajectories, tasks) -> list[T.Scores]:
+        return await self._call("score", list(trajectories), list(tasks))
+
+    async def ema_update(self, version: int, weights) -> None:
+        await self._update("ema_update", version, weights)
+
+    async def load(self, version: int, weights) -> None:
+        await self._update("load", version, weights)
+
+    async def load_checkpoint(self, folder: str) -> int:
+        return await self._update("load_checkpoint", folder)
+
+    async def save(self, folder: str) -> str:
+        return await self._call("save", folder)
+
+    async def ensure(self) -> int:
+        """Make sure the teacher holds the EMA of `self.version` (restoring it if it restarted)."""
+        return await self._call("get_version")
+
+    def reset(self) -> None:
+        """Forget the EMA (the teacher was sent back to its initial weights)."""
+        self.version, self._snapshot = 0, None
