@@ -521,12 +521,14 @@ class EvolutionLoop:
         _say(f"iteration {it}: task set of {len(tasks)} ({n_examiner} examiner-written) -> "
              f"{task_set_path(self.run.path, it)}")
 
-    async def evaluate(self) -> None:
+    async def evaluate(self, name: str) -> None:
+        """Greedy evaluation of the student on the configured set (eval/* metrics, eval/NAME/ outputs)."""
         from piplay_ray.evaluation import evaluate_pool
 
         await self.sync_pool("student")
-        scores = await evaluate_pool(self.pools["student"], self.cfg, self.run.path / "eval" /
-                                     f"iter-{self.state.iteration}")
+        scores = await evaluate_pool(self.pools["student"], self.cfg, self.run.path / "eval" / name)
+        _say(f"evaluation ({name}): " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()
+                                                 if k.startswith("overall/")))
         self.metrics.log({f"eval/{k}": v for k, v in scores.items()}, iteration=self.state.iteration,
                          phase="eval", step=self.state.global_step)
 
@@ -534,6 +536,8 @@ class EvolutionLoop:
         cfg, st = self.cfg, self.state
         sched = cfg.schedule
         self.examiner_candidates: list[Task] = []
+        if cfg.eval.every and st.global_step == 0 and st.phase == "examiner":
+            await self.evaluate("before-training")
         while st.iteration < sched.iterations and not self.stopping:
             _say(f"iteration {st.iteration + 1}/{sched.iterations}, phase {st.phase}")
             if st.phase == "examiner":
@@ -553,7 +557,7 @@ class EvolutionLoop:
                     break
                 self.close_task_set()
                 if cfg.eval.every and (st.iteration + 1) % cfg.eval.every == 0:
-                    await self.evaluate()
+                    await self.evaluate(f"iter-{st.iteration}")
                 st.iteration, st.phase, st.phase_steps = st.iteration + 1, "examiner", 0
                 self.examiner_candidates = []
         if not self.stopping:

@@ -198,9 +198,11 @@ def flat_metrics(summary: dict[str, dict[str, float]], prefix: str = "eval") -> 
     return {f"{head}{src}/{k}": float(v) for src, m in summary.items() for k, v in m.items()}
 
 
-async def evaluate(pool, examples: Sequence[QAExample]) -> tuple[dict[str, dict[str, float]], list[dict]]:
-    """Run every question once through a student rollout pool; returns (summary, per-example records)."""
-    trajs = await pool.student_rollouts([ex.question for ex in examples], 1)
+async def evaluate(pool, examples: Sequence[QAExample],
+                   temperature: float | None = 0.0) -> tuple[dict[str, dict[str, float]], list[dict]]:
+    """Run every question once through a student rollout pool (greedy by default); returns (summary,
+    per-example records)."""
+    trajs = await pool.student_rollouts([ex.question for ex in examples], 1, temperature=temperature)
     records = [example_record(ex, group[0]) for ex, group in zip(examples, trajs, strict=True)]
     return summarize(records), records
 

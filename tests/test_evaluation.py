@@ -91,8 +91,9 @@ class ScriptedPool:
     def __init__(self, script: dict[str, Trajectory]):
         self.script, self.calls = script, []
 
-    async def student_rollouts(self, questions, n):
+    async def student_rollouts(self, questions, n, temperature=None):
         self.calls.append((list(questions), n))
+        assert temperature == 0.0  # evaluation decodes greedily
         return [[self.script[q]] for q in questions]
 
 
