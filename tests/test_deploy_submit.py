@@ -43,6 +43,8 @@ def _free_ports(n: int) -> list[int]:
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="disabled", PYTHON=sys.executable, **extra)
+    # as with an activated venv: the head, and the job entrypoint's `python`, are this interpreter
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
 
