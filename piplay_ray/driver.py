@@ -33,7 +33,7 @@ from tqdm import tqdm
 from piplay_ray import assets
 from piplay_ray.config import Config
 from piplay_ray.fault import TaskLedger, actor_state, describe, is_actor_failure
-from piplay_ray.records import Doc, Experience, Hop, Task
+from piplay_ray.records import Experience, Hop, Task
 from piplay_ray.rundir import RunDir, sample_row
 
 ROLES = ("examiner", "student")
@@ -60,37 +60,28 @@ class LoopState:
         return cls(**d)
 
 
-def load_corpus_docs(path: str) -> list[Doc]:
-    docs = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            d = json.loads(line)
-            title = d.get("title") or d["contents"].split("\n", 1)[0].strip('"')
-            text = d["contents"].split("\n", 1)[1] if "\n" in d["contents"] else d["contents"]
-            docs.append(Doc(id=str(d["id"]), title=title, contents=text))
-    return docs
-
-
-def rule_tasks(corpus_path: str, docs: dict[str, Doc], n: int, iteration: int, seed: int,
-               exclude: set[str]) -> list[Task]:
-    """Up to `n` corpus tasks built by rule (the evaluation set's rule), none of them in `exclude`.
+def rule_tasks(corpus, n: int, iteration: int, seed: int, eval_size: int) -> list[Task]:
+    """Up to `n` corpus tasks built by the evaluation set's rule, none of them a held-out eval question.
 
     They top up a task set when the examiner wrote too few gate-passing tasks (a small base model often
     writes none early on); the QCP is the one search that leads from the clue to the answer's article.
-    Every such task is counted in the metrics as `tasks/rule_built`.
+    Every such task is counted as `tasks/rule_built`. A corpus without titles and descriptions (e.g.
+    wiki-18) has no such rule: then the task set holds only what the examiner wrote.
     """
     from piplay_ray.evaluation import builtin_eval_set
 
-    pool = builtin_eval_set(corpus_path, n + len(exclude), seed=seed * 1000 + iteration + 1)
-    tasks = []
-    for ex in pool:
-        if ex.id in exclude or len(tasks) >= n:
-            continue
-        doc = docs[ex.id.removeprefix("builtin-")]
-        tasks.append(Task(id=f"it{iteration}-rule-{doc.id}", question=ex.question, answer=ex.golden_answers[0],
-                          hops=1, source=doc, qcp=[Hop(query=ex.question, docs=[doc])],
-                          flags={"rule_built": True}, iteration=iteration))
-    return tasks
+    try:
+        held_out = {ex.id for ex in builtin_eval_set(corpus.path, eval_size, seed)}
+        pool = builtin_eval_set(corpus.path, n + len(held_out), seed=seed * 1000 + iteration + 1)
+    except ValueError:
+        return []
+    picked = [ex for ex in pool if ex.id not in held_out][:n]
+    wanted = {ex.id.removeprefix("builtin-") for ex in picked}
+    docs = {d.id: d for d in (corpus[i] for i in range(len(corpus))) if d.id in wanted}
+    return [Task(id=f"it{iteration}-rule-{doc.id}", question=ex.question, answer=ex.golden_answers[0], hops=1,
+                 source=doc, qcp=[Hop(query=ex.question, docs=[doc])], flags={"rule_built": True},
+                 iteration=iteration)
+            for ex in picked if (doc := docs.get(ex.id.removeprefix("builtin-")))]
 
 
 class EvolutionLoop:
@@ -104,6 +95,7 @@ class EvolutionLoop:
         from piplay_ray.examiner import ExaminerSampler
         from piplay_ray.learner.learner import LearnerGroup
         from piplay_ray.metrics import MetricsSink
+        from piplay_ray.retrieval.corpus import Corpus
 
         self.cfg, self.run = cfg, run
         self.stopping = False
@@ -111,8 +103,7 @@ class EvolutionLoop:
         self.paths = {r: assets.resolve_model(cfg.model.path_for(r)) for r in (*ROLES, "teacher")}
         self.tokenizer = AutoTokenizer.from_pretrained(self.paths["student"])
         self.corpus_path = assets.resolve_corpus(cfg.search.corpus)
-        self.docs = load_corpus_docs(self.corpus_path)
-        self.docs_by_id = {d.id: d for d in self.docs}
+        self.docs = Corpus(self.corpus_path)  # memory-mapped: a wiki-18-sized corpus costs no resident memory
         self.sampler = ExaminerSampler(self.docs, cfg.examiner.hop_weights, seed=cfg.run.seed)
         self.metrics = MetricsSink(run.path, cfg.logging, config=cfg.model_dump(mode="json"))
         self.state = LoopState()
@@ -506,10 +497,10 @@ class EvolutionLoop:
         tasks = select_tasks([*self.examiner_candidates, *written], size)
         n_examiner = len(tasks)
         if n_examiner < size:  # top up by rule; counted, never silent
-            from piplay_ray.evaluation import builtin_eval_set
-
-            held_out = {ex.id for ex in builtin_eval_set(self.corpus_path, cfg.eval.builtin_size, cfg.run.seed)}
-            tasks += rule_tasks(self.corpus_path, self.docs_by_id, size - n_examiner, it, cfg.run.seed, held_out)
+            tasks += rule_tasks(self.docs, size - n_examiner, it, cfg.run.seed, cfg.eval.builtin_size)
+        if not tasks:
+            raise RuntimeError(f"iteration {it}: no student tasks — the examiner wrote none that passed the gate "
+                               "and this corpus has no titles/descriptions for rule-built tasks")
         self.rng.shuffle(tasks)
         save_tasks(task_set_path(self.run.path, it), tasks)
         self.task_set = tasks
