@@ -37,13 +37,16 @@ INSTRUCTIONS_ROLE: Literal["system", "user"] = "user"
 # starts inside an open think; parsing treats a `</think>` without its opener as closing this one.
 RESPONSE_PREFIX = THINK_OPEN
 
+# The questions of the one-shot examples below; a task that copies one is refused by the integrity gate.
+EXAMPLE_QUESTIONS = ("In which country is the Eiffel Tower?", "In which city is the Eiffel Tower?")
+
 STUDENT_INSTRUCTIONS = (
     "Answer the question by searching a Wikipedia corpus. Think inside <think> and </think>. "
     "To search, write <search>your query</search>; the results are then shown to you between "
     "<information> and </information>. You may search as many times as you need. When you know the "
     "answer, write it inside <answer> and </answer>: a short answer of a few words, without explanation.\n\n"
     "Example:\n"
-    "Question: In which country is the Eiffel Tower?\n"
+    f"Question: {EXAMPLE_QUESTIONS[0]}\n"
     "<think>I need to find where the Eiffel Tower is.</think><search>Eiffel Tower</search>\n"
     "<information>Doc 1 (Title: Eiffel Tower) The Eiffel Tower is a wrought-iron tower in Paris, France.\n"
     "</information>\n"
@@ -57,7 +60,7 @@ EXAMINER_INSTRUCTIONS = (
     "</question>, then its answer inside <answer> and </answer>: a short answer of a few words.\n\n"
     "Example of the final output:\n"
     "<think>The document says the tower is in Paris.</think>"
-    "<question>In which city is the Eiffel Tower?</question><answer>Paris</answer>"
+    f"<question>{EXAMPLE_QUESTIONS[1]}</question><answer>Paris</answer>"
 )
 
 TEACHER_NOTE = (

@@ -13,6 +13,7 @@ import string
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 
+from piplay_ray.protocol import EXAMPLE_QUESTIONS
 from piplay_ray.records import Doc, Hop
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -84,6 +85,11 @@ def answer_not_in_question(question: str | None, answer: str | None) -> bool:
     return bool(a) and not _contains(normalize_answer(question), a)
 
 
+def not_an_example(question: str | None) -> bool:
+    """The question is not a copy of a prompt's one-shot example (small models copy it verbatim)."""
+    return normalize_answer(question) not in {normalize_answer(q) for q in EXAMPLE_QUESTIONS}
+
+
 def well_formed(finish_reason: str, invalid_turns: int = 0) -> bool:
     """The examiner ended by writing its question and answer, with no malformed turn on the way."""
     return finish_reason == "question" and invalid_turns == 0
@@ -122,6 +128,7 @@ def format_reward(question: str | None, answer: str | None, hop_target: int, hop
         "has_answer": has_answer(answer),
         "answer_short": answer_is_short(answer, answer_max_words),
         "answer_not_in_question": answer_not_in_question(question, answer),
+        "not_an_example": not_an_example(question),
         "well_formed": well_formed(finish_reason, invalid_turns),
         "answer_supported": answer_supported(answer, [source, *qcp_docs]),
     }

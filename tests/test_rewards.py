@@ -95,7 +95,7 @@ def test_format_reward_pass_and_fail():
     assert r_f == 0.0 and not flags["answer_supported"]
     # malformed ending, empty question
     r_f, flags = R.format_reward("", None, 1, [], SOURCE, "length", 6)
-    assert r_f == 0.0 and not any(flags.values())
+    assert r_f == 0.0 and not any(v for k, v in flags.items() if k != "not_an_example")
 
 
 # ------------------------------------------------------------------------------------------ difficulty
@@ -136,3 +136,14 @@ def test_hop_group_advantages_mixed_groups():
     assert R.hop_group_advantages([], []) == []
     with pytest.raises(ValueError):
         R.hop_group_advantages([1.0], [1, 2])
+
+
+def test_gate_refuses_a_copy_of_the_prompt_example():
+    from piplay_ray.protocol import EXAMPLE_QUESTIONS
+    from piplay_ray.rewards import not_an_example
+
+    assert not not_an_example(EXAMPLE_QUESTIONS[1]) and not not_an_example("in which CITY is the eiffel tower")
+    assert not_an_example("In which city was the author of Hamlet born?")
+    src = Doc(id="1", title="Barcelona", contents="Barcelona is a city in Spain, a rival of Paris.")
+    r_f, flags = R.format_reward(EXAMPLE_QUESTIONS[1], "Paris", 1, [], src, "question", 6)
+    assert r_f == 0.0 and flags["not_an_example"] is False and all(v for k, v in flags.items() if k != "not_an_example")
