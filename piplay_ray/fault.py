@@ -12,14 +12,19 @@ import asyncio
 import time
 from collections.abc import Iterable
 
-from ray.exceptions import ObjectLostError, RayActorError  # ActorDied/ActorUnavailable derive from the latter
+from ray.exceptions import (  # ActorDied/ActorUnavailable derive from the latter
+    ObjectLostError,
+    OutOfMemoryError,
+    RayActorError,
+)
 
 
 def is_actor_failure(e: BaseException) -> bool:
     """An error that means "an actor died or is restarting" (retry, or roll back), not a bug in the call:
     also an object lost with it, e.g. weights owned by a dead learner rank (OwnerDiedError, which Ray
-    raises wrapped in a RayTaskError that is an instance of it too)."""
-    return isinstance(e, (RayActorError, ObjectLostError))
+    raises wrapped in a RayTaskError that is an instance of it too), or a worker Ray's memory monitor killed
+    (OutOfMemoryError: the actor restarts like after any other death)."""
+    return isinstance(e, (RayActorError, ObjectLostError, OutOfMemoryError))
 
 
 def describe(e: BaseException, limit: int = 300) -> str:
