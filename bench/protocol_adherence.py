@@ -26,6 +26,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from rollout import LocalSearch  # noqa: E402  (bench/rollout.py, beside this script)
+
 # The prompts as they were before this benchmark: instructions as the system turn, no example, no prefix.
 LEGACY_STUDENT = (
     "You answer questions by searching a Wikipedia corpus. Reason inside <think> and </think>. "
@@ -101,22 +103,6 @@ def patched(module, attrs: dict):
     finally:
         for k, v in old.items():
             setattr(module, k, v)
-
-
-class LocalSearch:
-    """The search env's service in this process, with the agent's `search(query, topk)` shape."""
-
-    def __init__(self, search_cfg):
-        from piplay_ray.actors.search_env import SearchService
-        from piplay_ray.retrieval import make_retriever
-
-        c = search_cfg
-        self.service = SearchService(make_retriever(c), c.topk, c.max_topk, c.max_query_chars,
-                                     c.doc_token_budget, c.batch_window_ms, c.cache_size)
-
-    async def search(self, query: str, topk: int | None = None):
-        (result,) = await self.service.search([query], topk)
-        return result.to_hop(), result.text
 
 
 def _frac(xs) -> float:
