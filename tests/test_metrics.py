@@ -36,7 +36,7 @@ def test_jsonl_lines_follow_the_contract(tmp_path):
         assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     first = rows[0]
-    assert before <= first["time"] <= time.time() + 1
+    assert before - 0.001 <= first["time"] <= time.time() + 1  # times are rounded to the millisecond
     assert (first["iteration"], first["phase"], first["step"]) == (1, "student", 7)
     assert first["student/reward"] == 0.5 and first["student/em"] == 0.25 and first["loss/entropy"] == 1.5
     assert first["replay/staleness"] == 2 and first["search/tool_failures"] == 1
