@@ -433,7 +433,8 @@ class EvolutionLoop:
                 groups = await self._sample(role, n_groups, producer)
                 waited = time.monotonic() - t_wait
                 exps = [e for g in groups for e in g]
-                stale = max(st.versions[role] - e.version for e in exps)
+                oldest = min(e.version for e in exps)
+                stale = st.versions[role] - oldest
                 lam = cfg.schedule.lam(st.iteration) if role == "student" else 0.0
                 t = time.monotonic()
                 m = await asyncio.to_thread(self.learner.train_step, role, exps, lam)
@@ -453,7 +454,7 @@ class EvolutionLoop:
                 self.metrics.log({**learner_metrics(m), "schedule/lambda": lam, "replay/staleness": stale,
                                   "learner/step_seconds": step_s, "learner/idle_frac": waited / (waited + step_s),
                                   "learner/groups": len(groups), "learner/version": st.versions[role],
-                                  "learner/min_experience_version": min(e.version for e in exps)},
+                                  "learner/min_experience_version": oldest},
                                  iteration=st.iteration, phase=role, step=st.global_step)
                 health = await asyncio.to_thread(self.write_health)
                 self.metrics.log({"search/probe_failures": self.probes["failed"],

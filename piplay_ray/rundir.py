@@ -33,10 +33,6 @@ class RunDir:
         (path / "config.yaml").write_text(dump_config(cfg))
         return run
 
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
-
 
 def sample_row(task: Task, traj: Trajectory, reward: float, tokens: list[str],
                teacher_ids: list[list[int]] | None, teacher_logprobs: list[list[float]] | None,
