@@ -33,7 +33,17 @@ def cmd_config_show(args) -> int:
 def cmd_train(args) -> int:
     from piplay_ray.driver import train
 
-    train(load_config(args.config, args.overrides))
+    train(load_config(args.config, [*args.overrides, *(["logging.verbose=true"] if args.verbose else [])]))
+    return 0
+
+
+def cmd_warmup(args) -> int:
+    from piplay_ray import warmup
+
+    cfg = load_config(args.config, args.overrides)
+    ready = warmup.prepare(cfg)
+    for role in ("examiner", "student", "teacher"):
+        print(f"{role}: {ready.model.path_for(role)}")
     return 0
 
 
@@ -87,7 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="run the evolution loop")
     _add_config(p)
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="actor output (vLLM, Ray, DeepSpeed) on the terminal instead of RUN_DIR/logs/")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("warmup", help="build the protocol warm start a config names (builtin:*-search), cached")
+    _add_config(p)
+    p.set_defaults(fn=cmd_warmup)
 
     p = sub.add_parser("eval", help="evaluate a model as the student search agent")
     _add_config(p)

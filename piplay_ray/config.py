@@ -189,6 +189,7 @@ class LoggingConfig(Section):
     wandb_project: str = "piplay-ray"
     wandb_mode: Literal["online", "offline", "disabled"] = "offline"
     sample_trajectories: NonNegInt = 8  # per step, written with teacher top-K for the dashboard
+    verbose: bool = False  # actor output (vLLM, Ray, DeepSpeed) on the terminal instead of run_dir/logs/
 
 
 class DashboardConfig(Section):

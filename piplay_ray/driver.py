@@ -30,7 +30,7 @@ from pathlib import Path
 import ray
 from tqdm import tqdm
 
-from piplay_ray import assets
+from piplay_ray import assets, console, summary, warmup
 from piplay_ray.config import Config
 from piplay_ray.fault import TaskLedger, actor_state, describe, is_actor_failure
 from piplay_ray.records import Experience, Hop, Task
@@ -375,15 +375,18 @@ class EvolutionLoop:
         if rows:
             self.metrics.write_samples("student", step, rows)
         trajs = [tr for _, tr in flat]
+        g = cfg.student.group_size
         self.metrics.log({
             "student/reward": _mean(rewards), "student/em": _mean(rewards),
+            "student/answer_rate": _mean([t.finish_reason == "answer" for t in trajs]),
+            "student/groups_with_signal": _mean([max(rewards[i : i + g]) > min(rewards[i : i + g])
+                                                 for i in range(0, len(rewards), g)]),
             "student/f1": _mean([f1(tr.answer, t.answer) for t, tr in flat]),
             "rollout/searches_per_traj": _mean([t.num_searches for t in trajs]),
             "rollout/answer_len": _mean([len((t.answer or "").split()) for t in trajs]),
             "rollout/tokens": sum(sum(t.mask) for t in trajs),
             "search/tool_failures": sum(not h.ok for t in trajs for h in t.hops),
         }, iteration=it, phase="student", step=self.state.global_step)
-        g = cfg.student.group_size
         return [exps[i : i + g] for i in range(0, len(exps), g)]
 
     async def rollouts_or_partial(self, pool: str, method: str, *args) -> list:
@@ -613,24 +616,30 @@ def _say(msg: str) -> None:
     print(f"[piplay] {msg}", file=sys.stderr, flush=True)
 
 
-def init_ray(cfg: Config) -> None:
+def init_ray(cfg: Config, run_dir: Path) -> None:
     if ray.is_initialized():
         return
-    env = {"env_vars": {k: v for k in ("PIPLAY_HOME", "VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE")
-                        if (v := os.environ.get(k))}}
+    verbose = cfg.logging.verbose
+    console.quiet_driver(verbose)
     if cfg.run.mode == "cluster":
-        # a submitted job already carries its runtime env (`piplay submit`)
-        ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS", "auto"), namespace=cfg.ray.namespace)
+        # a submitted job already carries its runtime env (`piplay submit`); actor output stays in Ray's logs
+        ray.init(address=cfg.ray.address or os.environ.get("RAY_ADDRESS", "auto"), namespace=cfg.ray.namespace,
+                 log_to_driver=verbose)
     else:
-        ray.init(num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, include_dashboard=False,
-                 runtime_env=env)
+        opts = console.ray_init_options(run_dir, verbose)
+        opts["runtime_env"]["env_vars"].update({k: v for k in ("PIPLAY_HOME", "VLLM_CPU_KVCACHE_SPACE", "HF_HUB_OFFLINE")
+                                                if (v := os.environ.get(k))})
+        ray.init(num_cpus=cfg.ray.num_cpus, namespace=cfg.ray.namespace, include_dashboard=False, **opts)
+        if not verbose:
+            _say(console.where(run_dir))
 
 
 def train(cfg: Config) -> Path:
     """Run (or resume) the evolution loop for `cfg`; returns the run directory."""
     run = RunDir.create(cfg)
     _say(f"run directory: {run.path}")
-    init_ray(cfg)
+    init_ray(cfg, run.path)
+    cfg = warmup.prepare(cfg)  # a warm start named by the config: built once, then cached
     loop = EvolutionLoop(cfg, run)
     stop_dashboard = None
     if cfg.dashboard.enabled:
@@ -648,6 +657,10 @@ def train(cfg: Config) -> Path:
     previous = {s: signal.signal(s, loop.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         asyncio.run(loop.run_resilient())
+    except Exception:
+        if not cfg.logging.verbose:
+            _say(f"the run failed; {console.where(run.path)}")
+        raise
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
@@ -656,5 +669,7 @@ def train(cfg: Config) -> Path:
             stop_dashboard()
         if cfg.run.mode == "local":
             ray.shutdown()
+    if loop.state.phase == "done":
+        _say("run summary (summary.json):\n  " + "\n  ".join(summary.lines(summary.write(run.path))))
     _say(f"done: {loop.state.global_step} learner steps; run directory {run.path}")
     return run.path

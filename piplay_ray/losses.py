@@ -288,3 +288,14 @@ def compute_loss(logits: Tensor, batch: dict[str, Tensor], loss_cfg: LossConfig,
         metrics["entropy"] = tok_mean(ent)
     metrics["loss"] = float(loss.detach())
     return loss, metrics
+
+
+def sft_loss(logits: Tensor, batch: dict[str, Tensor], normalizer: float) -> tuple[Tensor, dict[str, float]]:
+    """Negative log-likelihood of the mask-1 tokens (the warm start's demonstrations), summed and divided by
+    `normalizer` (the global batch's trained-token count, as the RL objective's token mean)."""
+    mask = batch["mask"].float()
+    logp = token_logprobs(logits.float(), batch["input_ids"])
+    nll = -(logp * mask).sum()
+    n = float(mask.sum())
+    return nll / normalizer, {"loss": float(nll.detach()) / normalizer, "sft_nll": float(nll.detach()) / max(n, 1.0),
+                              "tokens": n}

@@ -206,8 +206,10 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------------------------------ step
 
-    def train_step(self, role: str, experiences: list[Experience], lam: float = 0.0) -> dict[str, float]:
-        from piplay_ray.losses import collate, compute_loss
+    def train_step(self, role: str, experiences: list[Experience], lam: float = 0.0,
+                   objective: str = "rl") -> dict[str, float]:
+        """One optimizer step; `objective` "rl" (the π-Play loss) or "sft" (the warm start's NLL)."""
+        from piplay_ray.losses import collate, compute_loss, sft_loss
 
         pol = self._policy(role)
         if self.active != role:
@@ -220,7 +222,7 @@ class LearnerWorker:
         _validate(experiences)  # on every rank before any collective: a bad record fails all ranks, never hangs one
         lc = self.cfg.learner
         agg = lc.loss.aggregation
-        normalizer = (sum(sum(e.mask) for e in experiences) if agg == "token_mean"
+        normalizer = (sum(sum(e.mask) for e in experiences) if agg == "token_mean" or objective == "sft"
                       else sum(1 for e in experiences if any(e.mask)))
         if normalizer == 0:
             raise ValueError(f"train_step({role!r}): no experience has a trained (mask==1) token")
@@ -235,7 +237,10 @@ class LearnerWorker:
             batch = collate([experiences[i] for i in (mb or [0])], pol.pad_id)  # filler: zero-weight copy
             batch = {k: v.to(self.device) for k, v in batch.items()}
             logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss, metrics = compute_loss(logits, batch, lc.loss, lam, normalizer=float(normalizer))
+            if objective == "sft":
+                loss, metrics = sft_loss(logits, batch, float(normalizer))
+            else:
+                loss, metrics = compute_loss(logits, batch, lc.loss, lam, normalizer=float(normalizer))
             engine.set_gradient_accumulation_boundary(j == len(mine) - 1)
             engine.backward(loss * (self.world_size if real else 0.0), scale_wrt_gas=False)
             if real:
@@ -294,6 +299,13 @@ class LearnerWorker:
         ip, port, _ = self.node_info()
         transport.connect(receivers, num_workers, self._policy(role).param_metadata, ip, port)
         self.transports[(role, "nccl")] = transport
+
+    def export_hf(self, role: str, path: str) -> None:
+        """Write `role` as a Hugging Face folder (rank 0; every rank iterates for ZeRO-3's gathers)."""
+        pol = self._policy(role)
+        sd = self.state_dict(role)
+        if self.rank == 0:
+            checkpoint.save_hf(pol.engine.module, pol.tokenizer, sd, path)
 
     def state_dict(self, role: str) -> dict[str, torch.Tensor] | None:
         """Full CPU parameters (rank 0; None elsewhere): for tests and the HF export."""
@@ -378,12 +390,17 @@ class LearnerGroup:
 
         return ray.get([getattr(w, method).remote(*args) for w in self.workers])
 
-    def train_step(self, role: str, experiences: list[Experience], lam: float = 0.0) -> dict[str, float]:
+    def train_step(self, role: str, experiences: list[Experience], lam: float = 0.0,
+                   objective: str = "rl") -> dict[str, float]:
         """One optimizer step of `role` on this global batch; returns loss terms, grad norm, tokens/s, timing."""
         import ray
 
         ref = ray.put(list(experiences))
-        return self._all("train_step", role, ref, lam)[0]
+        return self._all("train_step", role, ref, lam, objective)[0]
+
+    def export_hf(self, role: str, path: str | os.PathLike) -> None:
+        """The role's current weights as a Hugging Face folder at `path` (written by rank 0)."""
+        self._all("export_hf", role, str(path))
 
     def activate(self, role: str) -> None:
         self._all("activate", role)
