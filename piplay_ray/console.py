@@ -53,6 +53,9 @@ def quiet_driver(verbose: bool) -> None:
         return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Ray's C++ core worker writes its own error-level notes (e.g. on restartable actors' arguments) straight
+    # to the driver's stderr; real failures still reach the driver as Python exceptions
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     for name in ("transformers", "ray", "deepspeed", "vllm", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -39,7 +40,7 @@ class Recipe:
 
 # Measured on 2 cores: ~540 tokens a demonstration, ~150 learner tokens/s (docs: README, warm start).
 RECIPES = {
-    "smollm2-search": Recipe("builtin:smollm2", student_demos=48, examiner_demos=24, student_hops=(7, 3),
+    "smollm2-search": Recipe("builtin:smollm2", student_demos=40, examiner_demos=20, student_hops=(7, 3),
                              examiner_hops=(4, 3), lr=5e-5, batch=8),
     "tiny-search": Recipe("builtin:tiny", student_demos=8, examiner_demos=6, student_hops=(1, 1),
                           examiner_hops=(1, 1), lr=1e-4, batch=4),
@@ -129,6 +130,7 @@ def _train(name: str, cfg: Config, corpus: str, held_out: set[str], out: Path) -
     lcfg = cfg.model_copy(deep=True)
     lcfg.model.examiner = lcfg.model.student = lcfg.model.teacher = base
     lcfg.learner.lr, lcfg.learner.offload_inactive = r.lr, False
+    lcfg.learner.num_cpus_per_rank = max(lcfg.learner.num_cpus_per_rank, os.cpu_count() or 1)  # nothing else runs
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False)
