@@ -22,7 +22,8 @@ def test_arm_runs_end_to_end(arm, tmp_path, tiny_model, corpus_path):
     run_dir = tmp_path / arm
     cmd = [sys.executable, "-m", "piplay_ray", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
            f"run.dir={run_dir}", f"teacher.privileged={arm}", "schedule.examiner_steps=1",
-           "schedule.student_steps=1", "checkpoint.every=0"]
+           "schedule.student_steps=1", "checkpoint.every=0", "rollout.engine=transformers",
+           "logging.tensorboard=false"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-6000:]
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
