@@ -325,7 +325,8 @@ class EvolutionLoop:
                 valid = [i for i, t in enumerate(tasks) if t.valid]
         rewards, advantages = examiner_rewards(tasks, correct, n, cfg.examiner.format_weight,
                                                std_normalize=cfg.learner.loss.std_normalize)
-        self.examiner_candidates.extend(tasks[i] for i in valid)
+        if cfg.examiner.task_set_fallback:  # kept only when the task set may fall back on them
+            self.examiner_candidates.extend(tasks[i] for i in valid)
         by_hop = {h: [t.valid for t in tasks if t.hops == h] for h in range(1, len(cfg.examiner.hop_weights) + 1)}
         self.metrics.log({
             "examiner/difficulty_reward": _mean(rewards),
