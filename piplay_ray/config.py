@@ -97,6 +97,12 @@ class ExaminerConfig(Section):
     max_turns: PosInt = 6
     answer_max_words: PosInt = 6
     format_weight: Annotated[float, Field(ge=0)] = 0.5  # w_f in r_d = 1(0<k<n)(n-k)/(n-1) + w_f r_f
+    # r_f: Dr. Zero's partial credit (mean of well-formed turns, tool use, answer) behind the integrity gate,
+    # or `search`: the search score only, behind every gate flag (rewards.format_reward)
+    format_reward: Literal["partial", "search"] = "partial"
+    # the student's task set comes from the final examiner; `true` also takes valid tasks the examiner wrote
+    # during its training steps (oldest first) before the rule-built top-up
+    task_set_fallback: bool = False
     attempts: Annotated[int, Field(ge=2)] = 5  # n student attempts per examiner task
     tasks_per_step: PosInt = 8
     task_set_size: PosInt = 64  # tasks the examiner writes for the student phase
@@ -118,7 +124,12 @@ class TeacherConfig(Section):
     backend: Literal["vllm", "transformers"] = "transformers"
     top_k: PosInt = 20
     tail_bucket: bool = True
-    include_answer: bool = False  # render the QCP's final answer in the teacher context
+    # the privileged information (paper ablations): the whole QCP, a seeded half of it, the answer only, or no
+    # teacher at all (no scoring, λ ignored); see piplay_ray/privileged.py
+    privileged: Literal["qcp", "partial_qcp", "answer", "none"] = "qcp"
+    # words per QCP document in the teacher's context, the unit of search.doc_token_budget; None: what the
+    # examiner saw (the source at protocol.SOURCE_DOC_WORDS, search documents as the search env cut them)
+    doc_token_budget: PosInt | None = None
     init: Literal["once", "iteration"] = "once"
     ema_tau: Prob = 0.05
     num_cpus: Annotated[float, Field(gt=0)] = 1.0

@@ -309,6 +309,7 @@ class EvolutionLoop:
         correct: list[int | None] = [None] * len(tasks)
         n = cfg.examiner.attempts
         if valid:
+            await self.sync_pool("student")  # r_d from the newest student, never a stale one
             attempts = await self.rollouts_or_partial("student", "student_rollouts",
                                                       [tasks[i].question for i in valid], n)
             lost = {i for i, group in zip(valid, attempts, strict=True) if group is None}
@@ -322,8 +323,10 @@ class EvolutionLoop:
                 trajs, tasks, docs, hops = ([x[i] for i in kept] for x in (trajs, tasks, docs, hops))
                 correct = [correct[i] for i in kept]
                 valid = [i for i, t in enumerate(tasks) if t.valid]
-        rewards, advantages = examiner_rewards(tasks, correct, n, cfg.examiner.format_weight)
-        self.examiner_candidates.extend(tasks[i] for i in valid)
+        rewards, advantages = examiner_rewards(tasks, correct, n, cfg.examiner.format_weight,
+                                               std_normalize=cfg.learner.loss.std_normalize)
+        if cfg.examiner.task_set_fallback:  # kept only when the task set may fall back on them
+            self.examiner_candidates.extend(tasks[i] for i in valid)
         by_hop = {h: [t.valid for t in tasks if t.hops == h] for h in range(1, len(cfg.examiner.hop_weights) + 1)}
         self.metrics.log({
             "examiner/difficulty_reward": _mean(rewards),
@@ -342,6 +345,8 @@ class EvolutionLoop:
 
     async def student_groups(self, step: int) -> list[list[Experience]]:
         """One student learner step: G rollouts per task, exact match, teacher top-K with the QCP."""
+        from piplay_ray import privileged
+        from piplay_ray.diagnostics import StepDiagnostics
         from piplay_ray.losses import group_advantages
         from piplay_ray.rewards import exact_match, f1
 
@@ -360,7 +365,14 @@ class EvolutionLoop:
         flat = [(task, traj) for task, group in zip(tasks, groups, strict=True) for traj in group]
         rewards = [exact_match(traj.answer, task.answer) for task, traj in flat]
         advantages = group_advantages(rewards, cfg.student.group_size, cfg.learner.loss.std_normalize).tolist()
-        scores = await self.teacher_client.score([tr for _, tr in flat], [t for t, _ in flat])
+        tcfg = cfg.teacher
+        if tcfg.privileged != "none":
+            scores, tstats = await self.teacher_client.score([tr for _, tr in flat], [t for t, _ in flat],
+                                                             with_stats=True)
+        else:  # no teacher: the learner gets no teacher fields
+            scores, tstats = [(None, None, None)] * len(flat), {}
+        texts = {t.id: privileged.render(t, tcfg.privileged, tcfg.doc_token_budget, seed=cfg.run.seed) for t in tasks}
+        diag = StepDiagnostics()
         exps, rows = [], []
         for i, ((task, traj), r, a, (t_ids, t_lps, t_tail)) in enumerate(
                 zip(flat, rewards, advantages, scores, strict=True)):
@@ -368,9 +380,10 @@ class EvolutionLoop:
                                    response_ids=traj.response_ids, mask=traj.mask, logprobs=traj.logprobs,
                                    reward=r, advantage=a, version=traj.version, teacher_ids=t_ids,
                                    teacher_logprobs=t_lps, teacher_tail=t_tail, info={"task": task.id}))
+            tokens = [self.tokenizer.convert_tokens_to_string([t])
+                      for t in self.tokenizer.convert_ids_to_tokens(traj.response_ids)]
+            diag.add(traj, tokens, task.answer, task.question, texts[task.id], t_ids, t_lps, t_tail)
             if i < cfg.logging.sample_trajectories:
-                tokens = self.tokenizer.convert_ids_to_tokens(traj.response_ids)
-                tokens = [self.tokenizer.convert_tokens_to_string([t]) for t in tokens]
                 rows.append(sample_row(task, traj, r, tokens, t_ids, t_lps, t_tail))
         if rows:
             self.metrics.write_samples("student", step, rows)
@@ -386,6 +399,7 @@ class EvolutionLoop:
             "rollout/answer_len": _mean([len((t.answer or "").split()) for t in trajs]),
             "rollout/tokens": sum(sum(t.mask) for t in trajs),
             "search/tool_failures": sum(not h.ok for t in trajs for h in t.hops),
+            **diag.metrics(), **{f"teacher/{k}": v for k, v in tstats.items()},
         }, iteration=it, phase="student", step=self.state.global_step)
         return [exps[i : i + g] for i in range(0, len(exps), g)]
 
@@ -438,7 +452,8 @@ class EvolutionLoop:
                 exps = [e for g in groups for e in g]
                 oldest = min(e.version for e in exps)
                 stale = st.versions[role] - oldest
-                lam = cfg.schedule.lam(st.iteration) if role == "student" else 0.0
+                teach = cfg.teacher.privileged != "none"
+                lam = cfg.schedule.lam(st.iteration) if role == "student" and teach else 0.0
                 t = time.monotonic()
                 m = await asyncio.to_thread(self.learner.train_step, role, exps, lam)
                 step_s = time.monotonic() - t
@@ -448,8 +463,9 @@ class EvolutionLoop:
                 await self.replay.set_version.remote(role, st.versions[role])
                 self.publish(role)
                 if role == "student":
-                    version, bundle = self.bundles["student"]
-                    await self.teacher_client.ema_update(version, bundle)
+                    if teach:  # with teacher.privileged = none nothing reads the teacher
+                        version, bundle = self.bundles["student"]
+                        await self.teacher_client.ema_update(version, bundle)
                     self.ledger(st.iteration).trained(g[0].info["task"] for g in groups)
                 acct = st.accounting.setdefault(f"iter-{st.iteration}-{role}", {"groups_trained": 0})
                 acct["groups_trained"] += len(groups)
@@ -492,13 +508,16 @@ class EvolutionLoop:
                 raise RuntimeError(f"the {role} producer stopped without filling the replay store")
 
     async def write_task_set(self) -> None:
-        from piplay_ray.examiner import save_tasks, select_tasks, task_set_path, write_tasks
+        """The examiner at its final version writes the student's task set; training-time candidates only
+        with `examiner.task_set_fallback`; rule-built tasks top up what is left (counted)."""
+        from piplay_ray.examiner import compose_task_set, save_tasks, task_set_path, write_tasks
 
         cfg, it = self.cfg, self.state.iteration
         await self.sync_pool("examiner")
         size = cfg.examiner.task_set_size
         written = await write_tasks(self.pools["examiner"], self.sampler, size, cfg.examiner, it)
-        tasks = select_tasks([*self.examiner_candidates, *written], size)
+        tasks, n_fallback = compose_task_set(written, getattr(self, "examiner_candidates", []), size,
+                                             cfg.examiner.task_set_fallback)
         n_examiner = len(tasks)
         if n_examiner < size:  # top up by rule; counted, never silent
             tasks += rule_tasks(self.docs, size - n_examiner, it, cfg.run.seed, cfg.eval.builtin_size)
@@ -508,12 +527,16 @@ class EvolutionLoop:
         self.rng.shuffle(tasks)
         save_tasks(task_set_path(self.run.path, it), tasks)
         self.task_set = tasks
-        self.state.accounting[f"iter-{it}-tasks"] = {"issued": len(tasks), "examiner_written": n_examiner,
-                                                     "rule_built": len(tasks) - n_examiner}
-        self.metrics.log({"tasks/size": len(tasks), "tasks/examiner_written": n_examiner,
-                          "tasks/rule_built": len(tasks) - n_examiner}, iteration=it, phase="examiner",
-                         step=self.state.global_step)
-        _say(f"iteration {it}: task set of {len(tasks)} ({n_examiner} examiner-written) -> "
+        self.state.accounting[f"iter-{it}-tasks"] = {"issued": len(tasks),
+                                                     "examiner_written": n_examiner - n_fallback,
+                                                     "training_candidates": n_fallback,
+                                                     "rule_built": len(tasks) - n_examiner,
+                                                     "examiner_version": self.pool_versions["examiner"]}
+        self.metrics.log({"tasks/size": len(tasks), "tasks/examiner_written": n_examiner - n_fallback,
+                          "tasks/training_candidates": n_fallback, "tasks/rule_built": len(tasks) - n_examiner},
+                         iteration=it, phase="examiner", step=self.state.global_step)
+        _say(f"iteration {it}: task set of {len(tasks)} ({n_examiner - n_fallback} by the final examiner, "
+             f"{n_fallback} training candidates) -> "
              f"{task_set_path(self.run.path, it)}")
 
     async def evaluate(self, name: str) -> None:

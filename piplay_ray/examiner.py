@@ -83,10 +83,11 @@ def build_task(traj: Trajectory, source: Doc, hop_target: int, cfg: ExaminerConf
     answer = traj.answer if traj.answer is not None else (protocol.extract_answer(traj.text) or "")
     qcp = list(traj.hops)
     r_f, flags = format_reward(question, answer, hop_target, qcp, source, traj.finish_reason,
-                               cfg.answer_max_words, invalid_turns=int(traj.extra.get("invalid_turns", 0)))
+                               cfg.answer_max_words, invalid_turns=int(traj.extra.get("invalid_turns", 0)),
+                               think_share=protocol.think_share(traj.text), mode=cfg.format_reward)
     return Task(id=task_id(iteration, source, hop_target, question, answer, traj.version),
                 question=question.strip(), answer=answer.strip(), hops=hop_target, source=source, qcp=qcp,
-                trajectory=traj, flags=flags, format_reward=r_f, iteration=iteration)
+                trajectory=traj, flags=flags, format_reward=r_f, iteration=iteration, version=traj.version)
 
 
 async def write_tasks(pool, sampler: ExaminerSampler, n: int, cfg: ExaminerConfig,
@@ -125,6 +126,18 @@ def select_tasks(tasks: Iterable[Task], size: int | None = None) -> list[Task]:
         if size is not None and len(out) >= size:
             break
     return out
+
+
+def compose_task_set(written: Sequence[Task], candidates: Sequence[Task], size: int,
+                     fallback: bool = False) -> tuple[list[Task], int]:
+    """The student's task set from what the final examiner `written` (gate-passing, deduplicated); with
+    `fallback`, the examiner's training-time `candidates` fill what is left. Returns the set and how many
+    came from the candidates (the caller tops up by rule, counted, after both)."""
+    tasks = select_tasks(written, size)
+    n_written = len(tasks)
+    if fallback and n_written < size:
+        tasks = select_tasks([*tasks, *candidates], size)
+    return tasks, len(tasks) - n_written
 
 
 def task_set_path(run_dir: str | os.PathLike, iteration: int) -> Path:

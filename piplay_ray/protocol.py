@@ -63,10 +63,13 @@ EXAMINER_INSTRUCTIONS = (
     f"<question>{EXAMPLE_QUESTIONS[1]}</question><answer>Paris</answer>"
 )
 
-TEACHER_NOTE = (
-    "Privileged information (hidden from the solver): the question was built by the following searches, "
-    "in order. Use it to judge good next steps."
+QCP_NOTE = (
+    "Privileged information (hidden from the solver): the question was built from the source document "
+    "below, then by the following searches, in order. Use it to judge good next steps."
 )
+ANSWER_NOTE = "Privileged information (hidden from the solver): the answer to the question."
+# Words of the source document the examiner's prompt shows (the teacher's default budget for it).
+SOURCE_DOC_WORDS = 256
 
 
 def _chat_ids(tokenizer, instructions: str, user: str) -> list[int]:
@@ -100,13 +103,15 @@ def student_prompt_ids(tokenizer, question: str) -> list[int]:
     return _chat_ids(tokenizer, STUDENT_INSTRUCTIONS, student_user_text(question))
 
 
-def _doc_text(doc: Doc, max_words: int) -> str:
+def _doc_text(doc: Doc, max_words: int | None) -> str:
     words = doc.contents.split()
+    if max_words is None:
+        max_words = len(words)
     body = " ".join(words[:max_words]) + (" …" if len(words) > max_words else "")
     return f"({doc.title}) {body}" if doc.title and not body.lstrip('"').startswith(doc.title) else body
 
 
-def examiner_user_text(doc: Doc, hops: int, max_words: int = 256) -> str:
+def examiner_user_text(doc: Doc, hops: int, max_words: int = SOURCE_DOC_WORDS) -> str:
     if hops < 1:
         raise ValueError(f"hop target must be >= 1, got {hops}")
     if hops == 1:
@@ -121,20 +126,36 @@ def examiner_user_text(doc: Doc, hops: int, max_words: int = 256) -> str:
             f"End with {QUESTION_OPEN}the question{QUESTION_CLOSE}{ANSWER_OPEN}its answer{ANSWER_CLOSE}.")
 
 
-def examiner_prompt_ids(tokenizer, doc: Doc, hops: int, max_words: int = 256) -> list[int]:
+def examiner_prompt_ids(tokenizer, doc: Doc, hops: int, max_words: int = SOURCE_DOC_WORDS) -> list[int]:
     """The examiner's prompt: a source document and the hop target h (h-1 searches, then question+answer)."""
     return _chat_ids(tokenizer, EXAMINER_INSTRUCTIONS, examiner_user_text(doc, hops, max_words))
 
 
-def render_qcp(qcp: Sequence[Hop], answer: str | None = None, max_words: int = 64) -> str:
-    """The question construction path as text: each search and what it found, optionally the answer."""
-    lines = [TEACHER_NOTE]
+def _capped(budget: int | None, cap: int | None) -> int | None:
+    return cap if budget is None else budget if cap is None else min(budget, cap)
+
+
+def render_qcp(source: Doc | None, qcp: Sequence[Hop], answer: str | None = None, budget: int | None = None,
+               cap: int | None = None, source_budget: int = SOURCE_DOC_WORDS) -> str:
+    """The privileged information as text: the source document, then each search and what it found.
+
+    `budget` words per document (None: as the examiner saw them, i.e. the source at `source_budget` words
+    and each search's documents as the search env cut them); `cap` shortens every document to at most that
+    many words (the even shortening that fits the teacher's context in the engine). With neither a source
+    nor a search, only the answer is rendered (the `answer` arm).
+    """
+    if source is None and not qcp:
+        return "" if answer is None else f"{ANSWER_NOTE}\nThe answer is: {answer.strip()}"
+    lines = [QCP_NOTE]
+    if source is not None:
+        words = _capped(source_budget if budget is None else budget, cap)
+        lines.append(f"Source document: {_doc_text(source, words)}")
     for i, hop in enumerate(qcp, 1):
         lines.append(f"Step {i}: searched {hop.query.strip()!r}.")
         if not hop.ok:
             lines.append("  (the search failed)")
         for doc in hop.docs:
-            lines.append(f"  - {_doc_text(doc, max_words)}")
+            lines.append(f"  - {_doc_text(doc, _capped(budget, cap))}")
     if not qcp:
         lines.append("(The question was written from the source document without searching.)")
     if answer is not None:
@@ -142,15 +163,14 @@ def render_qcp(qcp: Sequence[Hop], answer: str | None = None, max_words: int = 6
     return "\n".join(lines)
 
 
-def teacher_prompt_ids(tokenizer, question: str, qcp: Sequence[Hop], answer: str | None = None,
-                       include_answer: bool = False, max_words: int = 64) -> list[int]:
-    """The teacher's context: the student's prompt with the QCP rendered as privileged information.
+def teacher_prompt_ids(tokenizer, question: str, privileged: str) -> list[int]:
+    """The teacher's context: the student's prompt with the privileged text (see `render_qcp`) after it.
 
     The student's response ids are appended to these ids unchanged, so the teacher scores exactly the
     tokens the student sampled.
     """
-    privileged = render_qcp(qcp, answer if include_answer else None, max_words)
-    return _chat_ids(tokenizer, STUDENT_INSTRUCTIONS, f"{student_user_text(question)}\n\n{privileged}")
+    user = student_user_text(question) + (f"\n\n{privileged}" if privileged else "")
+    return _chat_ids(tokenizer, STUDENT_INSTRUCTIONS, user)
 
 
 def information_block(text: str) -> str:
@@ -242,6 +262,30 @@ def parse_turn(text: str, role: str = "student") -> Action:
     if err is not None:
         return Action("invalid", answer=answer, error=err)
     return Action("question", answer=answer, question=question)
+
+
+_AFTER_SEARCH = re.compile(re.escape(SEARCH_CLOSE) + r"\s*" + re.escape(INFO_OPEN) + r".*?" + re.escape(INFO_CLOSE), re.S)
+_ACTION_OPEN = re.compile("|".join(re.escape(t) for t in (SEARCH_OPEN, ANSWER_OPEN, QUESTION_OPEN)))
+
+
+def model_turns(text: str) -> list[str]:
+    """A decoded response split into the model's turns (at the environment's information blocks)."""
+    if not isinstance(text, str) or not text.strip():
+        return []
+    return [t for t in _AFTER_SEARCH.split(text) if t.strip()]
+
+
+def think_share(text: str) -> float:
+    """Share of model turns that close a think before their first action tag (the prompt's RESPONSE_PREFIX
+    opens the first turn's think); 0.0 for an empty response."""
+    turns = model_turns(text)
+    ok = 0
+    for j, turn in enumerate(turns):
+        act = _ACTION_OPEN.search(turn)
+        close = turn.find(THINK_CLOSE, 0, act.start() if act else len(turn))
+        opened = j == 0 and RESPONSE_PREFIX == THINK_OPEN
+        ok += close >= 0 and (opened or THINK_OPEN in turn[:close])
+    return ok / len(turns) if turns else 0.0
 
 
 def extract_answer(text: str) -> str | None:

@@ -91,6 +91,7 @@ class Task:
     flags: dict[str, bool] = field(default_factory=dict)
     format_reward: float = 0.0
     iteration: int = 0
+    version: int = -1  # the examiner policy version that wrote it; -1 when no examiner did (rule-built)
 
     @property
     def valid(self) -> bool:

@@ -114,13 +114,39 @@ def answer_supported(answer: str | None, docs: Iterable[Doc]) -> bool:
     return bool(a) and any(_contains(normalize_answer(f"{d.title}\n{d.contents}"), a) for d in docs)
 
 
-def format_reward(question: str | None, answer: str | None, hop_target: int, hops: Sequence[Hop],
-                  source: Doc, finish_reason: str, answer_max_words: int,
-                  invalid_turns: int = 0) -> tuple[float, dict[str, bool]]:
-    """The examiner's format reward r_f and the integrity-gate flags.
+def tool_score(hops: Sequence[Hop], hop_target: int) -> float:
+    """Dr. Zero's tool-use credit: a 1-hop task needs no search (1); an h-hop task earns
+    min((1 + valid searches) / h, 1) only when every search it made was valid, else 0."""
+    if hop_target < 1:
+        raise ValueError(f"hop_target must be >= 1, got {hop_target}")
+    if hop_target == 1:
+        return 1.0
+    valid = count_valid_searches(hops)
+    return search_score(valid, hop_target) if hops and valid == len(hops) else 0.0
 
-    r_f = search_score(valid searches, h) when every flag holds, else 0. The flags are what
-    :attr:`records.Task.valid` reads: only tasks passing all of them reach the student.
+
+def answer_score(answer: str | None, docs: Iterable[Doc], max_words: int) -> float:
+    """Dr. Zero's answer credit: a supported (or yes/no) answer of at most `max_words` words earns 1, of at
+    most 2 * `max_words` earns 0.5; anything else 0."""
+    a = normalize_answer(answer)
+    if not a or not (a in ("yes", "no") or answer_supported(answer, docs)):
+        return 0.0
+    words = len(a.split())
+    return 1.0 if words <= max_words else 0.5 if words <= 2 * max_words else 0.0
+
+
+INTEGRITY = ("has_question", "has_answer", "answer_not_in_question", "not_an_example")
+
+
+def format_reward(question: str | None, answer: str | None, hop_target: int, hops: Sequence[Hop],
+                  source: Doc, finish_reason: str, answer_max_words: int, invalid_turns: int = 0,
+                  think_share: float = 1.0, mode: str = "partial") -> tuple[float, dict[str, bool]]:
+    """The examiner's format reward r_f and the gate flags (all must hold for a task to reach the student).
+
+    ``partial`` (Dr. Zero): 0 unless the integrity flags hold (question and answer present, the answer not
+    in the question, not a prompt example); then the mean of 1, `think_share` (turns that think before they
+    act), :func:`tool_score` and :func:`answer_score`, so a nearly-right task still earns some credit.
+    ``search``: search_score(valid searches, h) when every gate flag holds, else 0.
     """
     qcp_docs = [d for h in hops for d in h.docs]
     flags = {
@@ -132,7 +158,14 @@ def format_reward(question: str | None, answer: str | None, hop_target: int, hop
         "well_formed": well_formed(finish_reason, invalid_turns),
         "answer_supported": answer_supported(answer, [source, *qcp_docs]),
     }
-    r_f = search_score(count_valid_searches(hops), hop_target) if all(flags.values()) else 0.0
+    if mode == "search":
+        r_f = search_score(count_valid_searches(hops), hop_target) if all(flags.values()) else 0.0
+    elif mode == "partial":
+        parts = (1.0, min(max(think_share, 0.0), 1.0), tool_score(hops, hop_target),
+                 answer_score(answer, [source, *qcp_docs], answer_max_words))
+        r_f = sum(parts) / 4 if all(flags[k] for k in INTEGRITY) else 0.0
+    else:
+        raise ValueError(f"examiner.format_reward: got {mode!r}; allowed values: partial, search")
     return r_f, flags
 
 
@@ -156,9 +189,12 @@ def hop_group_advantages(rewards: Sequence[float], hops: Sequence[int], eps: flo
     """GRPO advantages normalised within each hop group: (r - mean_g) / (std_g + eps).
 
     Hop targets differ in how hard they are to satisfy, so each h competes only with tasks of the same h.
-    std is the population std over the group. A group of one, or one whose rewards are all equal,
-    gets advantage 0 (never NaN).
+    Each group goes through :func:`piplay_ray.losses.group_advantages`, the student's formula, so both roles
+    share one convention (sample std, `learner.loss.std_normalize`). A group of one, or one whose rewards are
+    all equal, gets advantage 0 (never NaN).
     """
+    from piplay_ray.losses import group_advantages
+
     if len(rewards) != len(hops):
         raise ValueError(f"rewards and hops differ in length: {len(rewards)} vs {len(hops)}")
     groups: dict[int, list[int]] = defaultdict(list)
@@ -169,8 +205,6 @@ def hop_group_advantages(rewards: Sequence[float], hops: Sequence[int], eps: flo
         vals = [float(rewards[i]) for i in idx]
         if len(idx) < 2 or max(vals) == min(vals):
             continue
-        mean = sum(vals) / len(vals)
-        std = (sum((v - mean) ** 2 for v in vals) / len(vals)) ** 0.5
-        for i, v in zip(idx, vals, strict=True):
-            adv[i] = (v - mean) / (std + eps) if std_normalize else v - mean
+        for i, a in zip(idx, group_advantages(vals, len(vals), std_normalize, eps).tolist(), strict=True):
+            adv[i] = a
     return adv

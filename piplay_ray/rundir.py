@@ -6,7 +6,6 @@ command finds the previous run's checkpoints and resumes it.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -44,20 +43,10 @@ def sample_row(task: Task, traj: Trajectory, reward: float, tokens: list[str],
     when y_t is outside its top-K. It is what colours the dashboard's tokens; the training loss uses the
     full top-K form.
     """
-    token_kl: list[float | None] = []
-    for i, (tok, m) in enumerate(zip(traj.response_ids, traj.mask, strict=True)):
-        if not m or not teacher_ids or not teacher_ids[i]:
-            token_kl.append(None)
-            continue
-        ids, lps = teacher_ids[i], teacher_logprobs[i]
-        if tok in ids:
-            lp_t = lps[ids.index(tok)]
-        elif teacher_tail:
-            lp_t = teacher_tail[i]
-        else:
-            lp_t = min(lps)
-        value = traj.logprobs[i] - lp_t
-        token_kl.append(round(value, 4) if math.isfinite(value) else None)
+    from piplay_ray.diagnostics import token_disagreement
+
+    token_kl = [None if v is None else round(v, 4)
+                for v in token_disagreement(traj, teacher_ids, teacher_logprobs, teacher_tail)]
     task_d = to_dict(task)
     task_d["trajectory"] = None  # the examiner's own trajectory is not needed to browse the student's
     return {"task": task_d, "trajectory": to_dict(traj), "reward": reward, "tokens": tokens, "token_kl": token_kl}

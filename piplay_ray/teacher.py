@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from piplay_ray import protocol
+from piplay_ray import privileged, protocol
 from piplay_ray.records import Task, Trajectory
 
 LOG_FLOOR = math.log(1e-12)  # the tail of a top-K that holds (numerically) all the mass
@@ -22,10 +22,10 @@ LOG_FLOOR = math.log(1e-12)  # the tail of a top-K that holds (numerically) all 
 Scores = tuple[list[list[int]], list[list[float]], list[float] | None]
 
 
-def context_ids(tokenizer, task: Task, include_answer: bool = False) -> list[int]:
-    """The teacher's prompt for `task`: the student prompt plus the rendered QCP (see protocol)."""
-    return protocol.teacher_prompt_ids(tokenizer, task.question, task.qcp, answer=task.answer,
-                                       include_answer=include_answer)
+def context_ids(tokenizer, task: Task, arm: str = "qcp", budget: int | None = None, seed: int = 0) -> list[int]:
+    """The teacher's prompt for `task`: the student prompt plus the privileged text of `arm`, unshortened
+    (the actor fits it to the engine with :func:`piplay_ray.privileged.context_ids`)."""
+    return protocol.teacher_prompt_ids(tokenizer, task.question, privileged.render(task, arm, budget, seed=seed) or "")
 
 
 def sequence(context: Sequence[int], trajectory: Trajectory) -> tuple[list[int], int]:

@@ -65,9 +65,9 @@ def _traj(text: str, hops: list[Hop], finish: str = "question", question=None, a
 
 def test_build_task_from_trajectory():
     hops = [Hop("Marie Curie birthplace", [WARSAW, SOURCE]), Hop("Warsaw river", [WARSAW])]
-    text = ("<search>Marie Curie birthplace</search>\n<information>…</information>"
-            "<search>Warsaw river</search><information>…</information>"
-            "<question>Which river flows through the city where Marie Curie was born?</question>"
+    text = ("her birthplace first</think><search>Marie Curie birthplace</search>\n<information>…</information>"
+            "<think>now its river</think><search>Warsaw river</search><information>…</information>"
+            "<think>done</think><question>Which river flows through the city where Marie Curie was born?</question>"
             "<answer>Vistula</answer>")
     task = build_task(_traj(text, hops), SOURCE, 3, CFG, iteration=2)
     assert task.question == "Which river flows through the city where Marie Curie was born?"
@@ -75,17 +75,24 @@ def test_build_task_from_trajectory():
     assert [h.query for h in task.qcp] == ["Marie Curie birthplace", "Warsaw river"]
     assert [[d.id for d in h.docs] for h in task.qcp] == [["9", "7"], ["9"]]
     assert task.valid and task.format_reward == 1.0 and task.iteration == 2 and task.hops == 3
-    assert task.trajectory.version == 4 and task.trajectory.mask == [1, 0, 1]
-    # fields set by the agent loop take precedence over re-parsing the text
+    assert task.trajectory.version == 4 and task.trajectory.mask == [1, 0, 1] and task.version == 4
+    # fields set by the agent loop take precedence over re-parsing the text; Dr. Zero's r_f: no think (0),
+    # 2 valid searches for 4 hops (3/4), a supported answer (1) -> (1 + 0 + 3/4 + 1) / 4
     t2 = build_task(_traj("junk", hops, question="Which river crosses it?", answer="Vistula"), SOURCE, 4, CFG)
-    assert t2.question == "Which river crosses it?" and t2.format_reward == pytest.approx(3 / 4)
+    assert t2.question == "Which river crosses it?" and t2.format_reward == pytest.approx(2.75 / 4)
+    search_only = CFG.model_copy(update={"format_reward": "search"})
+    assert build_task(_traj("junk", hops, question="Which river crosses it?", answer="Vistula"), SOURCE, 4,
+                      search_only).format_reward == pytest.approx(3 / 4)
 
 
 def test_build_task_malformed_is_invalid_not_an_error():
     for traj in [_traj("", [], finish="length"), _traj("<question></question><answer>x", [], "invalid"),
                  _traj("<question>Who?</question><answer>Nobody here</answer>", [], "question")]:
         task = build_task(traj, SOURCE, 2, CFG)
-        assert not task.valid and task.format_reward == 0.0
+        assert not task.valid
+        # the last one passes the integrity gate: partial credit (1 + think 0 + tool 0 + unsupported 0) / 4
+        assert task.format_reward == (0.25 if traj.finish_reason == "question" else 0.0)
+        assert build_task(traj, SOURCE, 2, CFG.model_copy(update={"format_reward": "search"})).format_reward == 0.0
 
 
 def _task(q: str, a: str, h: int, valid: bool = True, r_f: float = 1.0) -> Task:
@@ -98,8 +105,11 @@ def test_examiner_rewards_batch():
     rewards, adv = examiner_rewards(tasks, [1, 3, None, 0], n=3, w_f=0.5)
     # by hand, n=3: k=1 -> 2/2 + .5 = 1.5; k=3 -> 0 + .5 = .5; invalid -> 0; k=0 -> 0 + .25
     assert rewards == pytest.approx([1.5, 0.5, 0.0, 0.25])
-    # hop 1 {1.5, .5}: mean 1, std .5 -> ±1; hop 2 {0, .25}: mean .125, std .125 -> ∓1
-    assert adv == pytest.approx([1.0, -1.0, -1.0, 1.0], rel=1e-4)
+    # hop 1 {1.5, .5}: mean 1, sample std .5·√2 -> ±1/√2; hop 2 {0, .25}: mean .125, sample std .125·√2 -> ∓1/√2
+    r = 2 ** -0.5
+    assert adv == pytest.approx([r, -r, -r, r], rel=1e-4)
+    _, raw = examiner_rewards(tasks, [1, 3, None, 0], n=3, w_f=0.5, std_normalize=False)
+    assert raw == pytest.approx([0.5, -0.5, -0.125, 0.125])
     with pytest.raises(ValueError):
         examiner_rewards(tasks, [1], n=3, w_f=0.5)
 

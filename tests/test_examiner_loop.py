@@ -75,7 +75,9 @@ def test_examiner_loop_builds_expected_qcp(tiny_model):
     assert task.qcp[0].docs == RESULTS["Marie Curie birthplace"]  # the documents exactly as returned
     assert task.question == "Which river flows through the city where Marie Curie was born?"
     assert task.answer == "Vistula"
-    assert task.valid and task.format_reward == 1.0, task.flags
+    # Dr. Zero's r_f: only the first of 3 turns thinks before acting -> (1 + 1/3 + tool 1 + answer 1) / 4
+    assert task.valid and task.format_reward == pytest.approx((3 + 1 / 3) / 4), task.flags
+    assert task.version == 2
     assert task.trajectory.version == 2 and task.trajectory.role == "examiner"
     assert len(engine.prompts) == 3 and engine.prompts[0] == prompt
 

@@ -113,12 +113,13 @@ def test_prompts(tiny_model):
 
     qcp = [Hop("Shakespeare birthplace", [Doc("1", "Stratford-upon-Avon", "A market town in Warwickshire.")]),
            Hop("broken", ok=False, error="timeout")]
-    t = tok.decode(P.teacher_prompt_ids(tok, "Where was the author of Hamlet born?", qcp, answer="Stratford"))
+    t = tok.decode(P.teacher_prompt_ids(tok, "Where was the author of Hamlet born?",
+                                        P.render_qcp(doc, qcp)))
     assert "Where was the author of Hamlet born?" in t and "Shakespeare birthplace" in t
-    assert "market town in Warwickshire" in t and "failed" in t and "Stratford\n" not in t.split("answer is")[-1]
-    assert "The answer is" not in t
-    t2 = tok.decode(P.teacher_prompt_ids(tok, "q", qcp, answer="Stratford", include_answer=True))
-    assert "The answer is: Stratford" in t2
+    assert "market town in Warwickshire" in t and "failed" in t and "The answer is" not in t
+    assert t.index("Source document: \"Hamlet\" Hamlet is a tragedy") < t.index("Step 1: searched")  # source first
+    t2 = tok.decode(P.teacher_prompt_ids(tok, "q", P.render_qcp(None, [], answer="Stratford")))
+    assert "The answer is: Stratford" in t2 and "Step 1" not in t2
     # the teacher's context shares the student's instructions and ends in the same open assistant turn
     assert t.startswith("<|im_start|>user\n" + P.STUDENT_INSTRUCTIONS)
     assert t.endswith("<|im_start|>assistant\n" + P.RESPONSE_PREFIX)

@@ -84,18 +84,65 @@ def test_count_valid_searches_and_score():
 
 def test_format_reward_pass_and_fail():
     hops = [Hop("Marie Curie birthplace", [HOP_DOC])]
-    r_f, flags = R.format_reward("Which river flows through Marie Curie's birth city?", "Vistula", 3, hops,
-                                 SOURCE, "question", answer_max_words=6)
+    q = "Which river flows through Marie Curie's birth city?"
+    r_f, flags = R.format_reward(q, "Vistula", 3, hops, SOURCE, "question", answer_max_words=6, mode="search")
     assert all(flags.values()) and r_f == pytest.approx(2 / 3)
-    # leak: answer in question -> gate fails, r_f = 0, the flag says why
-    r_f, flags = R.format_reward("Is the Vistula in Warsaw?", "Vistula", 2, hops, SOURCE, "question", 6)
-    assert r_f == 0.0 and flags["answer_not_in_question"] is False and flags["answer_supported"] is True
-    # unsupported answer (not in any seen doc)
-    r_f, flags = R.format_reward("Which river?", "Danube", 2, hops, SOURCE, "question", 6)
+    # partial (the default): (1 + think 1 + tool min(2/3, 1) + answer 1) / 4
+    r_f, _ = R.format_reward(q, "Vistula", 3, hops, SOURCE, "question", answer_max_words=6)
+    assert r_f == pytest.approx((1 + 1 + 2 / 3 + 1) / 4)
+    # leak: answer in question -> integrity fails, r_f = 0 in both modes, the flag says why
+    for mode in ("search", "partial"):
+        r_f, flags = R.format_reward("Is the Vistula in Warsaw?", "Vistula", 2, hops, SOURCE, "question", 6, mode=mode)
+        assert r_f == 0.0 and flags["answer_not_in_question"] is False and flags["answer_supported"] is True
+    # unsupported answer (not in any seen doc): no task, but partial credit for the rest: (1 + 1 + 1 + 0) / 4
+    r_f, flags = R.format_reward("Which river?", "Danube", 2, hops, SOURCE, "question", 6, mode="search")
     assert r_f == 0.0 and not flags["answer_supported"]
+    assert R.format_reward("Which river?", "Danube", 2, hops, SOURCE, "question", 6)[0] == pytest.approx(0.75)
     # malformed ending, empty question
     r_f, flags = R.format_reward("", None, 1, [], SOURCE, "length", 6)
     assert r_f == 0.0 and not any(v for k, v in flags.items() if k != "not_an_example")
+    with pytest.raises(ValueError, match="examiner.format_reward"):
+        R.format_reward(q, "Vistula", 3, hops, SOURCE, "question", 6, mode="nope")
+
+
+LONG = Doc("99", "Long", "the river of the seven bridges of the old town flows north")
+# (hop target, hops, answer, think share) -> Dr. Zero's r_f = (1 + think + tool + answer) / 4, worked by hand
+DRZERO_TABLE = [
+    # 1 hop, no search: tool 1; supported 1-word answer: 1; thinks every turn: 1 -> 1
+    (1, [], "Curie", 1.0, 1.0),
+    # 1 hop with a failed search: tool still 1 (a 1-hop task needs none); half the turns think -> (1+.5+1+1)/4
+    (1, [Hop("x", ok=False, error="down")], "Curie", 0.5, 3.5 / 4),
+    # 2 hops, no search: tool 0 -> (1+1+0+1)/4
+    (2, [], "Curie", 1.0, 0.75),
+    # 3 hops, 1 valid search: tool 2/3 -> (1+1+2/3+1)/4
+    (3, [Hop("q", [HOP_DOC])], "Vistula", 1.0, (3 + 2 / 3) / 4),
+    # 3 hops, 2 searches of which one failed: tool 0 (every search must be valid)
+    (3, [Hop("q", [HOP_DOC]), Hop("r", ok=False, error="down")], "Vistula", 1.0, 0.75),
+    # 4 hops, 5 valid searches: tool capped at 1
+    (4, [Hop(f"q{i}", [HOP_DOC]) for i in range(5)], "Vistula", 1.0, 1.0),
+    # a repeated query counts once: 2 searches, 1 valid distinct -> not all valid -> tool 0
+    (2, [Hop("q", [HOP_DOC]), Hop("Q!", [HOP_DOC])], "Vistula", 1.0, 0.75),
+    # a 9-word supported answer (6 < 9 <= 12): answer 0.5 -> (1+1+1+.5)/4
+    (2, [Hop("q", [LONG])], "river of the seven bridges of old town flows", 1.0, 3.5 / 4),
+    # a 13-word answer (> 12): answer 0; no think at all: 0 -> (1+0+1+0)/4
+    (1, [Hop("q", [Doc("1", "t", "b c d e f g h i j k l m n")])], "b c d e f g h i j k l m n", 0.0, 0.5),
+    # unsupported answer, but yes/no always counts as supported -> 1
+    (1, [], "yes", 1.0, 1.0),
+    (1, [], "Lisbon", 1.0, 0.75),
+]
+
+
+@pytest.mark.parametrize("h, hops, answer, think, want", DRZERO_TABLE)
+def test_drzero_partial_format_reward_table(h, hops, answer, think, want):
+    r_f, _ = R.format_reward("Where is it?", answer, h, hops, SOURCE, "question", answer_max_words=6,
+                             think_share=think, mode="partial")
+    assert r_f == pytest.approx(want)
+
+
+def test_partial_credit_needs_the_integrity_gate():
+    # empty question, answer in question, a prompt example: all 0 whatever else is right
+    for q, a in [("", "Curie"), ("Who is Marie Curie?", "Marie Curie"), ("In which city is the Eiffel Tower?", "Curie")]:
+        assert R.format_reward(q, a, 1, [], SOURCE, "question", 6, think_share=1.0)[0] == 0.0
 
 
 # ------------------------------------------------------------------------------------------ difficulty
@@ -119,18 +166,19 @@ def test_hop_group_advantages_mixed_groups():
     rewards = [1.0, 0.0, 0.5, 0.7, 0.3, 0.3, 0.3, 2.0]
     hops = [1, 1, 2, 3, 1, 4, 4, 3]
     adv = R.hop_group_advantages(rewards, hops, eps=1e-6)
-    # hop 1: {1.0, 0.0, 0.3}, mean 13/30, population var = ((17/30)^2 + (13/30)^2 + (4/30)^2)/3
+    # hop 1: {1.0, 0.0, 0.3}, mean 13/30, sample var (n - 1 = 2, the student's convention)
     m1 = 1.3 / 3
-    s1 = math.sqrt(((1 - m1) ** 2 + m1 ** 2 + (0.3 - m1) ** 2) / 3)
-    # hop 3: {0.7, 2.0}: mean 1.35, std 0.65 -> -1, +1 (up to eps)
-    want = [(1 - m1) / (s1 + 1e-6), (0 - m1) / (s1 + 1e-6), 0.0, -0.65 / 0.650001, (0.3 - m1) / (s1 + 1e-6),
-            0.0, 0.0, 0.65 / 0.650001]
-    assert adv == pytest.approx(want, rel=1e-9)
+    s1 = math.sqrt(((1 - m1) ** 2 + m1 ** 2 + (0.3 - m1) ** 2) / 2)
+    # hop 3: {0.7, 2.0}: mean 1.35, sample std 0.65 * sqrt(2) -> -1/sqrt(2), +1/sqrt(2)
+    s3 = 0.65 * math.sqrt(2) + 1e-6
+    want = [(1 - m1) / (s1 + 1e-6), (0 - m1) / (s1 + 1e-6), 0.0, -0.65 / s3, (0.3 - m1) / (s1 + 1e-6),
+            0.0, 0.0, 0.65 / s3]
+    assert adv == pytest.approx(want, rel=1e-6)
     assert adv[2] == 0.0  # size-one group
     assert adv[5] == 0.0 and adv[6] == 0.0  # identical rewards
     assert not any(math.isnan(a) for a in adv)
     # group sums are zero
-    assert sum(adv[i] for i in (0, 1, 4)) == pytest.approx(0.0, abs=1e-12)
+    assert sum(adv[i] for i in (0, 1, 4)) == pytest.approx(0.0, abs=1e-6)
     assert R.hop_group_advantages([0.1] * 3, [2] * 3) == [0.0, 0.0, 0.0]
     assert R.hop_group_advantages([1.0, 0.0], [1, 1], std_normalize=False) == [0.5, -0.5]
     assert R.hop_group_advantages([], []) == []

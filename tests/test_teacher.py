@@ -102,9 +102,9 @@ def hf(tiny_model):
     return tok, model
 
 
-def _reference(model, tok, task, traj, k, include_answer=False):
+def _reference(model, tok, task, traj, k, ctx=None):
     """A plain, unbatched transformers forward over (teacher context + response)."""
-    ctx = protocol.teacher_prompt_ids(tok, task.question, task.qcp, task.answer, include_answer=include_answer)
+    ctx = T.context_ids(tok, task) if ctx is None else ctx
     ids = ctx + traj.response_ids
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids])).logits[0]
@@ -118,7 +118,9 @@ def test_context_is_question_plus_qcp(hf):
     ctx = T.context_ids(tok, task)
     text = tok.decode(ctx)
     assert task.question in text and "topic 2 origin" in text and "The answer is" not in text
-    assert "The answer is: Rome" in tok.decode(T.context_ids(tok, task, include_answer=True))
+    assert "Source document: (Title 2) Some text about topic 2" in text
+    answer_only = tok.decode(T.context_ids(tok, task, "answer"))
+    assert "The answer is: Rome" in answer_only and "topic 2 origin" not in answer_only
     traj = _trajectories(tok, [task])[0]
     seq, start = T.sequence(ctx, traj)
     assert seq[start:] == traj.response_ids and start == len(ctx)
@@ -143,6 +145,33 @@ def test_teacher_scores_equal_plain_forward(hf, tiny_model):
             assert ids[i] == ref_ids[i].tolist()
             assert lps[i] == pytest.approx(ref_lp[i].tolist(), abs=1e-4)
             assert math.exp(tails[i]) == pytest.approx(1 - ref_lp[i].exp().sum().item(), abs=1e-5)
+
+
+def test_teacher_shortens_qcp_documents_to_fit(hf, tiny_model):
+    """A context that would pass max_model_len is scored with evenly shortened QCP documents (counted), the
+    student's response ids untouched; the scores equal a plain forward over that shortened context."""
+    from piplay_ray import privileged
+    from piplay_ray.actors.teacher import TeacherImpl
+
+    tok, model = hf
+    long_doc = Doc("L", "Long", " ".join(f"w{j}" for j in range(300)))
+    task = Task(id="long", question="Which word comes last?", answer="w299", hops=2, source=long_doc,
+                qcp=[Hop("more words", [Doc("M", "More", " ".join(f"v{j}" for j in range(300)))])])
+    traj = _trajectories(tok, [task])[0]
+    full = T.context_ids(tok, task)
+    limit = len(full) + len(traj.response_ids) - 200  # 200 tokens too many
+    teacher = TeacherImpl(tiny_model, _cfg(**{"rollout.max_model_len": limit}))
+    (ids, lps, _), = (scores := asyncio.run(teacher.score([traj], [task], with_stats=True)))[0]
+    assert scores[1] == {"shortened_contexts": 1, "unscored": 0}
+    ctx, shortened = privileged.context_ids(tok, task, "qcp", None, limit - len(traj.response_ids))
+    assert shortened and len(ctx) + len(traj.response_ids) <= limit
+    text = tok.decode(ctx)
+    assert "w0" in text and "v0" in text and "w299" not in text  # both documents keep their start
+    ref_lp, ref_ids = _reference(model, tok, task, traj, 8, ctx)
+    for i, m in enumerate(traj.mask):
+        if m:
+            assert ids[i] == ref_ids[i].tolist()
+            assert lps[i] == pytest.approx(ref_lp[i].tolist(), abs=1e-4)
 
 
 def test_teacher_ema_and_load_versioned(tiny_model, tmp_path):

@@ -51,6 +51,10 @@ def test_every_phase_logs_metrics(tiny_run):
     assert student and all(0.0 <= r["student/reward"] <= 1.0 for r in student)
     assert any("examiner/difficulty_reward" in r for r in rows)
     assert any("loss/distill_kl" in r for r in rows if r["phase"] == "student")
+    # method diagnostics of every student step, and the teacher's fitting counts
+    for r in student:
+        assert 0.0 <= r["diag/answer_before_search"] <= 1.0 and 0.0 <= r["diag/answer_only_in_teacher"] <= 1.0
+        assert r["teacher/shortened_contexts"] >= 0 and "diag/kl_reasoning" in r
 
 
 def test_no_experience_beyond_the_staleness_bound(tiny_run):
@@ -66,6 +70,8 @@ def test_run_directory_contents(tiny_run):
     assert (tiny_run / "config.yaml").is_file()
     tasks = [json.loads(line) for line in open(tiny_run / "tasks" / "iter-0.jsonl")]
     assert len(tasks) == 4 and all(t["question"] and t["answer"] and "qcp" in t for t in tasks)
+    # examiner-written tasks come from the final examiner (2 steps in tiny.yaml); the rest are rule-built
+    assert all(t["version"] == 2 or t["flags"] == {"rule_built": True} for t in tasks)
     samples = sorted((tiny_run / "samples").glob("student-step-*.jsonl"))
     assert samples
     row = json.loads(open(samples[0]).readline())

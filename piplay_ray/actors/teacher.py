@@ -18,6 +18,7 @@ from typing import Any
 import ray
 import torch
 
+from piplay_ray import privileged
 from piplay_ray import teacher as T
 from piplay_ray.config import Config
 from piplay_ray.engines import named_tensors
@@ -137,27 +138,35 @@ class TeacherImpl:
 
     # ------------------------------------------------------------------------------------- scoring
 
-    async def score(self, trajectories: Sequence[Trajectory], tasks: Sequence[Task]) -> list[T.Scores]:
+    async def score(self, trajectories: Sequence[Trajectory], tasks: Sequence[Task],
+                    with_stats: bool = False) -> list[T.Scores] | tuple[list[T.Scores], dict[str, int]]:
         """Teacher top-K (ids, logprobs, tail) per response position of each trajectory, given its task.
 
-        Rows are empty where mask is 0; a trajectory whose teacher sequence exceeds the model length gets
-        empty rows everywhere (no distillation for it) rather than an error.
+        Rows are empty where mask is 0. A task's context is fitted to the longest of its responses here:
+        when context + response would pass the model length, its QCP documents are shortened evenly
+        (counted as `shortened_contexts`); a response that does not fit even then gets empty rows (no
+        distillation for it, counted as `unscored`) rather than an error. `with_stats` also returns the counts.
         """
         if len(trajectories) != len(tasks):
             raise ValueError(f"score: {len(trajectories)} trajectories but {len(tasks)} tasks")
         k, tail = self.tcfg.top_k, self.tcfg.tail_bucket
-        contexts: dict[str, list[int]] = {}
+        longest: dict[str, int] = {}
+        for traj, task in zip(trajectories, tasks, strict=True):
+            longest[task.id] = max(longest.get(task.id, 0), len(traj.response_ids))
+        contexts: dict[str, list[int] | None] = {}
+        stats = {"shortened_contexts": 0, "unscored": 0}
         jobs, out = [], [T.empty_scores(len(t.response_ids), tail) for t in trajectories]
         for i, (traj, task) in enumerate(zip(trajectories, tasks, strict=True)):
             if task.id not in contexts:
-                contexts[task.id] = T.context_ids(self.tokenizer, task, self.tcfg.include_answer)
+                ctx, shortened = privileged.context_ids(self.tokenizer, task, self.tcfg.privileged,
+                                                        self.tcfg.doc_token_budget, self.max_len - longest[task.id],
+                                                        self.cfg.run.seed)
+                contexts[task.id] = ctx
+                stats["shortened_contexts"] += shortened
+            if not any(traj.mask) or contexts[task.id] is None:
+                stats["unscored"] += contexts[task.id] is None and self.tcfg.privileged != "none"
+                continue
             ids, start = T.sequence(contexts[task.id], traj)
-            if not any(traj.mask):
-                continue
-            if len(ids) > self.max_len:
-                log.warning("teacher: sequence of %d tokens exceeds max_model_len %d; not scored", len(ids),
-                            self.max_len)
-                continue
             jobs.append((i, ids, start, traj.mask))
         async with self._lock:
             if self.engine is not None:
@@ -168,7 +177,7 @@ class TeacherImpl:
                                                   k, tail)
         for (i, *_), res in zip(jobs, results, strict=True):
             out[i] = res
-        return out
+        return (out, stats) if with_stats else out
 
     async def _score_vllm(self, ids: list[int], start: int, mask: Sequence[int], k: int, tail: bool) -> T.Scores:
         top = await self.engine.prompt_topk(ids, start, k)
@@ -310,8 +319,8 @@ class TeacherClient:
                     raise
                 self.last_error = describe(e)
 
-    async def score(self, trajectories, tasks) -> list[T.Scores]:
-        return await self._call("score", list(trajectories), list(tasks))
+    async def score(self, trajectories, tasks, with_stats: bool = False):
+        return await self._call("score", list(trajectories), list(tasks), with_stats)
 
     async def ema_update(self, version: int, weights) -> None:
         await self._update("ema_update", version, weights)

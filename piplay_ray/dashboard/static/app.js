@@ -11,6 +11,10 @@ const PANELS = {
     ["loss/distill_kl", "Distillation KL (student ‖ teacher)"], ["loss/policy_kl", "Policy KL"],
     ["loss/entropy", "Entropy"], ["schedule/lambda", "λ (distillation weight)"],
     ["loss/clip_frac", "Clip fraction"],
+    [["diag/kl_reasoning", "diag/kl_search", "diag/kl_answer"], "Teacher–student KL by segment"],
+    [["diag/teacher_top1_agreement", "diag/answer_before_search", "diag/answer_only_in_teacher"],
+      "Top-1 agreement, answers before search, answer only in teacher"],
+    ["teacher/shortened_contexts", "Teacher contexts shortened"],
   ],
   "grid-rollout": [
     ["rollout/searches_per_traj", "Searches per trajectory"], ["rollout/answer_len", "Answer length"],
