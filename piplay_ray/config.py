@@ -106,6 +106,7 @@ class ExaminerConfig(Section):
     attempts: Annotated[int, Field(ge=2)] = 5  # n student attempts per examiner task
     tasks_per_step: PosInt = 8
     task_set_size: PosInt = 64  # tasks the examiner writes for the student phase
+    task_set_rounds: PosInt = 3  # rounds of task_set_size examiner attempts, until the set is full
 
     @model_validator(mode="after")
     def _hops(self) -> ExaminerConfig:

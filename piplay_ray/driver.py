@@ -510,12 +510,19 @@ class EvolutionLoop:
     async def write_task_set(self) -> None:
         """The examiner at its final version writes the student's task set; training-time candidates only
         with `examiner.task_set_fallback`; rule-built tasks top up what is left (counted)."""
-        from piplay_ray.examiner import compose_task_set, save_tasks, task_set_path, write_tasks
+        from piplay_ray.examiner import compose_task_set, save_tasks, select_tasks, task_set_path, write_tasks
 
         cfg, it = self.cfg, self.state.iteration
         await self.sync_pool("examiner")
         size = cfg.examiner.task_set_size
-        written = await write_tasks(self.pools["examiner"], self.sampler, size, cfg.examiner, it)
+        written: list[Task] = []
+        for _ in range(cfg.examiner.task_set_rounds):  # the examiner writes until the set is full (bounded)
+            written += await write_tasks(self.pools["examiner"], self.sampler, size, cfg.examiner, it)
+            if len(select_tasks(written, size)) >= size:
+                break
+        self.metrics.log({"tasks/examiner_attempts": len(written),
+                          "tasks/examiner_pass_rate": _mean([t.valid for t in written])},
+                         iteration=it, phase="examiner", step=self.state.global_step)
         tasks, n_fallback = compose_task_set(written, getattr(self, "examiner_candidates", []), size,
                                              cfg.examiner.task_set_fallback)
         n_examiner = len(tasks)
