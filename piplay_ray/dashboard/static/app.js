@@ -111,7 +111,6 @@ function fitRange(min, max, pad, lone) {
   if (max > min) return [min - (max - min) * pad, max + (max - min) * pad];
   return [min - lone(min), max + lone(max)];
 }
-const xRange = (u, min, max) => fitRange(min, max, 0, () => 1);
 const yRange = (u, min, max) => fitRange(min, max, 0.08, v => Math.abs(v) * 0.1 || 0.5);
 
 function drawChart(node, keys, title, xkey) {
@@ -130,7 +129,7 @@ function drawChart(node, keys, title, xkey) {
   if (!entry.plot) {
     const opts = {
       width: chartWidth(node), height: 170,
-      scales: {x: {time: false, range: xRange}, y: {range: yRange}},
+      scales: {x: {time: false}, y: {range: yRange}},
       hooks: {setScale: [(u, key) => {  // the drawn ranges, for tests and curious readers of the DOM
         node.dataset[key + "Range"] = fmt(u.scales[key].min, 4) + "," + fmt(u.scales[key].max, 4);
       }]},
@@ -145,6 +144,10 @@ function drawChart(node, keys, title, xkey) {
   } else {
     entry.plot.setData(data);
   }
+  // x is set outright: uPlot skips a range function for a lone x value (it would give [0, 2x])
+  const xs = data[0];
+  const [min, max] = fitRange(xs[0], xs[xs.length - 1], 0, () => 1);
+  entry.plot.setScale("x", {min, max});
 }
 
 function chartNode(gridId, id) {
