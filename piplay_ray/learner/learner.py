@@ -281,6 +281,9 @@ class LearnerWorker:
     def version(self, role: str) -> int:
         return self._policy(role).version
 
+    def reference_loaded(self, role: str) -> bool:
+        return self._policy(role).reference is not None
+
     def publish(self, role: str, transport_kind: str | None = None):
         """Every rank iterates (ZeRO-3 gathers); rank 0 packs and returns the bundle, others return None."""
         from piplay_ray.learner.weight_sync import make_transport
