@@ -7,10 +7,15 @@ token, so prompts, inserted ``<information>`` blocks and padding never carry los
 
 Student objective (to minimise), with per-token weights ``w`` from the aggregation mode::
 
-    L = sum_t w_t * [ -min(r_t A, clip(r_t, 1-eps, 1+eps) A) + beta * k3(ref || pi)_t + lam * D_t ]
+    L = sum_t w_t * [ -c_t min(r_t A, clip(r_t, 1-eps, 1+eps) A) + beta * k3(ref || pi)_t ] + lam * sum_t d_t D_t
 
 where ``D_t`` is the reverse KL from the student to the teacher on the teacher's top-K support (optionally
-with a tail bucket holding the remaining mass). The teacher's numbers are constants (no gradient).
+with a tail bucket holding the remaining mass), ``d_t`` = 1/|y| of its sequence over the number of sequences
+(the paper's per-sequence normalisation; or ``w_t``), and ``c_t`` = min(pi_learner/pi_engine, cap) the
+truncated importance weight for the rollout engine's numerics (``r_t`` is then against the learner's own
+pre-update logprobs; with the correction off, ``c_t`` = 1 and ``r_t`` is against the engine's). The
+teacher's numbers are constants (no gradient). Logits are made a chunk of tokens at a time
+(``learner/token_stats.py``).
 """
 
 from __future__ import annotations
@@ -323,12 +328,12 @@ def compute_loss(states: Tensor, batch: dict[str, Tensor], loss_cfg: LossConfig,
     pg = -is_w * torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
     loss = (pg * w).sum()
     clipped = ((ratio > 1 + eps) & (adv > 0)) | ((ratio < 1 - eps) & (adv < 0))
+    truncated = (delta > math.log(loss_cfg.is_cap)) & (loss_cfg.is_correction == "truncated")
     metrics = {"pg_loss": float((pg.detach() * w).sum()), "clip_frac": tok_mean(clipped.float()),
                "policy_kl": tok_mean(torch.exp(delta) - 1.0 - delta), "tokens": float(mask.sum()),
                "logp_mismatch_mean": tok_mean(delta.abs()),
                "logp_mismatch_max": float(delta.abs()[on].max()) if on.any() else 0.0,
-               "is_weight": tok_mean(is_w), "is_truncated_frac": tok_mean((delta > math.log(loss_cfg.is_cap)).float())
-               if loss_cfg.is_correction == "truncated" else 0.0}
+               "is_weight": tok_mean(is_w), "is_truncated_frac": tok_mean(truncated.float())}
 
     if "ref_logprobs" in batch:
         kl = k3_kl(logp, batch["ref_logprobs"])
