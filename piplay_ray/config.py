@@ -141,7 +141,11 @@ class LossConfig(Section):
     clip_eps: Annotated[float, Field(gt=0, lt=1)] = 0.2
     aggregation: Literal["token_mean", "seq_mean"] = "token_mean"
     std_normalize: bool = True
-    kl_beta: Annotated[float, Field(ge=0)] = 0.0
+    kl_beta: Annotated[float, Field(ge=0)] = 0.0  # > 0 loads a frozen reference (the role's initial weights)
+    chunk_tokens: NonNegInt = 1024  # tokens whose [tokens x vocab] logits exist at once in the loss; 0 = all
+    distill_norm: Literal["sequence", "aggregation"] = "sequence"  # paper: 1/|y| per sequence, mean over them
+    is_correction: Literal["truncated", "none"] = "truncated"  # engine/learner mismatch: truncated IS weight
+    is_cap: Annotated[float, Field(gt=0)] = 2.0  # w = min(pi_learner / pi_engine, is_cap)
 
 
 class LearnerConfig(Section):
@@ -153,7 +157,8 @@ class LearnerConfig(Section):
     gradient_checkpointing: bool = False
     lr: Annotated[float, Field(gt=0)] = 1e-6
     weight_decay: Annotated[float, Field(ge=0)] = 0.0
-    grad_clip: Annotated[float, Field(gt=0)] = 1.0
+    grad_clip: Annotated[float, Field(gt=0)] = 0.1  # Dr. Zero's
+    lr_warmup_steps: NonNegInt = 0  # linear warm-up: optimizer step s (1-based) uses lr * min(1, s / n)
     micro_batch_tokens: PosInt = 4096
     offload_inactive: bool = True
     loss: LossConfig = Field(default_factory=LossConfig)

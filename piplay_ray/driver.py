@@ -623,7 +623,7 @@ class EvolutionLoop:
 
 
 LOSS_TERMS = {"loss", "pg_loss", "clip_frac", "policy_kl", "ref_kl", "distill_kl", "teacher_top1_mismatch",
-              "entropy"}
+              "entropy", "logp_mismatch_mean", "logp_mismatch_max", "is_weight", "is_truncated_frac"}
 
 
 def learner_metrics(m: dict) -> dict:

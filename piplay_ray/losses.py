@@ -7,10 +7,15 @@ token, so prompts, inserted ``<information>`` blocks and padding never carry los
 
 Student objective (to minimise), with per-token weights ``w`` from the aggregation mode::
 
-    L = sum_t w_t * [ -min(r_t A, clip(r_t, 1-eps, 1+eps) A) + beta * k3(ref || pi)_t + lam * D_t ]
+    L = sum_t w_t * [ -c_t min(r_t A, clip(r_t, 1-eps, 1+eps) A) + beta * k3(ref || pi)_t ] + lam * sum_t d_t D_t
 
 where ``D_t`` is the reverse KL from the student to the teacher on the teacher's top-K support (optionally
-with a tail bucket holding the remaining mass). The teacher's numbers are constants (no gradient).
+with a tail bucket holding the remaining mass), ``d_t`` = 1/|y| of its sequence over the number of sequences
+(the paper's per-sequence normalisation; or ``w_t``), and ``c_t`` = min(pi_learner/pi_engine, cap) the
+truncated importance weight for the rollout engine's numerics (``r_t`` is then against the learner's own
+pre-update logprobs; with the correction off, ``c_t`` = 1 and ``r_t`` is against the engine's). The
+teacher's numbers are constants (no gradient). Logits are made a chunk of tokens at a time
+(``learner/token_stats.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from torch import Tensor
 
 from piplay_ray.config import LossConfig
+from piplay_ray.learner.token_stats import token_stats
 from piplay_ray.records import Experience
 
 LOG_FLOOR = math.log(1e-12)  # smallest log-mass a bucket may take; keeps KL terms finite
@@ -208,7 +214,54 @@ def loss_normalizer(batch: dict[str, Tensor], aggregation: str) -> float:
     return float(m.sum()) if aggregation == "token_mean" else float((m.sum(dim=1) > 0).sum())
 
 
-def _distill(full: Tensor, lse: Tensor, batch: dict[str, Tensor], tmask: Tensor) -> tuple[Tensor, Tensor]:
+def distill_normalizer(batch: dict[str, Tensor]) -> float:
+    """Sequences with a distillation term: the per-sequence distillation mean's denominator (sum it likewise)."""
+    if "teacher_mask" not in batch:
+        return 0.0
+    return float(((batch["teacher_mask"] * batch["mask"]).sum(dim=1) > 0).sum())
+
+
+def step_normalizers(experiences: Sequence[Experience], loss_cfg: LossConfig) -> tuple[float, float]:
+    """`loss_normalizer` and `distill_normalizer` of the collated global batch, from the records alone."""
+    if loss_cfg.aggregation == "token_mean":
+        pg = float(sum(sum(1 for m in e.mask if m) for e in experiences))
+    else:
+        pg = float(sum(1 for e in experiences if any(e.mask)))
+    distill = float(sum(1 for e in experiences if e.teacher_ids is not None
+                        and any(m and row for m, row in zip(e.mask, e.teacher_ids, strict=False))))
+    return pg, distill
+
+
+def truncated_is_weight(learner_logp: Tensor, engine_logp: Tensor, cap: float) -> Tensor:
+    """min(pi_learner / pi_engine, cap) per token: corrects the surrogate for tokens the rollout engine
+    sampled with numerics (kernels, precision, staleness) that differ from the learner's ("truncated IS")."""
+    return torch.exp((learner_logp - engine_logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)).clamp(max=cap)
+
+
+def _selected_stats(states: Tensor, batch: dict[str, Tensor], head, chunk_tokens: int, with_ids: bool):
+    """Token statistics at the trained positions only, scattered back to [B, T-1] (zeros elsewhere)."""
+    sel = batch["mask"] > 0
+    idx = sel.nonzero(as_tuple=True)
+    rows = states[:, :-1][idx]
+    ids = batch["teacher_ids"][idx] if with_ids else None
+    logp, at_ids, ent = token_stats(rows, batch["input_ids"][:, 1:][idx], ids, head, chunk_tokens)
+    shape = tuple(sel.shape)
+    logp_full = logp.new_zeros(shape).index_put(idx, logp)
+    ent_full = ent.new_zeros(shape).index_put(idx, ent)
+    ids_full = None
+    if with_ids:
+        K = ids.shape[-1]
+        ids_full = at_ids.new_full((*shape, K), -math.log(K)).index_put(idx, at_ids)
+    return logp_full, ids_full, ent_full
+
+
+def masked_logprobs(states: Tensor, batch: dict[str, Tensor], head=None, chunk_tokens: int = 1024) -> Tensor:
+    """log pi of the sampled tokens at the trained positions [B, T-1], 0 elsewhere; chunked like the loss
+    (the learner's reference-model forward)."""
+    return _selected_stats(states, batch, head, chunk_tokens, with_ids=False)[0]
+
+
+def _distill(s_lp: Tensor, batch: dict[str, Tensor], tmask: Tensor) -> tuple[Tensor, Tensor]:
     """Per-token top-K reverse KL [B, T-1] and the sanitised teacher logprobs [B, T-1, K]."""
     K = batch["teacher_ids"].shape[-1]
     # padded rows get harmless constants, so no NaN can leak into the gradient through masked positions
@@ -216,55 +269,71 @@ def _distill(full: Tensor, lse: Tensor, batch: dict[str, Tensor], tmask: Tensor)
     t_tail = batch.get("teacher_tail")
     if t_tail is not None:
         t_tail = torch.where(tmask > 0, t_tail.float(), LOG_FLOOR)
-    s_lp = full.gather(-1, batch["teacher_ids"]) - lse[..., None]
     return topk_reverse_kl(s_lp, t_lp, t_tail), t_lp
 
 
 @torch.no_grad()
 def distill_per_token(logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
     """Per-token KL(student || teacher) [B, T-1], 0 where there is no teacher row (dashboard `token_kl`)."""
-    full = logits[:, :-1].float()
     tmask = batch["teacher_mask"].float() * batch["mask"].float()
-    return _distill(full, torch.logsumexp(full, dim=-1), batch, tmask)[0] * tmask
+    s_lp = _selected_stats(logits, batch, None, 0, with_ids=True)[1]
+    return _distill(s_lp, batch, tmask)[0] * tmask
 
 
 # ------------------------------------------------------------------------------------------------ the loss
 
 
-def compute_loss(logits: Tensor, batch: dict[str, Tensor], loss_cfg: LossConfig, lam: float = 0.0,
-                 normalizer: float | None = None) -> tuple[Tensor, dict[str, float]]:
+def compute_loss(states: Tensor, batch: dict[str, Tensor], loss_cfg: LossConfig, lam: float = 0.0,
+                 normalizer: float | None = None, head=None,
+                 distill_norm_total: float | None = None) -> tuple[Tensor, dict[str, float]]:
     """The student/examiner objective over one (micro-)batch from :func:`collate`.
 
-    `logits` [B, T, V] come from the policy over ``batch["input_ids"]`` (the shift happens here). `lam` is
-    the distillation coefficient (ignored when the batch has no teacher top-K); ``loss_cfg.kl_beta`` weighs
-    the k3 KL to ``batch["ref_logprobs"]`` (required when beta > 0). Returns the scalar loss and float
-    metrics, every one a mean over the generated tokens it concerns.
+    `states` [B, T, V] are the policy's logits over ``batch["input_ids"]`` (the shift happens here), or with
+    `head`, its final hidden states [B, T, H] that `head` (the LM head) maps to logits: then only
+    ``loss_cfg.chunk_tokens`` tokens' logits exist at a time, in the forward and the backward. `lam` is the
+    distillation coefficient (ignored when the batch has no teacher top-K); ``loss_cfg.kl_beta`` weighs the
+    k3 KL to ``batch["ref_logprobs"]`` (required when beta > 0). For micro-batches, `normalizer` and
+    `distill_norm_total` are the step's totals (:func:`step_normalizers`). Returns the scalar loss and
+    float metrics, each a mean over the generated tokens it concerns (``logp_mismatch_max``: a max).
     """
     input_ids, mask = batch["input_ids"], batch["mask"].float()
-    if logits.shape[:2] != input_ids.shape:
-        raise ValueError(f"compute_loss: logits {tuple(logits.shape)} do not match input_ids {tuple(input_ids.shape)}")
+    if states.shape[:2] != input_ids.shape:
+        raise ValueError(f"compute_loss: states {tuple(states.shape)} do not match input_ids {tuple(input_ids.shape)}")
     beta = loss_cfg.kl_beta
     if beta > 0 and "ref_logprobs" not in batch:
         raise ValueError("compute_loss: learner.loss.kl_beta > 0 needs batch['ref_logprobs']")
 
-    full = logits[:, :-1].float()
-    lse = torch.logsumexp(full, dim=-1)  # [B, T-1]
-    logp = full.gather(-1, input_ids[:, 1:, None]).squeeze(-1) - lse
+    has_teacher = "teacher_ids" in batch
+    logp, s_lp, ent = _selected_stats(states, batch, head, loss_cfg.chunk_tokens, with_ids=has_teacher)
     w = _token_weights(mask, loss_cfg.aggregation, normalizer)
     n_tok = mask.sum().clamp(min=1.0)
+    on = mask > 0
 
     def tok_mean(x: Tensor) -> float:
         return float((x.detach() * mask).sum() / n_tok)
 
-    # clipped surrogate: importance ratio against the behaviour policy's sampling logprobs
+    # engine/learner mismatch on the sampled tokens; with the truncated IS correction the learner's own
+    # (pre-update) logprobs are pi_old -- one optimizer step per batch, so the ratio is 1 in value -- and
+    # the weight min(pi_learner / pi_engine, cap) carries the correction
+    engine_lp = batch["old_logprobs"]
+    delta = ((logp.detach() - engine_lp) * mask).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     eps, adv = loss_cfg.clip_eps, batch["advantages"]
-    log_ratio = ((logp - batch["old_logprobs"]) * mask).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    if loss_cfg.is_correction == "truncated":
+        is_w = truncated_is_weight(logp.detach(), engine_lp, loss_cfg.is_cap) * mask
+        log_ratio = (logp - logp.detach()) * mask
+    else:
+        is_w = torch.ones_like(mask)
+        log_ratio = ((logp - engine_lp) * mask).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     ratio = torch.exp(log_ratio)
-    pg = -torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
+    pg = -is_w * torch.minimum(ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv)
     loss = (pg * w).sum()
     clipped = ((ratio > 1 + eps) & (adv > 0)) | ((ratio < 1 - eps) & (adv < 0))
+    truncated = (delta > math.log(loss_cfg.is_cap)) & (loss_cfg.is_correction == "truncated")
     metrics = {"pg_loss": float((pg.detach() * w).sum()), "clip_frac": tok_mean(clipped.float()),
-               "policy_kl": tok_mean(ratio - 1.0 - log_ratio), "tokens": float(mask.sum())}
+               "policy_kl": tok_mean(torch.exp(delta) - 1.0 - delta), "tokens": float(mask.sum()),
+               "logp_mismatch_mean": tok_mean(delta.abs()),
+               "logp_mismatch_max": float(delta.abs()[on].max()) if on.any() else 0.0,
+               "is_weight": tok_mean(is_w), "is_truncated_frac": tok_mean(truncated.float())}
 
     if "ref_logprobs" in batch:
         kl = k3_kl(logp, batch["ref_logprobs"])
@@ -272,30 +341,32 @@ def compute_loss(logits: Tensor, batch: dict[str, Tensor], loss_cfg: LossConfig,
         if beta > 0:
             loss = loss + beta * (kl * w).sum()
 
-    if "teacher_ids" in batch:
+    if has_teacher:
         tmask = batch["teacher_mask"].float() * mask
-        d, t_lp = _distill(full, lse, batch, tmask)
+        d, t_lp = _distill(s_lp, batch, tmask)
         n_t = tmask.sum().clamp(min=1.0)
         metrics["distill_kl"] = float((d.detach() * tmask).sum() / n_t)
         top1 = batch["teacher_ids"].gather(-1, t_lp.argmax(-1, keepdim=True)).squeeze(-1)
         metrics["teacher_top1_mismatch"] = float(((top1 != input_ids[:, 1:]).float() * tmask).sum() / n_t)
         if lam > 0:
-            loss = loss + lam * (d * tmask * w).sum()
+            if loss_cfg.distill_norm == "sequence":  # (1/|y|) sum_t D_t per sequence, mean over sequences
+                seqs = distill_norm_total if distill_norm_total is not None else distill_normalizer(batch)
+                wd = tmask / mask.sum(dim=1, keepdim=True).clamp(min=1.0) / max(seqs, 1.0)
+            else:
+                wd = tmask * w
+            loss = loss + lam * (d * wd).sum()
 
-    with torch.no_grad():
-        p = torch.softmax(full, dim=-1)
-        ent = lse - (p * full).sum(-1)
-        metrics["entropy"] = tok_mean(ent)
+    metrics["entropy"] = tok_mean(ent)
     metrics["loss"] = float(loss.detach())
     return loss, metrics
 
 
-def sft_loss(logits: Tensor, batch: dict[str, Tensor], normalizer: float) -> tuple[Tensor, dict[str, float]]:
-    """Negative log-likelihood of the mask-1 tokens (the warm start's demonstrations), summed and divided by
-    `normalizer` (the global batch's trained-token count, as the RL objective's token mean)."""
+def sft_loss(states: Tensor, batch: dict[str, Tensor], normalizer: float, head=None,
+             chunk_tokens: int = 1024) -> tuple[Tensor, dict[str, float]]:
+    """Negative log-likelihood of the mask-1 tokens (the warm start's demonstrations) divided by `normalizer`
+    (the step's trained-token count); logits or hidden states + `head`, chunked like :func:`compute_loss`."""
     mask = batch["mask"].float()
-    logp = token_logprobs(logits.float(), batch["input_ids"])
-    nll = -(logp * mask).sum()
+    nll = -(masked_logprobs(states, batch, head, chunk_tokens) * mask).sum()
     n = float(mask.sum())
     return nll / normalizer, {"loss": float(nll.detach()) / normalizer, "sft_nll": float(nll.detach()) / max(n, 1.0),
                               "tokens": n}

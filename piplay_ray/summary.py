@@ -23,53 +23,76 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def _evals(run: Path) -> list[tuple[float, str, dict]]:
+def _num(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _rows(path: Path) -> list[dict]:
+    """The records of metrics.jsonl; a damaged line, or the half-written last one of a live run, is skipped."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(r, dict):
+                    rows.append(r)
+    except OSError:
+        pass
+    return rows
+
+
+def _evals(run: Path) -> list[tuple[str, dict]]:
+    """(name, overall scores) of the evaluations under eval/: before-training first, then iter-N by N."""
     out = []
     for f in (run / "eval").glob("*/metrics.json"):
         try:
             overall = json.loads(f.read_text())["summary"]["overall"]
-        except (ValueError, KeyError, OSError):
+            mtime = f.stat().st_mtime
+        except (ValueError, KeyError, TypeError, OSError):
             continue
-        out.append((f.stat().st_mtime, f.parent.name, overall))
-    return sorted(out, key=lambda e: (e[1] != "before-training", e[0]))
+        if isinstance(overall, dict) and _num(overall.get("em")):
+            it = f.parent.name.removeprefix("iter-")
+            out.append(((f.parent.name != "before-training", int(it) if it.isdigit() else -1, mtime),
+                        f.parent.name, overall))
+    return [(name, m) for _, name, m in sorted(out, key=lambda e: e[0])]
 
 
 def compute(run_dir: str | Path) -> dict:
     """The summary of the run in `run_dir` so far (keys are None where nothing was measured yet)."""
     run = Path(run_dir)
-    rows: list[dict] = []
-    try:
-        with open(run / "metrics.jsonl", encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-    except (OSError, ValueError):
-        pass
+    rows = _rows(run / "metrics.jsonl")
 
-    def series(key: str) -> list[float]:
-        return [r[key] for r in rows if isinstance(r.get(key), int | float)]
+    def series(key: str, phase: str | None = None) -> list[float]:
+        return [r[key] for r in rows if _num(r.get(key)) and (phase is None or r.get("phase") == phase)]
 
     sizes, written = series("tasks/size"), series("tasks/examiner_written")
     out = {"train_answer_rate": _mean(series("student/answer_rate")),
-           "train_searches_per_traj": _mean([r["rollout/searches_per_traj"] for r in rows
-                                             if r.get("phase") == "student" and "rollout/searches_per_traj" in r]),
+           "train_searches_per_traj": _mean(series("rollout/searches_per_traj", "student")),
            "gate_pass_rate": _mean(series("examiner/gate_pass_rate")),
            "examiner_written_share": sum(written) / sum(sizes) if sum(sizes) else None,
            "groups_with_signal": _mean(series("student/groups_with_signal")),
            "student_reward": _mean(series("student/reward")),
            "answer_rate": None, "searches_per_question": None}
     evals = _evals(run)
-    for label, ev in (("before", evals[0] if evals else None), ("after", evals[-1] if len(evals) > 1 else None)):
+    before = evals[0] if evals and evals[0][0] == "before-training" else None
+    after = evals[-1] if evals and evals[-1] is not before else None
+    for label, ev in (("before", before), ("after", after)):
         if ev is None:
             continue
-        _, name, m = ev
-        p, n = float(m.get("em", 0.0)), int(m.get("n", 0))
+        name, m = ev
+        p, n = float(m["em"]), int(m.get("n") or 0)
         out[f"em_{label}"], out[f"em_{label}_se"], out["eval_n"] = p, math.sqrt(p * (1 - p) / n) if n else None, n
         out[f"eval_{label}"] = name
     if evals:  # behaviour of the newest evaluated student
-        m = evals[-1][2]
-        out["answer_rate"], out["searches_per_question"] = 1.0 - float(m.get("invalid", 1.0)), float(m.get("searches", 0))
+        m = evals[-1][1]
+        out["answer_rate"] = 1.0 - float(m["invalid"]) if _num(m.get("invalid")) else None
+        out["searches_per_question"] = float(m["searches"]) if _num(m.get("searches")) else None
     out["targets"] = {k: {"target": t, "value": out.get(k), "met": out.get(k) is not None and out[k] >= t,
                           "what": what} for k, t, what in TARGETS}
-    if "em_after" in out:
+    if "em_before" in out and "em_after" in out:
         out["targets"]["em_gain"] = {"target": 0.0, "value": out["em_after"] - out["em_before"],
                                      "met": out["em_after"] > out["em_before"], "what": "held-out EM after - before"}
     return out
@@ -81,9 +104,10 @@ def lines(s: dict) -> list[str]:
         return "n/a" if v is None else f"{v:.3f}"
 
     out = []
-    if "em_before" in s:
-        after = (f", after {f(s['em_after'])} ± {f(s['em_after_se'])}" if "em_after" in s else "")
-        out.append(f"held-out EM (n={s['eval_n']}): before {f(s['em_before'])} ± {f(s['em_before_se'])}{after}")
+    if "em_before" in s or "em_after" in s:
+        parts = [f"{label} {f(s[f'em_{label}'])} ± {f(s[f'em_{label}_se'])}"
+                 for label in ("before", "after") if f"em_{label}" in s]
+        out.append(f"held-out EM (n={s['eval_n']}): " + ", ".join(parts))
     for k, t in s["targets"].items():
         if k != "em_gain":
             out.append(f"{t['what']}: {f(t['value'])} (target ≥ {t['target']}) {'ok' if t['met'] else 'MISSED'}")

@@ -1,5 +1,5 @@
 """Writes a small, realistic run directory in the contract format (config.yaml, metrics.jsonl, tasks/,
-samples/, health.json, logs/) for the metrics and dashboard tests. Metrics, health and samples go
+samples/, eval/*/metrics.json, health.json, logs/) for the metrics and dashboard tests. Metrics, health and samples go
 through the real `MetricsSink`, so the dashboard tests also cover what the sink writes.
 """
 
@@ -99,6 +99,7 @@ def write_run(run_dir: str | Path, *, iterations: int = 3, steps_per_phase: int 
     sink = MetricsSink(run_dir, LoggingConfig(tensorboard=False))
     step, records, task_ids = 0, 0, []
     lam = [0.03, 0.003, 0.002]
+    _write_eval(run_dir, "before-training", 0.1)
     for it in range(iterations):
         tasks = [_task(i, it, q, a, h) for i, (q, a, h) in enumerate(FACTS)]
         if xss and it == iterations - 1:
@@ -125,12 +126,16 @@ def write_run(run_dir: str | Path, *, iterations: int = 3, steps_per_phase: int 
         task_dir.mkdir(exist_ok=True)
         (task_dir / f"iter-{it}.jsonl").write_text("".join(json.dumps(to_dict(t)) + "\n" for t in tasks))
         task_ids += [t.id for t in tasks]
+        sink.log({"tasks/size": len(tasks), "tasks/examiner_written": len(tasks) - 1, "tasks/rule_built": 1},
+                 iteration=it, phase="examiner", step=step)
+        records += 1
         for s in range(steps_per_phase):  # student phase
             step += 1
             em = min(1.0, 0.2 + 0.15 * it + 0.03 * s)
             sink.log({"student/reward": em + 0.02, "student/em": em,
                       "loss/distill_kl": 0.8 / (1 + step), "loss/policy_kl": 0.01 * step,
                       "loss/entropy": 1.2 - 0.02 * step, "loss/clip_frac": 0.05 + 0.01 * rng.random(),
+                      "student/answer_rate": 0.75 + 0.05 * it, "student/groups_with_signal": 0.5,
                       "schedule/lambda": lam[min(it, 2)], "rollout/searches_per_traj": 1.2 + 0.1 * s,
                       "rollout/answer_len": 2.5, "throughput/rollout_tokens_per_s": 1000 + 40 * s,
                       "throughput/learner_tokens_per_s": 2500.0, "weight_sync/seconds": 0.5,
@@ -147,9 +152,19 @@ def write_run(run_dir: str | Path, *, iterations: int = 3, steps_per_phase: int 
             sink.write_samples("student", step, samples)
         sink.log({"eval/em": 0.25 + 0.1 * it}, iteration=it, phase="eval", step=step)
         records += 1
+        _write_eval(run_dir, f"iter-{it}", 0.25 + 0.1 * it)
     sink.write_health({"search-env-0": {"alive": True, "restarts": 0, "last_error": None},
                        "rollout-student-0": {"alive": True, "restarts": 1,
                                              "last_error": "RayActorError: " + XSS_TEXT},
                        "teacher": {"alive": False, "restarts": 3, "last_error": "OOM while scoring"}})
     sink.close()
     return {"task_ids": task_ids, "records": records, "last_step": step, "xss_task": XSS_TASK_ID if xss else None}
+
+
+def _write_eval(run_dir: Path, name: str, em: float, n: int = 16) -> None:
+    """eval/NAME/metrics.json as `evaluation.write_results` writes it (only the overall scores)."""
+    (run_dir / "eval" / name).mkdir(parents=True, exist_ok=True)
+    overall = {"em": em, "f1": em + 0.05, "searches": 1.25, "turns": 2.25, "invalid": 0.125, "answer_words": 2.0,
+               "n": n}
+    (run_dir / "eval" / name / "metrics.json").write_text(json.dumps({"summary": {"overall": overall},
+                                                                      "examples": n}))

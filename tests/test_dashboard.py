@@ -200,3 +200,34 @@ def test_cli_serves_a_finished_run(run, tmp_path):
     missing = subprocess.run([*cmd[:4], str(tmp_path / "nope")], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1 and "run directory not found" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_summary_endpoint_is_live(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    url, stop = start_dashboard(run, "127.0.0.1", 0)
+    try:
+        status, s = get_json(url, "/api/summary")
+        assert status == 200 and s["gate_pass_rate"] is None and "em_before" not in s
+        assert not any(t["met"] for t in s["targets"].values())
+        rows = [{"step": 1, "phase": "examiner", "examiner/gate_pass_rate": 0.2},
+                {"step": 2, "phase": "examiner", "examiner/gate_pass_rate": 0.6},
+                {"step": 2, "phase": "examiner", "tasks/size": 12, "tasks/examiner_written": 3},
+                {"step": 3, "phase": "student", "student/groups_with_signal": 0.75, "student/answer_rate": 0.5}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        for name, em, invalid in (("before-training", 0.1, 0.5), ("iter-0", 0.3, 0.1)):
+            (run / "eval" / name).mkdir(parents=True)
+            (run / "eval" / name / "metrics.json").write_text(json.dumps(
+                {"summary": {"overall": {"em": em, "n": 100, "invalid": invalid, "searches": 1.25}}}))
+        status, s = get_json(url, "/api/summary")  # recomputed on each request: the new files show at once
+    finally:
+        stop()
+    assert status == 200
+    assert s["gate_pass_rate"] == pytest.approx(0.4) and s["examiner_written_share"] == pytest.approx(0.25)
+    assert s["em_before"] == 0.1 and s["em_after"] == 0.3 and s["eval_n"] == 100
+    assert s["em_before_se"] == pytest.approx(0.03) and s["em_after_se"] == pytest.approx(0.0458257569)
+    t = s["targets"]
+    assert t["answer_rate"]["value"] == pytest.approx(0.9) and t["answer_rate"]["met"]
+    assert t["searches_per_question"]["value"] == 1.25 and t["gate_pass_rate"]["met"]
+    assert not t["examiner_written_share"]["met"] and t["groups_with_signal"]["met"]
+    assert t["em_gain"]["value"] == pytest.approx(0.2) and t["em_gain"]["met"]

@@ -1,5 +1,6 @@
-"""The dashboard page in a real headless Chromium (Debian's `chromium`): the rendered DOM has charts with data
-points, the solve-rate table, actor health, and a task with its QCP and a trajectory coloured by
+"""The dashboard page in a real headless Chromium (Debian's `chromium`): the rendered DOM has the run summary on
+top, charts with data points and axes fitted to their data, the other metrics in collapsed namespace groups,
+the solve-rate table, actor health, and a task with its QCP and a trajectory coloured by
 teacher-student KL; model text containing markup renders as text; a screenshot lands in test-artifacts/.
 
 The page is served from a run directory written in the contract format (tests/fixtures_run.py), or from
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 from fixtures_run import XSS_TASK_ID, XSS_TEXT, write_run
 
+from piplay_ray import summary
 from piplay_ray.config import LoggingConfig
 from piplay_ray.dashboard.server import start_dashboard
 from piplay_ray.metrics import MetricsSink
@@ -155,6 +157,73 @@ def test_charts_have_data_points(page, run_dir):
             assert want > 0 and chart.find_all("canvas"), f"{chart.attrs['id']} drew nothing"
     assert int(page.by_id("chart-rewards").attrs["data-points"]) > 0
     assert int(page.by_id("chart-loss-distill-kl").attrs["data-points"]) > 0
+
+
+def test_summary_panel_tells_the_story_first(page, run_dir):
+    want = summary.compute(run_dir)
+    main = page.find_all("main")[0]
+    first = next(c for c in main.children if not isinstance(c, str))
+    assert first.attrs["id"] == "panel-summary"  # the first thing on the page
+    em = page.by_id("summary-em")
+    for label in ("before", "after"):
+        if f"em_{label}" in want:
+            assert float(em.attrs[f"data-{label}"]) == pytest.approx(want[f"em_{label}"])
+            se = want[f"em_{label}_se"]
+            assert f"{want[f'em_{label}']:.3f} ± {se:.3f}" in em.text
+    assert int(em.attrs["data-n"]) == want["eval_n"] and f"n = {want['eval_n']}" in em.text
+    rows = page.by_id("summary-targets").find_all("tr", data_target=True)
+    assert [r.attrs["data-target"] for r in rows] == list(want["targets"])
+    for r in rows:
+        t = want["targets"][r.attrs["data-target"]]
+        what, value, goal, status = (c.text for c in r.find_all("td"))
+        assert what == t["what"] and status == ("not measured yet" if t["value"] is None else
+                                                "met" if t["met"] else "missed")
+        if t["value"] is not None:
+            assert float(value) == pytest.approx(t["value"], abs=5e-4) and float(goal[2:]) == t["target"]
+
+
+def test_other_metrics_are_grouped_by_namespace_and_collapsed(page, run_dir):
+    named = {k for n in page.find_all(cls="chart") if n.attrs.get("data-series")
+             for k in n.attrs["data-series"].split(",")}
+    groups = page.by_id("other-groups").find_all("details", cls="ns")
+    assert groups and [g.attrs["data-ns"] for g in groups] == sorted(g.attrs["data-ns"] for g in groups)
+    assert not [g.attrs["data-ns"] for g in groups if "open" in g.attrs]
+    inside = set()
+    for g in groups:
+        charts = g.find_all(cls="chart")
+        assert f"{len(charts)} chart" in g.find_all("summary")[0].text
+        for c in charts:
+            assert c.attrs["data-series"].split("/")[0] == g.attrs["data-ns"]
+            inside.add(c.attrs["data-series"])
+    # every logged metric that no fixed panel shows is in exactly one group
+    present = {k for r in metric_rows(run_dir) for k, v in r.items() if isinstance(v, int | float)
+               and k not in ("step", "iteration", "time")}
+    assert inside == present - (named - inside)
+
+
+def test_axes_fit_their_data(tmp_path):
+    """A lone point gets an axis around its value (uPlot's default would span 0-100)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 3, "iteration": 0, "phase": "student",
+                                                   "student/reward": 0.25, "custom/speed": 1500.0}) + "\n"
+                                       + json.dumps({"step": 4, "iteration": 0, "phase": "examiner",
+                                                     "examiner/gate_pass_rate": 0.0}) + "\n")
+    url, stop = start_dashboard(run, "127.0.0.1", 0)
+    try:
+        res = chromium(url, tmp_path / "profile", "--dump-dom", budget_ms=5000)
+    finally:
+        stop()
+    dom = parse(res.stdout)
+
+    def ranges(chart_id):
+        node = dom.by_id(chart_id)
+        return [[float(v) for v in node.attrs[f"data-{a}-range"].split(",")] for a in ("x", "y")]
+
+    assert ranges("chart-rewards") == [[2.0, 4.0], pytest.approx([0.225, 0.275])]  # 3 ± 1; 0.25 ± 10%
+    assert ranges("chart-custom-speed") == [[2.0, 4.0], pytest.approx([1350.0, 1650.0])]
+    assert ranges("chart-examiner-gate-pass-rate") == [[3.0, 5.0], pytest.approx([-0.5, 0.5])]
+    assert "open" not in dom.by_id("ns-custom").attrs
 
 
 def test_solve_rate_distribution_per_iteration(page, run_dir):
@@ -321,6 +390,18 @@ def test_page_updates_live(browser, tmp_path):
         assert browser.wait_for("(document.querySelector('#health tr[data-actor=\"learner\"]') || {}).textContent"
                                 " === 'learnerdead1gloo timeout'", timeout=15)
         assert "step 99" in browser.eval("document.getElementById('status').textContent")
+        # a new evaluation reaches the summary at the top without a reload
+        (run / "eval" / "iter-7").mkdir(parents=True)
+        (run / "eval" / "iter-7" / "metrics.json").write_text(json.dumps(
+            {"summary": {"overall": {"em": 0.875, "n": 16, "invalid": 0.0, "searches": 2.0}}}))
+        assert browser.wait_for("document.getElementById('summary-em').dataset.after === '0.875'", timeout=15)
+        assert "0.875 ± 0.083" in browser.eval("document.getElementById('summary-em').textContent")
+        # opening a collapsed group lays its charts out at the width of their cells
+        assert browser.eval("document.getElementById('ns-tasks').open") is False
+        browser.eval("document.querySelector('#ns-tasks > summary').click()")
+        width = ("(() => { const n = document.querySelector('#ns-tasks .chart'); "
+                 "return n.clientWidth > 400 && state.charts.get(n.id).plot.width === n.clientWidth - 4; })()")
+        assert browser.wait_for(width, timeout=10)
         # and no model text ever executed as script
         assert browser.eval("typeof window.__pwned") == "undefined"
     finally:

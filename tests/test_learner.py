@@ -107,6 +107,7 @@ def test_step_lowers_loss_and_touches_only_its_role(one, tiny_model):
     assert m2["loss"] < m1["loss"] and after < m2["loss"]
     assert m1["micro_batches"] > 1 and m1["tokens"] == sum(sum(e.mask) for e in exps)
     assert m2["version"] == 2 and one.version("student") == 2 and one.version("examiner") == 0
+    assert not any(ray.get([w.reference_loaded.remote(r) for w in one.workers for r in one.roles]))  # beta = 0
     assert m1["grad_norm"] > 0 and m1["tokens_per_s"] > 0 and m1["step_time_s"] > 0
     for n, t in one.state_dict("examiner").items():
         assert torch.equal(t, before[n]), n

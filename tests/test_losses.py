@@ -239,7 +239,9 @@ def test_surrogate_matches_independent_including_clipped(aggregation):
     shifts = torch.tensor([[0, 0, 0.5, -0.5, 0, 0, 0.05], [0, 1.0, -1.0, 0.1, 0, 0, 0], [0, 0, 0, 0, -0.3, 0, 0]])
     b["old_logprobs"] = (logp + shifts) * b["mask"]
     eps = 0.2
-    loss, m = losses.compute_loss(logits, b, _cfg(clip_eps=eps, aggregation=aggregation), lam=0.0)
+    # the plain PPO surrogate against the engine's logprobs (no truncated-IS correction)
+    cfg = _cfg(clip_eps=eps, aggregation=aggregation, is_correction="none")
+    loss, m = losses.compute_loss(logits, b, cfg, lam=0.0)
     want = _surrogate_reference(logp.tolist(), b["old_logprobs"].tolist(), b["advantages"].tolist(),
                                 b["mask"].tolist(), eps, aggregation)
     assert loss.item() == pytest.approx(want, abs=1e-5)
@@ -269,11 +271,13 @@ def test_kl_beta_adds_k3_term_and_normalizer_splits():
     for agg in ("token_mean", "seq_mean"):
         cfg = _cfg(aggregation=agg)
         full, _ = losses.compute_loss(logits, b, cfg, lam=0.3)
-        norm = losses.loss_normalizer(b, agg)
+        norm, d_norm = losses.loss_normalizer(b, agg), losses.distill_normalizer(b)
+        assert (norm, d_norm) == losses.step_normalizers(exps, cfg)
         parts = 0.0
         for sl in (slice(0, 1), slice(1, 3)):
             sub = {k: v[sl] for k, v in b.items()}
-            parts += losses.compute_loss(logits[sl], sub, cfg, lam=0.3, normalizer=norm)[0].item()
+            parts += losses.compute_loss(logits[sl], sub, cfg, lam=0.3, normalizer=norm,
+                                         distill_norm_total=d_norm)[0].item()
         assert parts == pytest.approx(full.item(), abs=1e-5)
 
 
@@ -285,3 +289,86 @@ def test_entropy_metric():
     ent = -(np.exp(s) * s).sum(-1)
     mask = b["mask"].numpy()
     assert m["entropy"] == pytest.approx(float((ent * mask).sum() / mask.sum()), abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ chunked loss
+
+
+def _reference_loss(logits, b, beta, lam, cap):
+    """Independent float64 loss, token by token: truncated-IS surrogate, k3 to ref, per-sequence distillation."""
+    lg = logits.double()
+    mask, ids = b["mask"], b["input_ids"]
+    n_tok = mask.sum().item()
+    pg = kl = 0.0
+    seq_terms = []
+    for i in range(mask.shape[0]):
+        d_sum, y_len = 0.0, mask[i].sum().item()
+        for t in range(mask.shape[1]):
+            if not mask[i, t]:
+                continue
+            lp_all = torch.log_softmax(lg[i, t], -1)
+            lp = lp_all[ids[i, t + 1]]
+            w = min(math.exp(lp.item() - b["old_logprobs"][i, t].item()), cap)
+            pg = pg - w * b["advantages"][i, t].item() * torch.exp(lp - lp.detach()) / n_tok
+            d = b["ref_logprobs"][i, t].double() - lp
+            kl = kl + (torch.exp(d) - d - 1) / n_tok
+            sp = torch.exp(lp_all[b["teacher_ids"][i, t]])
+            tp = torch.exp(b["teacher_logprobs"][i, t].double())
+            s_tail, t_tail = 1 - sp.sum(), math.exp(b["teacher_tail"][i, t].item())
+            d_sum = d_sum + (sp * torch.log(sp / tp)).sum() + s_tail * torch.log(s_tail / t_tail)
+        seq_terms.append(d_sum / y_len)
+    return pg + beta * kl + lam * sum(seq_terms) / len(seq_terms)
+
+
+def test_chunked_head_loss_equals_unchunked_and_independent_reference():
+    """Hidden states through an LM head, 2 tokens per chunk: values and gradients (hidden and head weight)
+    equal the unchunked logits path and an independent float64 loop."""
+    exps = _batch(k=4, tail=True, seed=4)
+    b = losses.collate(exps, pad_id=0)
+    b["ref_logprobs"] = (torch.randn(b["mask"].shape, generator=torch.Generator().manual_seed(2)) - 2) * b["mask"]
+    g = torch.Generator().manual_seed(9)
+    B, T = b["input_ids"].shape
+    hidden0 = torch.randn(B, T, 6, generator=g)
+    weight0 = torch.randn(V, 6, generator=g)
+    beta, lam, cap = 0.2, 0.7, 1.5
+    results = []
+    for chunk, use_head in ((2, True), (0, True), (0, False)):
+        hidden, weight = hidden0.clone().requires_grad_(True), weight0.clone().requires_grad_(True)
+        cfg = _cfg(kl_beta=beta, is_cap=cap, chunk_tokens=chunk)
+        if use_head:
+            loss, m = losses.compute_loss(hidden, b, cfg, lam=lam, head=lambda h, w=weight: h @ w.T)
+        else:
+            loss, m = losses.compute_loss(hidden @ weight.T, b, cfg, lam=lam)
+        loss.backward()
+        results.append((loss.item(), m, hidden.grad, weight.grad))
+    hidden, weight = hidden0.double().requires_grad_(True), weight0.double().requires_grad_(True)
+    want = _reference_loss(hidden @ weight.T, b, beta, lam, cap)
+    want.backward()
+    for value, m, gh, gw in results:
+        assert value == pytest.approx(want.item(), abs=1e-5)
+        torch.testing.assert_close(gh, hidden.grad.float(), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(gw, weight.grad.float(), atol=1e-5, rtol=1e-4)
+        for k in ("entropy", "distill_kl", "ref_kl", "logp_mismatch_max", "is_weight"):
+            assert m[k] == pytest.approx(results[-1][1][k], rel=1e-5, abs=1e-6), k
+    assert hidden.grad.abs().sum() > 0 and weight.grad.abs().sum() > 0
+
+
+def test_token_stats_recomputes_chunks_in_backward():
+    """With chunks, only the chunk's inputs are saved: the forward keeps no [tokens x vocab] tensor alive."""
+    from piplay_ray.learner.token_stats import token_stats
+
+    rows = torch.randn(64, 8, requires_grad=True)
+    weight = torch.randn(1000, 8, requires_grad=True)
+    big = []
+
+    def pack(t):
+        if t.numel() >= 1000 * 16:
+            big.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        token_stats(rows, torch.randint(0, 1000, (64,)), head=lambda h: h @ weight.T, chunk_tokens=16)
+    assert big == []
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        token_stats(rows, torch.randint(0, 1000, (64,)), head=lambda h: h @ weight.T, chunk_tokens=0)
+    assert big  # the unchunked computation saves full-vocabulary logits

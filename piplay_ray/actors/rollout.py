@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import time
 import uuid
 from collections.abc import Sequence
@@ -139,6 +140,17 @@ def _split(n_items: int, n_parts: int) -> list[range]:
     return [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
+def cpu_core_binding(cfg, role: str, index: int) -> dict[str, str]:
+    """On one CPU machine, vLLM binds every engine to the same first core (it reserves the next one);
+    spreading the engines over the cores lets the examiner and student engines run side by side."""
+    r = cfg.rollout
+    if (cfg.run.mode != "local" or r.engine != "vllm" or r.num_gpus_per_worker
+            or os.environ.get("VLLM_CPU_OMP_THREADS_BIND")):
+        return {}
+    slot = ("examiner", "student").index(role) * r.workers_per_role + index
+    return {"VLLM_CPU_OMP_THREADS_BIND": str(slot % (os.cpu_count() or 1))}
+
+
 class RolloutPool:
     """`cfg.rollout.workers_per_role` workers holding one role's weights; requests are split across them."""
 
@@ -150,7 +162,8 @@ class RolloutPool:
         self.workers = [
             RolloutWorker.options(num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker * r.tensor_parallel_size,
                                   max_restarts=cfg.fault.max_actor_restarts,
-                                  name=f"{name}-{i}" if name else None)
+                                  name=f"{name}-{i}" if name else None,
+                                  runtime_env={"env_vars": cpu_core_binding(cfg, role, i)})
             .remote(role, model_path, cfg, search_pool, seed=cfg.run.seed + 1000 * i)
             for i in range(r.workers_per_role)
         ]

@@ -7,7 +7,8 @@ leave it are refused); on a loopback bind the Host header must name loopback (no
 is served with a strict Content-Security-Policy, and the page itself renders model text as text only.
 
 Endpoints: `/api/run`, `/api/metrics?offset=BYTES` (incremental: the page polls and appends),
-`/api/health`, `/api/tasks`, `/api/task?id=ID`, `/api/file?path=REL` (text files, e.g. logs/).
+`/api/summary` (the run summary of `piplay_ray.summary`, recomputed per request), `/api/health`,
+`/api/tasks`, `/api/task?id=ID`, `/api/file?path=REL` (text files, e.g. logs/).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from piplay_ray import summary as run_summary
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +164,10 @@ class RunReader:
         except (FileNotFoundError, json.JSONDecodeError):
             return {"actors": {}, "updated": None}
         return _finite(body) if isinstance(body, dict) else {"actors": {}, "updated": None}
+
+    def summary(self) -> dict:
+        """The run summary so far (a read of metrics.jsonl and eval/*/metrics.json: cheap enough per poll)."""
+        return _finite(run_summary.compute(self.root))
 
     def _samples(self) -> list[dict]:
         out = []
@@ -308,6 +315,8 @@ class DashboardHandler(BaseHTTPRequestHandler):
             return self._json(r.metrics(offset))
         if path == "/api/health":
             return self._json(r.health())
+        if path == "/api/summary":
+            return self._json(r.summary())
         if path == "/api/tasks":
             return self._json(r.tasks())
         if path == "/api/task":

@@ -25,11 +25,15 @@ import torch
 
 from piplay_ray.config import Config, LearnerConfig
 from piplay_ray.learner import batching, checkpoint
+from piplay_ray.learner.hidden import HiddenForward
+from piplay_ray.learner.rank_env import rank_env
+from piplay_ray.learner.schedule import make_scheduler
 from piplay_ray.records import Experience
 
 log = logging.getLogger(__name__)
 ROLES = ("examiner", "student")
 _ADDITIVE = {"loss", "pg_loss", "tokens"}  # summed over micro-batches; every other metric is a token mean
+_MAXED = {"logp_mismatch_max"}  # the max over micro-batches and ranks
 
 
 def ds_config(lc: LearnerConfig, world_size: int, bf16: bool) -> dict:
@@ -95,11 +99,17 @@ class _Policy:
             model.config.use_cache = False
         opt = torch.optim.AdamW(model.parameters(), lr=lc.lr, weight_decay=lc.weight_decay,
                                 fused=device.type == "cuda")
-        sched = torch.optim.lr_scheduler.ConstantLR(opt, factor=1.0, total_iters=0)
+        sched = make_scheduler(opt, lc.lr_warmup_steps)
         self.bf16 = use_bf16(lc.bf16, device)
+        self.forward = HiddenForward(model)  # hooks the module before DeepSpeed wraps it
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=ds_config(lc, world_size, self.bf16))
         self.offloaded = False
+        self.reference = None
+        if lc.loss.kl_beta > 0:  # beta * KL to the frozen initial policy; beta = 0 loads nothing
+            from piplay_ray.learner.reference import Reference
+
+            self.reference = Reference(path, device, torch.bfloat16 if self.bf16 else torch.float32)
 
     @property
     def zero3(self) -> bool:
@@ -135,13 +145,13 @@ class LearnerWorker:
     def node_info(self) -> tuple[str, int, int]:
         import ray
 
-        gpu = ray.get_gpu_ids()
-        return ray.util.get_node_ip_address(), _free_port(), int(gpu[0]) if gpu else -1
+        return ray.util.get_node_ip_address(), _free_port(), ray.get_gpu_ids()
 
     def setup(self, master_addr: str, master_port: int, local_rank: int, local_size: int) -> dict:
-        env = {"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(self.rank),
-               "WORLD_SIZE": str(self.world_size), "LOCAL_RANK": str(local_rank), "LOCAL_SIZE": str(local_size),
-               "CROSS_RANK": "0", "CROSS_SIZE": "1"}
+        import ray
+
+        env, cuda_index = rank_env(self.rank, self.world_size, local_rank, local_size, master_addr, master_port,
+                                   ray.get_gpu_ids(), os.environ)
         os.environ.update(env)
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -150,9 +160,8 @@ class LearnerWorker:
 
         from piplay_ray import assets
 
-        # Ray gives each GPU rank its own device, so the visible device is always index 0
-        if torch.cuda.is_available():
-            torch.cuda.set_device(0)
+        if torch.cuda.is_available() and cuda_index is not None:
+            torch.cuda.set_device(cuda_index)
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    auto_mpi_discovery=False, init_method=f"tcp://{master_addr}:{master_port}",
                                    rank=self.rank, world_size=self.world_size)
@@ -209,7 +218,7 @@ class LearnerWorker:
     def train_step(self, role: str, experiences: list[Experience], lam: float = 0.0,
                    objective: str = "rl") -> dict[str, float]:
         """One optimizer step; `objective` "rl" (the π-Play loss) or "sft" (the warm start's NLL)."""
-        from piplay_ray.losses import collate, compute_loss, sft_loss
+        from piplay_ray.losses import collate, compute_loss, sft_loss, step_normalizers
 
         pol = self._policy(role)
         if self.active != role:
@@ -221,9 +230,9 @@ class LearnerWorker:
             raise ValueError(f"train_step({role!r}): got experiences of role(s) {sorted(wrong)}")
         _validate(experiences)  # on every rank before any collective: a bad record fails all ranks, never hangs one
         lc = self.cfg.learner
-        agg = lc.loss.aggregation
-        normalizer = (sum(sum(e.mask) for e in experiences) if agg == "token_mean" or objective == "sft"
-                      else sum(1 for e in experiences if any(e.mask)))
+        normalizer, distill_norm = step_normalizers(experiences, lc.loss)
+        if objective == "sft":  # a token mean over the demonstrations' own turns
+            normalizer = float(sum(sum(e.mask) for e in experiences))
         if normalizer == 0:
             raise ValueError(f"train_step({role!r}): no experience has a trained (mask==1) token")
         plan = batching.plan([e.num_tokens for e in experiences], lc.micro_batch_tokens, self.world_size)
@@ -236,17 +245,24 @@ class LearnerWorker:
             real = bool(mb)
             batch = collate([experiences[i] for i in (mb or [0])], pol.pad_id)  # filler: zero-weight copy
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            if objective == "rl" and pol.reference is not None:
+                batch["ref_logprobs"] = pol.reference.logprobs(batch, lc.loss.chunk_tokens)
+            hidden = pol.forward(engine, batch)
             if objective == "sft":
-                loss, metrics = sft_loss(logits, batch, float(normalizer))
+                loss, metrics = sft_loss(hidden, batch, normalizer, pol.forward.head, lc.loss.chunk_tokens)
             else:
-                loss, metrics = compute_loss(logits, batch, lc.loss, lam, normalizer=float(normalizer))
+                loss, metrics = compute_loss(hidden, batch, lc.loss, lam, normalizer=normalizer, head=pol.forward.head,
+                                             distill_norm_total=distill_norm)
             engine.set_gradient_accumulation_boundary(j == len(mine) - 1)
             engine.backward(loss * (self.world_size if real else 0.0), scale_wrt_gas=False)
             if real:
                 for k, v in metrics.items():
+                    if k in _MAXED:
+                        sums[k] = max(sums.get(k, v), v)
+                        continue
                     w = 1.0 if k in _ADDITIVE else metrics.get("tokens", 0.0)
                     sums[k] = sums.get(k, 0.0) + v * w
+        lr = float(pol.scheduler.get_last_lr()[0])  # the rate this step uses (warm-up moves it after the step)
         engine.step()
         step_s = time.perf_counter() - t0
         pol.version += 1
@@ -257,12 +273,12 @@ class LearnerWorker:
         total: dict[str, float] = {}
         for g in gathered:
             for k, v in g["sums"].items():
-                total[k] = total.get(k, 0.0) + v
+                total[k] = max(total.get(k, v), v) if k in _MAXED else total.get(k, 0.0) + v
         trained = total.get("tokens", 0.0)
-        out = {k: (v if k in _ADDITIVE else v / max(trained, 1.0)) for k, v in total.items()}
+        out = {k: (v if k in _ADDITIVE | _MAXED else v / max(trained, 1.0)) for k, v in total.items()}
         seen = sum(g["tokens_seen"] for g in gathered)
         out.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                   lr=float(pol.scheduler.get_last_lr()[0]), step_time_s=step_s, tokens_per_s=seen / step_s,
+                   lr=lr, step_time_s=step_s, tokens_per_s=seen / step_s,
                    total_tokens=float(seen), micro_batches=float(len(mine) * self.world_size),
                    sequences=float(len(experiences)), version=float(pol.version))
         return out
@@ -271,6 +287,9 @@ class LearnerWorker:
 
     def version(self, role: str) -> int:
         return self._policy(role).version
+
+    def reference_loaded(self, role: str) -> bool:
+        return self._policy(role).reference is not None
 
     def publish(self, role: str, transport_kind: str | None = None):
         """Every rank iterates (ZeRO-3 gathers); rank 0 packs and returns the bundle, others return None."""

@@ -3,7 +3,7 @@
 // this file never parses HTML strings.
 "use strict";
 
-const POLL_METRICS_MS = 3000, POLL_HEALTH_MS = 5000, POLL_TASKS_MS = 10000;
+const POLL_METRICS_MS = 3000, POLL_SUMMARY_MS = 5000, POLL_HEALTH_MS = 5000, POLL_TASKS_MS = 10000;
 const COLORS = ["#2f6fdf", "#e0662c", "#2a9d4b", "#9b3fc8", "#c9a21a", "#d1335b", "#17a2b8"];
 
 const PANELS = {
@@ -108,6 +108,15 @@ function series(keys, xkey) {
 
 function chartWidth(node) { return Math.max(240, (node.clientWidth || 360) - 4); }
 
+// Axis ranges from the data, padded a little (uPlot's own would give a lone point a 0–100 axis);
+// `lone` is the half-width around a single value.
+function fitRange(min, max, pad, lone) {
+  if (!isNum(min) || !isNum(max)) return [0, 1];
+  if (max > min) return [min - (max - min) * pad, max + (max - min) * pad];
+  return [min - lone(min), max + lone(max)];
+}
+const yRange = (u, min, max) => fitRange(min, max, 0.08, v => Math.abs(v) * 0.1 || 0.5);
+
 function drawChart(node, keys, title, xkey) {
   const {data, points} = series(keys, xkey);
   node.dataset.points = String(points);
@@ -124,7 +133,10 @@ function drawChart(node, keys, title, xkey) {
   if (!entry.plot) {
     const opts = {
       width: chartWidth(node), height: 170,
-      scales: {x: {time: false}},
+      scales: {x: {time: false}, y: {range: yRange}},
+      hooks: {setScale: [(u, key) => {  // the drawn ranges, for tests and curious readers of the DOM
+        node.dataset[key + "Range"] = fmt(u.scales[key].min, 4) + "," + fmt(u.scales[key].max, 4);
+      }]},
       axes: [{label: xkey, incrs: [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]}, {size: 56}],
       series: [{label: xkey}].concat(keys.map((k, i) => ({
         label: k, stroke: COLORS[i % COLORS.length], width: 1.5, spanGaps: true,
@@ -136,6 +148,10 @@ function drawChart(node, keys, title, xkey) {
   } else {
     entry.plot.setData(data);
   }
+  // x is set outright: uPlot skips a range function for a lone x value (it would give [0, 2x])
+  const xs = data[0];
+  const [min, max] = fitRange(xs[0], xs[xs.length - 1], 0, () => 1);
+  entry.plot.setScale("x", {min, max});
 }
 
 function chartNode(gridId, id) {
@@ -148,6 +164,29 @@ function chartNode(gridId, id) {
 }
 
 function chartId(keys) { return "chart-" + keys[0].replace(/[^a-zA-Z0-9]+/g, "-"); }
+
+function resizeCharts(root) {
+  for (const node of root.querySelectorAll(".chart")) {
+    const entry = state.charts.get(node.id);
+    if (entry && entry.plot) entry.plot.setSize({width: chartWidth(node), height: 170});
+  }
+}
+
+// The collapsible group (<details>, closed until opened) of the other metrics in namespace `ns`; its grid's id.
+function otherGroup(ns, count) {
+  const id = "ns-" + ns.replace(/[^a-zA-Z0-9]+/g, "-");
+  let det = document.getElementById(id);
+  if (!det) {
+    const grid = el("div", {class: "grid3", id: id + "-grid"});
+    det = el("details", {class: "ns", id, "data-ns": ns}, el("summary", {}, ns, el("span", {class: "count"})), grid);
+    det.addEventListener("toggle", () => { if (det.open) resizeCharts(grid); });
+    const root = document.getElementById("other-groups");
+    const next = [...root.children].find(d => d.dataset.ns > ns);  // keep the namespaces sorted
+    root.insertBefore(det, next || null);
+  }
+  det.querySelector(".count").textContent = ` · ${count} chart${count === 1 ? "" : "s"}`;
+  return id + "-grid";
+}
 
 function drawAllCharts() {
   drawChart(document.getElementById("chart-rewards"), REWARDS, "Reward / EM per learner step", "step");
@@ -162,9 +201,67 @@ function drawAllCharts() {
     }
   }
   // anything the driver logs that no panel names (eval/*, new metrics) still gets a chart
+  // grouped by namespace (the part before the first "/"), each group collapsed until opened
   const other = [...state.keys].filter(k => !known.has(k)).sort();
   document.getElementById("panel-other").hidden = other.length === 0;
-  for (const k of other) drawChart(chartNode("grid-other", chartId([k])), [k], k, "step");
+  const groups = new Map();
+  for (const k of other) {
+    const ns = k.includes("/") ? k.slice(0, k.indexOf("/")) : "other";
+    groups.set(ns, (groups.get(ns) || []).concat([k]));
+  }
+  for (const [ns, keys] of groups) {
+    const grid = otherGroup(ns, keys.length);
+    for (const k of keys) drawChart(chartNode(grid, chartId([k])), [k], k, "step");
+  }
+}
+
+// ------------------------------------------------------------------------------------------ run summary
+
+function withSE(v, se) { return fmt(v) + (isNum(se) ? " ± " + fmt(se) : ""); }
+
+// The story first: held-out EM before → after (± standard error, n) and each target met or missed.
+function renderSummary(s) {
+  const root = document.getElementById("summary");
+  clear(root);
+  root.className = "summary";
+  const before = isNum(s.em_before), after = isNum(s.em_after);
+  const em = el("div", {class: "em", id: "summary-em", "data-before": before ? s.em_before : null,
+    "data-after": after ? s.em_after : null, "data-n": isNum(s.eval_n) ? s.eval_n : null}, "held-out EM ");
+  if (!before && !after) em.appendChild(el("span", {class: "empty"}, "not evaluated yet"));
+  if (before) em.appendChild(el("span", {class: "em-before"}, withSE(s.em_before, s.em_before_se)));
+  if (before) em.appendChild(el("span", {class: "hint"}, " before training"));
+  if (before || after) em.appendChild(document.createTextNode(" → "));
+  if (after) {
+    const cls = "em-after" + (before ? (s.em_after > s.em_before ? " up" : " flat") : "");
+    em.appendChild(el("span", {class: cls}, withSE(s.em_after, s.em_after_se)));
+    em.appendChild(el("span", {class: "hint"}, " " + (s.eval_after || "after")));
+  } else if (before) {
+    em.appendChild(el("span", {class: "empty"}, "after training: not yet"));
+  }
+  if (isNum(s.eval_n)) em.appendChild(el("span", {class: "hint"}, ` (n = ${s.eval_n})`));
+  root.appendChild(em);
+
+  const body = el("tbody");
+  for (const [key, t] of Object.entries(s.targets || {})) {
+    const measured = isNum(t.value);
+    const status = !measured ? "not measured yet" : t.met ? "met" : "missed";
+    body.appendChild(el("tr", {"data-target": key, "data-met": measured ? String(Boolean(t.met)) : null},
+      el("td", {}, t.what || key), el("td", {class: "num"}, fmt(t.value)),
+      el("td", {class: "num"}, (key === "em_gain" ? "> " : "≥ ") + fmt(t.target)),
+      el("td", {class: "status " + (measured ? (t.met ? "met" : "missed") : "empty")}, status)));
+  }
+  root.appendChild(el("table", {id: "summary-targets"},
+    el("thead", {}, el("tr", {}, el("th", {}, "target"), el("th", {}, "value"), el("th", {}, "goal"),
+      el("th", {}, ""))), body));
+  root.appendChild(el("div", {class: "hint", id: "summary-training"},
+    `training: student reward ${fmt(s.student_reward)} · answer rate ${fmt(s.train_answer_rate)} · ` +
+    `searches per trajectory ${fmt(s.train_searches_per_traj)}`));
+}
+
+async function pollSummary() {
+  let s;
+  try { s = await getJSON("/api/summary"); } catch (e) { return; }  // the status line reports connectivity
+  renderSummary(s);
 }
 
 // ------------------------------------------------------------------------------------------ solve rates
@@ -385,16 +482,13 @@ function renderTrajectory(s, scale) {
 
 document.getElementById("iter-filter").addEventListener("change", renderTaskList);
 window.addEventListener("hashchange", () => { const w = wantedTask(); if (w) selectTask(w); });
-window.addEventListener("resize", () => {
-  for (const [id, entry] of state.charts) {
-    const node = document.getElementById(id);
-    if (entry.plot && node) entry.plot.setSize({width: chartWidth(node), height: 170});
-  }
-});
+window.addEventListener("resize", () => resizeCharts(document));
 pollRun();
+pollSummary();
 pollMetrics();
 pollHealth();
 pollTasks();
 setInterval(pollMetrics, POLL_METRICS_MS);
+setInterval(pollSummary, POLL_SUMMARY_MS);
 setInterval(pollHealth, POLL_HEALTH_MS);
 setInterval(pollTasks, POLL_TASKS_MS);
