@@ -123,6 +123,16 @@ class TeacherConfig(Section):
     ema_tau: Prob = 0.05
     num_cpus: Annotated[float, Field(gt=0)] = 1.0
     num_gpus: Annotated[float, Field(ge=0)] = 0.0
+    # the teacher's own vLLM engine (backend vllm): its parallelism and GPU memory share, not the rollout's
+    tensor_parallel_size: PosInt = 1
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.85
+
+    @model_validator(mode="after")
+    def _fits_its_gpus(self) -> TeacherConfig:
+        if self.num_gpus > 0 and self.tensor_parallel_size > self.num_gpus:
+            raise ValueError(f"teacher.tensor_parallel_size={self.tensor_parallel_size} needs that many GPUs but "
+                             f"teacher.num_gpus={self.num_gpus:g}; raise teacher.num_gpus or lower the parallelism")
+        return self
 
 
 class LossConfig(Section):
@@ -148,8 +158,10 @@ class LearnerConfig(Section):
 
 
 class WeightSyncConfig(Section):
-    transport: Literal["object_store", "nccl"] = "object_store"
+    # object_store: one node (shared memory); collective: a broadcast per role (NCCL on GPUs, gloo on CPU)
+    transport: Literal["object_store", "collective"] = "object_store"
     bucket_mb: PosInt = 256
+    timeout_s: PosInt = 600  # a collective sync (or a rendezvous) that waits longer fails and is retried
 
 
 class ReplayConfig(Section):

@@ -106,7 +106,7 @@ def test_cluster_configs_validate_with_piplay_config_show(path, capsys):
 def test_cluster_config_layout(path):
     cfg = load_config(path)
     lay = L.layout(cfg)
-    assert cfg.learner.zero_stage == 3 and cfg.weight_sync.transport == "nccl"
+    assert cfg.learner.zero_stage == 3 and cfg.weight_sync.transport == "collective"
     assert cfg.rollout.engine == "vllm" and cfg.teacher.backend == "vllm" and cfg.teacher.num_gpus >= 1
     assert cfg.search.retriever == "http" and cfg.run.root.startswith("/shared/")
     assert cfg.schedule.distill_lambda == [0.03, 0.003, 0.002] and cfg.teacher.ema_tau == 0.05

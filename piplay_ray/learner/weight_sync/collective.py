@@ -31,6 +31,7 @@ class Member:
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
+        self.version: int | None = None  # the version of the last sync received (receivers)
         self._key: tuple | None = None
         self._pg = None
         self._store = None
@@ -55,16 +56,19 @@ class Member:
 
 class Receiver(Member):
     def receive(self, ticket: dict, rank_offset: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
-        """The weights of `ticket['version']` as they arrive, one bucket at a time; consume it to the end."""
+        """The weights of `ticket['version']` as they arrive, one bucket at a time; consume it to the end.
+        A ticket whose version is None takes the version the sender holds (a resync); `self.version` says
+        which arrived."""
         self.join(Rendezvous.of(ticket), int(ticket["rank"]) + rank_offset)
-        want = int(ticket["version"])
+        want = ticket.get("version")
         try:
             while True:
                 head = torch.zeros(3, dtype=torch.int64, device=self.device)
                 self.broadcast(head)
                 version, size, spec_bytes = (int(x) for x in head.tolist())
-                if version != want:
+                if want is not None and version != int(want):
                     raise RuntimeError(f"weight sync: received version {version}, expected {want}")
+                self.version = version
                 if size == END:
                     return
                 raw = torch.empty(spec_bytes, dtype=torch.uint8, device=self.device)
