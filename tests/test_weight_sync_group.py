@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import pytest
 import ray
 import torch
+from test_learner_vllm import _batch, _sampled_logprobs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from piplay_ray.config import load_config
-from test_learner_vllm import _batch, _sampled_logprobs
 
 
 def _check_vllm(worker, tiny_model, learner_sd, version):

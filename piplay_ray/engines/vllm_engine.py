@@ -61,9 +61,9 @@ class WeightLoader:
     def piplay_receive(self, ticket: dict) -> list[int]:
         """Receive one collective sync as rank `ticket['rank'] + self.rank`; returns [version, tensors]."""
         import torch
+        from vllm.platforms import current_platform
 
         from piplay_ray.learner.weight_sync.collective import Receiver
-        from vllm.platforms import current_platform
 
         if getattr(self, "_piplay_receiver", None) is None:
             device = torch.device("cpu") if current_platform.is_cpu() else self.device
