@@ -162,6 +162,9 @@ class WeightSyncConfig(Section):
     transport: Literal["object_store", "collective"] = "object_store"
     bucket_mb: PosInt = 256
     timeout_s: PosInt = 600  # a collective sync (or a rendezvous) that waits longer fails and is retried
+    # collective backend: auto = NCCL for GPU tensors, gloo on CPU; gloo also moves GPU tensors (via host
+    # memory), for members that share one GPU (NCCL refuses two ranks on one device)
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
 
 
 class ReplayConfig(Section):

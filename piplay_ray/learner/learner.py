@@ -294,8 +294,9 @@ class LearnerWorker:
 
         import ray
 
+        ws = self.cfg.weight_sync
         rdv = self._transport(role, "collective").open(ray.util.get_node_ip_address(), world, generation,
-                                                        self.cfg.weight_sync.timeout_s)
+                                                        ws.timeout_s, ws.backend)
         return dataclasses.asdict(rdv)
 
     def state_dict(self, role: str) -> dict[str, torch.Tensor] | None:

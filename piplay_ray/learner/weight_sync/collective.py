@@ -113,11 +113,11 @@ class CollectiveTransport(Transport):
         self._store = None
         self._scratch: list[torch.Tensor] = []
 
-    def open(self, host: str, world: int, generation: int, timeout_s: float) -> Rendezvous:
+    def open(self, host: str, world: int, generation: int, timeout_s: float, backend: str = "auto") -> Rendezvous:
         """Start a new generation of the group (a fresh store); members join it at the next publish."""
         self.member.leave()
         self._store, port = host_store(host, world, timeout_s)
-        self.rdv = Rendezvous(host, port, world, generation, timeout_s)
+        self.rdv = Rendezvous(host, port, world, generation, timeout_s, backend)
         return self.rdv
 
     def publish(self, version: int, named: Iterable[tuple[str, torch.Tensor]]) -> CollectiveReceipt:

@@ -25,6 +25,7 @@ class Rendezvous:
     world: int
     generation: int
     timeout_s: float
+    backend: str = "auto"  # auto: by device; gloo also carries CUDA tensors (through host memory)
 
     def ticket(self, rank: int, version: int) -> dict:
         """What one member needs for one sync: the rendezvous, its first rank and the version sent."""
@@ -33,10 +34,12 @@ class Rendezvous:
     @classmethod
     def of(cls, ticket: dict) -> Rendezvous:
         return cls(ticket["host"], int(ticket["port"]), int(ticket["world"]), int(ticket["generation"]),
-                   float(ticket["timeout_s"]))
+                   float(ticket["timeout_s"]), ticket.get("backend", "auto"))
 
 
-def backend_for(device: torch.device) -> str:
+def backend_for(device: torch.device, setting: str = "auto") -> str:
+    if setting != "auto":
+        return setting
     return "nccl" if torch.device(device).type == "cuda" else "gloo"
 
 
@@ -58,7 +61,7 @@ def make_group(rdv: Rendezvous, rank: int, device: torch.device, store=None):
         store = dist.TCPStore(rdv.host, rdv.port, rdv.world, is_master=False, timeout=timeout)
     if not 0 <= rank < rdv.world:
         raise ValueError(f"weight-sync rank {rank} outside a group of {rdv.world}")
-    if backend_for(device) == "nccl":
+    if backend_for(device, rdv.backend) == "nccl":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
         return dist.ProcessGroupNCCL(store, rank, rdv.world, opts), store
