@@ -53,6 +53,10 @@ class Member:
     def broadcast(self, t: torch.Tensor) -> None:
         self._pg.broadcast(t, 0).wait()
 
+    def start_broadcast(self, t: torch.Tensor):
+        """An asynchronous broadcast from rank 0; `.wait()` on the returned work before touching `t`."""
+        return self._pg.broadcast(t, 0)
+
 
 class Receiver(Member):
     def receive(self, ticket: dict, rank_offset: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
@@ -127,14 +131,20 @@ class CollectiveTransport(Transport):
         member, dev = self.member, self.member.device
         try:
             member.join(self.rdv, 0, self._store)
-            names, nbytes = [], 0
+            names, nbytes, sending = [], 0, None
+            # each bucket has its own scratch buffer, so the next one is gathered and packed while the
+            # previous one is still on the wire
             for buf, specs in pack_buckets(named, self.bucket_bytes, self._scratch, device=dev):
+                if sending is not None:
+                    sending.wait()
                 raw = json.dumps([[s.name, s.dtype, list(s.shape), s.offset, s.nbytes] for s in specs]).encode()
                 member.broadcast(torch.tensor([version, buf.numel(), len(raw)], dtype=torch.int64, device=dev))
                 member.broadcast(torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(dev))
-                member.broadcast(buf)
+                sending = member.start_broadcast(buf)
                 names += [s.name for s in specs]
                 nbytes += sum(s.nbytes for s in specs)
+            if sending is not None:
+                sending.wait()
             member.broadcast(torch.tensor([version, END, 0], dtype=torch.int64, device=dev))
         except BaseException:
             member.leave()
