@@ -296,8 +296,8 @@ class EvolutionLoop:
         if (bundle is None and not (self.syncs and role in self.bundles)) or self.pool_versions[role] >= version:
             return
         t = time.monotonic()
-        if self.syncs:
-            await self.syncs[role].sync(version)
+        if self.syncs:  # the learner may have moved past `version` meanwhile: the pool takes what it holds
+            version = (await self.syncs[role].sync(None, minimum=version))["version"]
         else:
             await self.pools[role].aupdate_weights(version, bundle)
         self.pool_versions[role] = version

@@ -86,3 +86,13 @@ def test_a_non_actor_error_is_raised():
     teacher.receive_weights = _Method(lambda ticket, mode: (_ for _ in ()).throw(ValueError("bad weights")))
     with pytest.raises(ValueError, match="bad weights"):
         asyncio.run(sync.sync(7))
+
+
+def test_a_pool_behind_the_minimum_is_synced_even_when_consistent():
+    sync, learner, engines, teacher, pool = _setup()
+    asyncio.run(sync.sync(None))  # everyone at 7, the learner's version
+    assert learner.sent == 1
+    asyncio.run(sync.sync(None, minimum=7))
+    assert learner.sent == 1  # nothing to do
+    asyncio.run(sync.sync(None, minimum=8))  # the producer wants 8: the learner sends what it holds
+    assert learner.sent == 2

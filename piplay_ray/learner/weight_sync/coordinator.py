@@ -49,9 +49,12 @@ class GroupSync:
         """Bring every worker (a restarted one) to the learner's current weights; the teacher only drains."""
         await self.sync(None)
 
-    async def sync(self, version: int | None, teacher_mode: str = "skip") -> dict:
+    async def sync(self, version: int | None, teacher_mode: str = "skip", minimum: int | None = None) -> dict:
         """Broadcast the learner's current weights of the role to every member; `version` is what they must
-        receive (None: whatever the learner holds). Returns {version, seconds, bytes, generation}."""
+        receive (None: whatever the learner holds, e.g. from a producer while the learner trains on). With
+        version None and nothing for the teacher, a sync that would change nothing (every worker at the
+        pool's version, at least `minimum`, nobody restarted) is skipped. Returns {version, seconds, bytes,
+        generation}."""
         from piplay_ray.fault import is_actor_failure
 
         async with self._lock:
@@ -60,7 +63,8 @@ class GroupSync:
                 workers = members[: len(self.pool.workers)]
                 if (version is None and self.rdv is not None and teacher_mode == "skip"
                         and [m[1] for m in members] == self._incarnations
-                        and len({v for *_, v in workers} | {self.pool.version}) == 1):
+                        and len({v for *_, v in workers} | {self.pool.version}) == 1
+                        and (minimum is None or self.pool.version >= minimum)):
                     return self.last  # a resync that another sync already made unnecessary
                 if self.rdv is None or [inc for _, inc, _, _ in members] != self._incarnations:
                     await self._open(members)
