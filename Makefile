@@ -6,7 +6,7 @@ STAMP := $(VENV)/.piplay-installed
 CONFIG ?= configs/local.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup browser assets run test test-all lint bench clean
+.PHONY: setup browser assets run test test-all lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,11 @@ bench: setup assets
 	$(PY) bench/rollout.py
 	$(PY) bench/weight_sync.py
 	$(PY) bench/pipeline.py
+
+# On a machine with one GPU and the `gpu` extra installed (pip install -e '.[gpu]'): the whole loop with vLLM
+# on CUDA, ZeRO-3, collective (NCCL) weight sync and fractional GPUs; fails at once without a GPU.
+gpu-check:
+	$(PY) bench/gpu_check.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,11 +1,14 @@
-"""Benchmark one weight sync: DeepSpeed learner -> object-store bundle -> two rollout workers.
+"""Benchmark one weight sync: DeepSpeed learner -> two rollout workers, per transport.
 
-For each model, a 1-rank learner group publishes its weights (gathered, packed into buckets, put once)
-and two Ray actors each holding a rollout engine load them (`update_weights(version, bundle)`). The
-figure to beat is a plain in-memory copy of the same number of bytes, measured in the same process
-right after: the transport cannot go faster than memory bandwidth.
+For each model, a 1-rank learner group publishes its weights and two Ray actors each holding a rollout
+engine load them. `object_store`: gathered, packed into buckets, put once, each worker maps and loads them
+(`update_weights(version, bundle)`). `collective`: the learner's rank 0 broadcasts the buckets in the role's
+process group (gloo on CPU) while both workers receive and load them (`GroupSync.sync`). The figure to beat
+is a plain in-memory copy of the same number of bytes, measured in the same process right after: the
+transport cannot go faster than memory bandwidth.
 
     python bench/weight_sync.py [--models tiny,smollm2] [--engine transformers|vllm] [--repeats 3]
+                                [--transports object_store,collective]
 
 Prints one JSON line per model, then a final JSON line with all of them.
 """
@@ -41,6 +44,14 @@ class Worker:
         self.engine.update_weights(version, bundle)
         return time.perf_counter() - t0
 
+    def sync_member(self) -> tuple[str, int, int]:
+        return "bench", self.engine.group_ranks, self.engine.version
+
+    def receive_weights(self, ticket: dict) -> int:
+        import asyncio
+
+        return asyncio.run(self.engine.areceive_weights(ticket))
+
     def shutdown(self) -> None:
         if hasattr(self.engine, "shutdown"):
             self.engine.shutdown()
@@ -57,22 +68,41 @@ def memcpy_gbps(nbytes: int, repeats: int = 5) -> float:
     return nbytes / best / 1e9
 
 
-def bench_model(name: str, engine: str, repeats: int) -> dict:
+def _object_store_run(group, workers) -> dict:
+    t0 = time.perf_counter()
+    bundle = group.weights("student")
+    t1 = time.perf_counter()
+    loads = ray.get([w.update_weights.remote(bundle.version, bundle) for w in workers])
+    t2 = time.perf_counter()
+    run = {"publish_s": t1 - t0, "pack_s": bundle.publish_s, "receive_s": t2 - t1, "seconds": t2 - t0,
+           "worker_load_s": max(loads), "bytes": bundle.nbytes, "buckets": len(bundle.refs)}
+    del bundle
+    return run
+
+
+def _collective_run(sync) -> dict:
+    import asyncio
+
+    sync.pool.version = -1  # else a resync of workers already current is skipped
+    done = asyncio.run(sync.sync(None))
+    return {"seconds": done["seconds"], "bytes": done["bytes"], "generation": done["generation"]}
+
+
+def bench_model(name: str, engine: str, repeats: int, transport: str) -> dict:
+    from types import SimpleNamespace
+
+    from piplay_ray.learner.weight_sync.coordinator import GroupSync
+
     path = assets.resolve_model(f"builtin:{name}")
-    cfg = load_config("configs/tiny.yaml", [f"model.base={path}", "learner.world_size=1"])
+    cfg = load_config("configs/tiny.yaml", [f"model.base={path}", "learner.world_size=1",
+                                            f"weight_sync.transport={transport}"])
     group = LearnerGroup(cfg, roles=("student",))
     workers = [Worker.remote(engine, path, cfg.rollout.model_dump()) for _ in range(2)]
+    sync = GroupSync("student", group, SimpleNamespace(workers=workers, version=-1), None, retries=0)
     try:
         best = None
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            bundle = group.weights("student")
-            t1 = time.perf_counter()
-            loads = ray.get([w.update_weights.remote(bundle.version, bundle) for w in workers])
-            t2 = time.perf_counter()
-            run = {"publish_s": t1 - t0, "pack_s": bundle.publish_s, "receive_s": t2 - t1, "seconds": t2 - t0,
-                   "worker_load_s": max(loads), "bytes": bundle.nbytes, "buckets": len(bundle.refs)}
-            del bundle
+        for _ in range(repeats):  # the first collective sync also forms the group; the best run counts
+            run = _object_store_run(group, workers) if transport == "object_store" else _collective_run(sync)
             run["memcpy_gbps"] = memcpy_gbps(run["bytes"])  # right after, under the same machine load
             if best is None or run["seconds"] < best["seconds"]:
                 best = run
@@ -83,7 +113,8 @@ def bench_model(name: str, engine: str, repeats: int) -> dict:
         group.shutdown()
     copy = best.pop("memcpy_gbps")
     gbps = best["bytes"] / best["seconds"] / 1e9
-    return {"model": name, **{k: round(v, 4) if isinstance(v, float) else v for k, v in best.items()},
+    return {"model": name, "transport": transport,
+            **{k: round(v, 4) if isinstance(v, float) else v for k, v in best.items()},
             "gbps": round(gbps, 3), "delivered_gbps": round(2 * gbps, 3),
             "memcpy_gbps": round(copy, 3), "ratio": round(gbps / copy, 4)}
 
@@ -93,6 +124,7 @@ def main() -> None:
     ap.add_argument("--models", default="tiny,smollm2")
     ap.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--transports", default="object_store,collective")
     ap.add_argument("--num-cpus", type=int, default=4)
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -101,13 +133,14 @@ def main() -> None:
     results = []
     try:
         for name in args.models.split(","):
-            r = bench_model(name.strip(), args.engine, args.repeats)
-            results.append(r)
-            print(json.dumps(r), flush=True)
+            for transport in args.transports.split(","):
+                r = bench_model(name.strip(), args.engine, args.repeats, transport.strip())
+                results.append(r)
+                print(json.dumps(r), flush=True)
     finally:
         ray.shutdown()
-    print(json.dumps({"bench": "weight_sync", "transport": "object_store", "engine": args.engine, "receivers": 2,
-                      "models": {r["model"]: r for r in results}}), flush=True)
+    print(json.dumps({"bench": "weight_sync", "engine": args.engine, "receivers": 2,
+                      "results": {f"{r['model']}/{r['transport']}": r for r in results}}), flush=True)
 
 
 if __name__ == "__main__":

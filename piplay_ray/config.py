@@ -135,6 +135,16 @@ class TeacherConfig(Section):
     ema_tau: Prob = 0.05
     num_cpus: Annotated[float, Field(gt=0)] = 1.0
     num_gpus: Annotated[float, Field(ge=0)] = 0.0
+    # the teacher's own vLLM engine (backend vllm): its parallelism and GPU memory share, not the rollout's
+    tensor_parallel_size: PosInt = 1
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.85
+
+    @model_validator(mode="after")
+    def _fits_its_gpus(self) -> TeacherConfig:
+        if self.num_gpus > 0 and self.tensor_parallel_size > self.num_gpus:
+            raise ValueError(f"teacher.tensor_parallel_size={self.tensor_parallel_size} needs that many GPUs but "
+                             f"teacher.num_gpus={self.num_gpus:g}; raise teacher.num_gpus or lower the parallelism")
+        return self
 
 
 class LossConfig(Section):
@@ -165,8 +175,13 @@ class LearnerConfig(Section):
 
 
 class WeightSyncConfig(Section):
-    transport: Literal["object_store", "nccl"] = "object_store"
+    # object_store: one node (shared memory); collective: a broadcast per role (NCCL on GPUs, gloo on CPU)
+    transport: Literal["object_store", "collective"] = "object_store"
     bucket_mb: PosInt = 256
+    timeout_s: PosInt = 600  # a collective sync (or a rendezvous) that waits longer fails and is retried
+    # collective backend: auto = NCCL for GPU tensors, gloo on CPU; gloo also moves GPU tensors (via host
+    # memory), for members that share one GPU (NCCL refuses two ranks on one device)
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
 
 
 class ReplayConfig(Section):

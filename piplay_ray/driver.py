@@ -114,6 +114,7 @@ class EvolutionLoop:
         self.teacher = create_teacher(self.paths["teacher"], cfg)
         self.teacher_client = TeacherClient(self.teacher, cfg.fault.max_task_retries, self._teacher_fallback)
         self.learner = LearnerGroup(cfg, ROLES)
+        self.syncs = self._collective_groups() if cfg.weight_sync.transport == "collective" else None
         self.replay = ReplayStore.remote(cfg.replay.capacity_groups, cfg.replay.max_staleness)
         self.pool_versions = {r: 0 for r in ROLES}
         self.bundles: dict[str, tuple[int, object]] = {}
@@ -238,6 +239,8 @@ class EvolutionLoop:
              f"{ckpt or 'the initial weights'}")
         await asyncio.to_thread(self.learner.shutdown)
         self.learner = await asyncio.to_thread(LearnerGroup, self.cfg, ROLES)
+        for sync in (self.syncs or {}).values():
+            sync.reset(self.learner)
         ray.kill(self.replay)  # its dedup set must match the state we roll back to
         spill = str(Path(ckpt) / "replay" / "replay.parquet") if ckpt else None
         self.replay = ReplayStore.remote(self.cfg.replay.capacity_groups, self.cfg.replay.max_staleness, spill)
@@ -270,20 +273,47 @@ class EvolutionLoop:
 
     # ------------------------------------------------------------------------------------------ weights
 
+    def _collective_groups(self) -> dict:
+        """weight_sync.transport=collective: one group per role (the student's holds the teacher too); a
+        pool whose worker restarted resyncs through it."""
+        from piplay_ray.learner.weight_sync.coordinator import GroupSync
+
+        syncs = {r: GroupSync(r, self.learner, self.pools[r], self.teacher if r == "student" else None,
+                              self.cfg.fault.max_task_retries) for r in ROLES}
+        for role, pool in self.pools.items():
+            pool.resync = syncs[role].resync
+        return syncs
+
     def publish(self, role: str) -> None:
-        """Publish the learner's current weights of `role` for the rollout pool (loaded by the producer)."""
-        self.bundles[role] = (self.state.versions[role], self.learner.weights(role))
+        """Publish the learner's current weights of `role` for the rollout pool (loaded by the producer).
+        Collective: nothing moves yet; the producer's `sync_pool` (or the step's `sync_student`) broadcasts."""
+        weights = None if self.syncs else self.learner.weights(role)
+        self.bundles[role] = (self.state.versions[role], weights)
         self.version_changed.set()
 
     async def sync_pool(self, role: str) -> None:
         version, bundle = self.bundles.get(role, (0, None))
-        if bundle is None or self.pool_versions[role] >= version:
+        if (bundle is None and not (self.syncs and role in self.bundles)) or self.pool_versions[role] >= version:
             return
         t = time.monotonic()
-        await self.pools[role].aupdate_weights(version, bundle)
+        if self.syncs:  # the learner may have moved past `version` meanwhile: the pool takes what it holds
+            version = (await self.syncs[role].sync(None, minimum=version))["version"]
+        else:
+            await self.pools[role].aupdate_weights(version, bundle)
         self.pool_versions[role] = version
         self.metrics.log({"weight_sync/seconds": time.monotonic() - t, "weight_sync/version": version},
                          iteration=self.state.iteration, phase=role, step=self.state.global_step)
+
+    async def sync_student(self, version: int, teacher_mode: str) -> None:
+        """Collective: one broadcast to the student pool and the teacher (`ema` or `load` of `version`)."""
+        await self.teacher_client.ensure()  # a restarted teacher gets its EMA back before it blends
+        t = time.monotonic()
+        done = await self.syncs["student"].sync(version, teacher_mode)
+        await self.teacher_client.updated(version)
+        self.pool_versions["student"] = version
+        self.metrics.log({"weight_sync/seconds": time.monotonic() - t, "weight_sync/version": version,
+                          "weight_sync/gb_per_s": done["bytes"] / max(done["seconds"], 1e-9) / 1e9},
+                         iteration=self.state.iteration, phase="student", step=self.state.global_step)
 
     async def wait_for_version(self, role: str, minimum: int) -> None:
         while self.state.versions[role] < minimum and not self.stopping:
@@ -463,8 +493,10 @@ class EvolutionLoop:
                 await self.replay.set_version.remote(role, st.versions[role])
                 self.publish(role)
                 if role == "student":
-                    if teach:  # with teacher.privileged = none nothing reads the teacher
-                        version, bundle = self.bundles["student"]
+                    version, bundle = self.bundles["student"]
+                    if self.syncs:  # the pool and the teacher in one broadcast
+                        await self.sync_student(version, "ema")
+                    elif teach:  # with teacher.privileged = none nothing reads the teacher
                         await self.teacher_client.ema_update(version, bundle)
                     self.ledger(st.iteration).trained(g[0].info["task"] for g in groups)
                 acct = st.accounting.setdefault(f"iter-{st.iteration}-{role}", {"groups_trained": 0})
@@ -574,7 +606,9 @@ class EvolutionLoop:
             if st.phase == "tasks":
                 await self.write_task_set()
                 st.phase, st.phase_steps = "student", 0
-                if cfg.teacher.init == "iteration":
+                if cfg.teacher.init == "iteration" and self.syncs:
+                    await self.sync_student(st.versions["student"], "load")
+                elif cfg.teacher.init == "iteration":
                     await self.teacher_client.load(st.versions["student"], self.bundles.get("student", (0, None))[1])
             if st.phase == "student":
                 await self.phase("student", sched.student_steps)

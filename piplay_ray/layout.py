@@ -6,7 +6,8 @@ and all of an engine's bundles must sit on one node (tensor parallelism needs NV
 ranks and the teacher are single-node placements. :func:`fits` checks a layout against a list of node sizes,
 which is how the manifests' GPU worker pods are tested against the configs.
 
-`python -m piplay_ray.layout CONFIG [overrides...]` prints the layout as JSON (used by the Slurm script).
+`python -m piplay_ray.layout CONFIG [overrides...]` prints the layout as JSON (used by the Slurm script), with
+the host shared memory the config needs per node next to what its KubeRay manifests give (host_memory.py).
 """
 
 from __future__ import annotations
@@ -90,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"piplay: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(layout(cfg).to_dict()))
+    from piplay_ray.host_memory import report
+
+    print(json.dumps({**layout(cfg).to_dict(), "shared_memory": report(cfg, args[0])}))
     return 0
 
 

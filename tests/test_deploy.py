@@ -3,6 +3,7 @@ pure parts. No cluster needed; tests/test_deploy_submit.py submits to a real loc
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -106,7 +107,7 @@ def test_cluster_configs_validate_with_piplay_config_show(path, capsys):
 def test_cluster_config_layout(path):
     cfg = load_config(path)
     lay = L.layout(cfg)
-    assert cfg.learner.zero_stage == 3 and cfg.weight_sync.transport == "nccl"
+    assert cfg.learner.zero_stage == 3 and cfg.weight_sync.transport == "collective"
     assert cfg.rollout.engine == "vllm" and cfg.teacher.backend == "vllm" and cfg.teacher.num_gpus >= 1
     assert cfg.search.retriever == "http" and cfg.run.root.startswith("/shared/")
     assert cfg.schedule.distill_lambda == [0.03, 0.003, 0.002] and cfg.teacher.ema_tau == 0.05
@@ -275,3 +276,42 @@ def test_submit_rejects_a_bad_config_before_contacting_any_cluster():
     assert "student.group_sise" in proc.stderr and "unknown key" in proc.stderr
     with pytest.raises(ConfigError):
         S.submit(ROOT / "configs/tiny.yaml", ["learner.zero_stage=7"], address="http://127.0.0.1:9")
+
+
+# ------------------------------------------------------------------------------------ teacher, shared memory
+
+
+def test_teacher_parallelism_beyond_its_gpus_is_refused_naming_both_keys():
+    from piplay_ray.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs/cluster/qwen3-8b.yaml", ["teacher.tensor_parallel_size=2"])
+    assert "teacher.tensor_parallel_size" in str(e.value) and "teacher.num_gpus" in str(e.value)
+    ok = load_config(ROOT / "configs/cluster/qwen3-8b.yaml", ["teacher.tensor_parallel_size=2", "teacher.num_gpus=2"])
+    assert L.layout(ok).teacher_gpus == 2 and 2.0 in L.layout(ok).placements
+
+
+def test_shared_memory_estimate_matches_hand_computed_values():
+    from piplay_ray import host_memory as H
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["rollout.workers_per_role=2"])  # CPU learner: fp32 weights
+    parts = H.shared_memory(cfg, 1e9)
+    assert parts["weight_bundles"] == 2 * 4e9 and parts["vllm_reload_files"] == 2 * 4e9
+    assert parts["teacher_ema_snapshot"] == 4e9 and parts["total"] == 20e9 + H.HEADROOM
+    coll = H.shared_memory(load_config(ROOT / "configs/tiny.yaml", ["weight_sync.transport=collective"]), 1e9)
+    assert "weight_bundles" not in coll and coll["total"] == 4e9 + H.HEADROOM
+
+
+@pytest.mark.parametrize("path", CLUSTER_CONFIGS, ids=lambda p: p.name)
+def test_manifests_give_the_shared_memory_their_config_needs(path, capsys):
+    from piplay_ray import host_memory as H
+
+    cfg = load_config(path)
+    need = H.shared_memory(cfg, H.param_count(cfg))["total"]
+    given = H.manifest_memory(path)
+    gpu = {k: v for k, v in given.items() if not k.endswith(":head")}
+    assert gpu and all(v["object_store"] >= need and v["dev_shm"] >= v["object_store"] for v in gpu.values())
+    assert all(v["object_store"] is not None for v in given.values())  # the head's is set too
+    assert L.main([str(path)]) == 0
+    out = json.loads(capsys.readouterr().out)["shared_memory"]
+    assert out["need_gib_per_node"]["total"] == round(need / H.GiB, 2) and out["manifests_gib"]

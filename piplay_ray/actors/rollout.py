@@ -75,6 +75,14 @@ class RolloutWorker:
     def get_version(self) -> int:
         return self.engine.version
 
+    def sync_member(self) -> tuple[str, int, int]:
+        """(incarnation, ranks taken in the role's weight-sync group, weight version) for the coordinator."""
+        return self.incarnation, self.engine.group_ranks, self.engine.version
+
+    async def receive_weights(self, ticket: dict) -> int:
+        """Take part in a collective sync of this role's group; trajectories started later carry its version."""
+        return await self.engine.areceive_weights(ticket)
+
     async def _one(self, prompt_ids: list[int], role: str, temperature: float | None = None) -> Trajectory:
         if self._inflight == 0:
             self._busy_since = time.perf_counter()
@@ -174,6 +182,9 @@ class RolloutPool:
         self._restarts = [0] * len(self.workers)
         self._errors: list[str | None] = [None] * len(self.workers)
         self.retried = 0  # shares re-issued after a worker failure
+        # weight_sync.transport=collective: brings every worker (a restarted one too) to the role's current
+        # version through the role's group (set by the driver); None = object store pushes of `_latest`
+        self.resync = None
 
     def wait_ready(self, timeout_s: float = 900) -> None:
         ray.get([w.ready.remote() for w in self.workers], timeout=timeout_s)
@@ -190,7 +201,10 @@ class RolloutPool:
         if self._incarnation[i] is not None and token != self._incarnation[i]:
             self._restarts[i] += 1
         self._incarnation[i] = token
-        if self._latest is not None and version != self._latest[0]:  # restarted, or a rollback
+        if self.resync is not None:
+            if version != self.version:  # restarted: it rejoins the group at the next generation
+                await self.resync()
+        elif self._latest is not None and version != self._latest[0]:  # restarted, or a rollback
             await w.update_weights.remote(*self._latest)
 
     async def _call(self, share: int, method: str, *args):

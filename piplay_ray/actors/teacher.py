@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ class TeacherImpl:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.device = torch.device("cuda" if self.tcfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
         dtype = _DTYPES.get(cfg.model.dtype, torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        self.serve_dtype = dtype
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         # canonical name of every parameter, tied aliases (e.g. lm_head.weight -> embed_tokens.weight) included
         canon: dict[int, str] = {}
@@ -54,8 +56,11 @@ class TeacherImpl:
             self.master = {n: p.detach() for n, p in model.named_parameters()}
             self.model = None
             del model
+            # the teacher's own parallelism and memory share, not the rollout engines' (config.TeacherConfig)
             self.engine = make_engine("vllm", model_path, cfg.rollout, dtype=cfg.model.dtype, seed=cfg.run.seed,
-                                      max_logprobs=max(64, self.tcfg.top_k))
+                                      max_logprobs=max(64, self.tcfg.top_k),
+                                      tensor_parallel_size=self.tcfg.tensor_parallel_size,
+                                      gpu_memory_utilization=self.tcfg.gpu_memory_utilization)
         else:
             self.model = model.to(self.device, dtype).eval()
             self._aliased = dtype == torch.float32 and self.device.type == "cpu"
@@ -64,6 +69,8 @@ class TeacherImpl:
             else:
                 self.master = {n: p.detach().float().cpu() for n, p in self.model.named_parameters()}
         self._lock = asyncio.Lock()
+        self._receiver = None  # its place in the student's weight-sync group (collective transport)
+        self.incarnation = uuid.uuid4().hex  # new on every (re)start of this actor
 
     # ------------------------------------------------------------------------------------- weights
 
@@ -84,8 +91,8 @@ class TeacherImpl:
         return len(done)
 
     async def _push(self, version: int) -> None:
-        if self.engine is not None:
-            await self.engine.aupdate_weights(version, self.master.items())
+        if self.engine is not None:  # the serving dtype goes to the engine's file, never the fp32 masters
+            await self.engine.aupdate_weights(version, ((n, t.to(self.serve_dtype)) for n, t in self.master.items()))
         elif not self._aliased:
             with torch.no_grad():
                 for name, p in self.model.named_parameters():
@@ -110,6 +117,33 @@ class TeacherImpl:
 
     def get_version(self) -> int:
         return self.version
+
+    def sync_member(self) -> tuple[str, int, int]:
+        """(incarnation, ranks in the student's weight-sync group, EMA version) for the coordinator."""
+        return self.incarnation, 1, self.version
+
+    async def receive_weights(self, ticket: dict, mode: str = "skip") -> bool:
+        """Take part in a collective sync of the student's group: `ema` blends the broadcast in (skipped,
+        i.e. only drained, for a version already held), `load` sets psi to it, `skip` only drains it."""
+        from piplay_ray.learner.weight_sync.collective import Receiver
+
+        if mode not in ("ema", "load", "skip"):
+            raise ValueError(f"receive_weights mode must be ema, load or skip, got {mode!r}")
+        if self._receiver is None:
+            self._receiver = Receiver(self.device)
+        rx = self._receiver
+        if mode == "skip":
+            await asyncio.to_thread(rx.drain, ticket)
+            return False
+        version = int(ticket["version"])
+        async with self._lock:
+            if mode == "ema" and version <= self.version:
+                log.warning("teacher: EMA for version %d skipped (holding %d)", version, self.version)
+                await asyncio.to_thread(rx.drain, ticket)
+                return False
+            await asyncio.to_thread(self._blend, rx.receive(ticket), 1.0 if mode == "load" else self.tcfg.ema_tau)
+            await self._push(version)
+            return True
 
     def save(self, folder: str) -> str:
         """Write the EMA master weights and version to `folder/teacher.safetensors` (checkpoints)."""
@@ -324,6 +358,14 @@ class TeacherClient:
 
     async def ema_update(self, version: int, weights) -> None:
         await self._update("ema_update", version, weights)
+
+    async def updated(self, version: int) -> None:
+        """The teacher took `version` in a collective sync the driver ran: record it and snapshot the EMA."""
+        base = self.version
+        self.version = version
+        if not await self._take_snapshot():  # it restarted meanwhile: the next call restores the old snapshot
+            self.version = base
+            self.restarts += 1
 
     async def load(self, version: int, weights) -> None:
         await self._update("load", version, weights)

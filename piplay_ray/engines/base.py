@@ -41,6 +41,7 @@ class TopK:
 
 class Engine(abc.ABC):
     version: int = 0
+    group_ranks: int = 1  # ranks this engine takes in its role's weight-sync group (one per worker process)
 
     @abc.abstractmethod
     async def generate(self, prompt_ids: list[int], spec: SamplingSpec) -> Generation: ...
@@ -52,3 +53,8 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     def update_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load new weights (Hugging Face parameter names); never reuse a prefix cached before."""
+
+    async def areceive_weights(self, ticket: dict) -> int:
+        """Take part in a collective weight sync (weight_sync/collective.py) and load what arrives in place;
+        returns the version received."""
+        raise NotImplementedError(f"{type(self).__name__} cannot receive a collective weight sync")

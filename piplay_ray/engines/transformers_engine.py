@@ -115,3 +115,18 @@ class TransformersEngine(Engine):
     async def aupdate_weights(self, version: int, weights) -> None:
         """`update_weights` for callers on an event loop."""
         await asyncio.to_thread(self.update_weights, version, weights)
+
+    def receive_weights(self, ticket: dict) -> int:
+        """Join the role's group (once per generation) and copy the broadcast straight into the parameters."""
+        from piplay_ray.learner.weight_sync.collective import Receiver
+
+        if getattr(self, "_receiver", None) is None:
+            self._receiver = Receiver(self.device)
+        rx = self._receiver
+        received = rx.receive(ticket)
+        self.update_weights(-1, received)
+        self.version = rx.version
+        return rx.version
+
+    async def areceive_weights(self, ticket: dict) -> int:
+        return await asyncio.to_thread(self.receive_weights, ticket)

@@ -2,9 +2,11 @@
 
 vLLM's `AsyncLLM` runs on its own event loop in a background thread, so the engine serves coroutines from
 any loop (a Ray async actor, a test, a script) and many trajectories share one batch while others wait on
-search. Weight updates go by reference: the new tensors are written once to a safetensors file in shared
-memory and the worker process maps it (vLLM's RPC would otherwise msgspec-serialise tensors). After the
-reload, the CPU backend's prepacked GEMM handle of every `VocabParallelEmbedding` (embedding and LM head) is
+search. Weight updates never pass tensors through vLLM's RPC (it msgspec-serialises them): either every
+worker process receives a collective broadcast itself (`areceive_weights`: the RPC carries only a small
+ticket, the worker joins its role's group at rank ticket rank + its own rank, so tensor-parallel workers take
+distinct ranks), or, for the object store, the tensors are written once to a safetensors file in shared
+memory (in the dtype they arrive in) and the worker maps it. After the reload, the CPU backend's prepacked GEMM handle of every `VocabParallelEmbedding` (embedding and LM head) is
 rebuilt, since `reload_weights` only repacks the linear layers (DESIGN.md section 4), and the prefix cache is
 reset so that no KV computed with old weights is reused.
 """
@@ -26,23 +28,49 @@ GiB = 1 << 30
 
 
 class WeightLoader:
-    """vLLM worker extension (mixed into the worker class): reload weights from a shared-memory file."""
+    """vLLM worker extension (mixed into the worker class): reload weights in place, from a shared-memory
+    file or from the role's collective broadcast."""
 
-    def piplay_reload(self, path: str) -> int:
-        from safetensors import safe_open
+    def _piplay_load(self, weights) -> int:
         from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
         from vllm.platforms import current_platform
 
-        with safe_open(path, framework="pt") as f:
-            names = list(f.keys())
-            self.reload_weights(weights_iterator=((n, f.get_tensor(n)) for n in names))
+        count = 0
+
+        def counted():
+            nonlocal count
+            for item in weights:
+                count += 1
+                yield item
+
+        self.reload_weights(weights_iterator=counted())
         if current_platform.is_cpu():
             from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
             for module in self.model_runner.get_model().modules():
                 if isinstance(module, VocabParallelEmbedding) and hasattr(module, "weight"):
                     dispatch_cpu_unquantized_gemm(module, remove_weight=False)
-        return len(names)
+        return count
+
+    def piplay_reload(self, path: str) -> int:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return self._piplay_load((n, f.get_tensor(n)) for n in list(f.keys()))
+
+    def piplay_receive(self, ticket: dict) -> list[int]:
+        """Receive one collective sync as rank `ticket['rank'] + self.rank`; returns [version, tensors]."""
+        import torch
+        from vllm.platforms import current_platform
+
+        from piplay_ray.learner.weight_sync.collective import Receiver
+
+        if getattr(self, "_piplay_receiver", None) is None:
+            device = torch.device("cpu") if current_platform.is_cpu() else self.device
+            self._piplay_receiver = Receiver(device)
+        rx = self._piplay_receiver
+        n = self._piplay_load(rx.receive(ticket, rank_offset=self.rank))
+        return [rx.version, n]
 
 
 def write_shared(weights: Iterable[tuple[str, torch.Tensor]], folder: str | None = None) -> str:
@@ -81,6 +109,7 @@ class VLLMEngine(Engine):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine-loop", daemon=True)
         self._thread.start()
+        self.group_ranks = tensor_parallel_size
         self._inflight = 0
         self._ready: asyncio.Event | None = None
         self._idle: asyncio.Condition | None = None
@@ -162,16 +191,29 @@ class VLLMEngine(Engine):
 
     # ------------------------------------------------------------------------------------- weights
 
-    async def _swap(self, path: str) -> None:
+    async def _swap(self, path: str):
+        return await self._swap_rpc("piplay_reload", path)
+
+    async def _swap_rpc(self, method: str, arg):
+        """Run a loading method on every worker while no request runs, then drop the prefix cache."""
         self._ready.clear()  # new requests wait; requests already running finish on the old weights
         async with self._idle:
             await self._idle.wait_for(lambda: self._inflight == 0)
         try:
-            await self.llm.collective_rpc("piplay_reload", args=(path,))
+            out = await self.llm.collective_rpc(method, args=(arg,))
             if not await self.llm.reset_prefix_cache():  # refuses while requests run; none do here
                 raise RuntimeError("vLLM refused to reset its prefix cache after a weight update")
+            return out
         finally:
             self._ready.set()
+
+    async def areceive_weights(self, ticket: dict) -> int:
+        out = await self._on_engine(self._swap_rpc("piplay_receive", dict(ticket)))
+        versions = {v for v, _ in out}
+        if len(versions) != 1:
+            raise RuntimeError(f"vLLM workers received different weight versions: {sorted(versions)}")
+        self.version = versions.pop()
+        return self.version
 
     def update_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         from piplay_ray.engines import named_tensors

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -291,33 +292,36 @@ class LearnerWorker:
     def reference_loaded(self, role: str) -> bool:
         return self._policy(role).reference is not None
 
-    def publish(self, role: str, transport_kind: str | None = None):
-        """Every rank iterates (ZeRO-3 gathers); rank 0 packs and returns the bundle, others return None."""
+    def _transport(self, role: str, kind: str):
         from piplay_ray.learner.weight_sync import make_transport
 
+        if (role, kind) not in self.transports:
+            self.transports[(role, kind)] = make_transport(kind, self.cfg.weight_sync.bucket_mb, device=self.device)
+        return self.transports[(role, kind)]
+
+    def publish(self, role: str, transport_kind: str | None = None):
+        """Every rank iterates (ZeRO-3 gathers); rank 0 packs and returns the bundle (object store) or
+        broadcasts to the role's group and returns a receipt (collective); other ranks return None."""
         pol = self._policy(role)
-        ws = self.cfg.weight_sync
         params = pol.full_parameters()
         if self.rank != 0:
             for _ in params:
                 pass
             return None
-        kind = transport_kind or ws.transport
-        transport = self.transports.setdefault((role, kind), make_transport(kind, ws.bucket_mb))
-        bundle = transport.publish(pol.version, params)
+        bundle = self._transport(role, transport_kind or self.cfg.weight_sync.transport).publish(pol.version, params)
         bundle.meta.update(role=role)
         return bundle
 
-    def connect_receivers(self, role: str, receivers: list, num_workers: int) -> None:
-        """NCCL transport: rank 0 joins the receivers' vLLM workers in one group; other ranks do nothing."""
-        if self.rank != 0:
-            return
-        from piplay_ray.learner.weight_sync import make_transport
+    def open_sync_group(self, role: str, world: int, generation: int) -> dict:
+        """Collective transport, rank 0: start a new generation of the role's group, hosted here."""
+        import dataclasses
 
-        transport = make_transport("nccl", self.cfg.weight_sync.bucket_mb)
-        ip, port, _ = self.node_info()
-        transport.connect(receivers, num_workers, self._policy(role).param_metadata, ip, port)
-        self.transports[(role, "nccl")] = transport
+        import ray
+
+        ws = self.cfg.weight_sync
+        rdv = self._transport(role, "collective").open(ray.util.get_node_ip_address(), world, generation,
+                                                        ws.timeout_s, ws.backend)
+        return dataclasses.asdict(rdv)
 
     def export_hf(self, role: str, path: str) -> None:
         """Write `role` as a Hugging Face folder (rank 0; every rank iterates for ZeRO-3's gathers)."""
@@ -381,6 +385,7 @@ class LearnerGroup:
         if bad or not roles:
             raise ValueError(f"LearnerGroup roles must be a non-empty subset of {ROLES}, got {list(roles)}")
         self.cfg, self.roles = cfg, tuple(roles)
+        self._order = threading.Lock()
         lc = cfg.learner
         ws = lc.world_size
         bundle = {"CPU": lc.num_cpus_per_rank, **({"GPU": lc.num_gpus_per_rank} if lc.num_gpus_per_rank else {})}
@@ -404,10 +409,16 @@ class LearnerGroup:
         self.info = ray.get([w.setup.remote(master_ip, master_port, local[r], ips.count(ips[r]))
                              for r, w in enumerate(self.workers)])
 
+    def _submit(self, method: str, *args) -> list:
+        """One call per rank, submitted under a lock: calls from several driver threads (a train step and a
+        weight resync) then reach every rank in the same order, as ZeRO's collectives need."""
+        with self._order:
+            return [getattr(w, method).remote(*args) for w in self.workers]
+
     def _all(self, method: str, *args):
         import ray
 
-        return ray.get([getattr(w, method).remote(*args) for w in self.workers])
+        return ray.get(self._submit(method, *args))
 
     def train_step(self, role: str, experiences: list[Experience], lam: float = 0.0,
                    objective: str = "rl") -> dict[str, float]:
@@ -428,13 +439,16 @@ class LearnerGroup:
         return self._all("version", role)[0]
 
     def weights(self, role: str, transport: str | None = None):
-        """The role's current weights as a versioned bundle (`named_tensors()`, `version`, `nbytes`)."""
+        """The role's current weights as a versioned bundle (`named_tensors()`, `version`, `nbytes`); with
+        the collective transport, broadcast to the role's group (its members receive concurrently) and a
+        receipt comes back."""
         return self._all("publish", role, transport)[0]
 
-    def connect_receivers(self, role: str, receivers: list, num_workers: int) -> None:
-        """For `weight_sync.transport=nccl`: rendezvous with these vLLM engine actors (`num_workers` GPU
-        workers in all) once; later `weights(role)` pushes to them and returns a receipt."""
-        self._all("connect_receivers", role, list(receivers), num_workers)
+    def open_sync_group(self, role: str, world: int, generation: int) -> dict:
+        """A new generation of the role's collective group on rank 0: its rendezvous as a dict."""
+        import ray
+
+        return ray.get(self.workers[0].open_sync_group.remote(role, world, generation))
 
     def state_dict(self, role: str) -> dict[str, torch.Tensor]:
         return self._all("state_dict", role)[0]
@@ -448,7 +462,7 @@ class LearnerGroup:
 
         path = Path(path)
         with checkpoint.atomic_dir(path) as tmp:
-            ray.get([w.save.remote(str(tmp)) for w in self.workers])
+            ray.get(self._submit("save", str(tmp)))
             for name, write in (extra or {}).items():
                 (tmp / name).mkdir(parents=True, exist_ok=True)
                 write(tmp / name)

@@ -2,8 +2,10 @@
 
 A transport turns the learner's full (gathered) parameters, under Hugging Face names, into a *bundle*:
 a small picklable object that travels to every receiver (rollout workers, the teacher) and yields
-`(name, tensor)` pairs there through `named_tensors()`. Parameters are packed into a few contiguous byte
-buckets so a sync costs a handful of transfers, not one per tensor.
+`(name, tensor)` pairs there through `named_tensors()` (object store), or a *receipt* saying the weights were
+already broadcast to every member of the role's group (collective). Parameters are packed into a few
+contiguous byte buckets so a sync costs a handful of transfers, not one per tensor. This module never
+imports a transport: each registers itself, and the package's `make_transport` imports them.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ def _aligned(n: int) -> int:
 
 
 def pack_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
-                 scratch: list[torch.Tensor] | None = None) -> Iterator[tuple[torch.Tensor, list[TensorSpec]]]:
-    """Yield (uint8 CPU bucket, specs) pairs; a tensor larger than `bucket_bytes` gets a bucket of its own.
+                 scratch: list[torch.Tensor] | None = None,
+                 device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, list[TensorSpec]]]:
+    """Yield (uint8 bucket on `device`, specs) pairs; a tensor larger than `bucket_bytes` gets its own bucket.
 
     Tensors are consumed one at a time, so a generator that gathers ZeRO-3 shards on demand never holds
     more than one bucket of full parameters. With `scratch` (a list the caller keeps), bucket memory is
@@ -62,12 +65,12 @@ def pack_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
     def flush() -> tuple[torch.Tensor, list[TensorSpec]]:
         nonlocal index
         if scratch is None:
-            buf = torch.empty(size, dtype=torch.uint8)
+            buf = torch.empty(size, dtype=torch.uint8, device=device)
         else:
             if index == len(scratch):
                 scratch.append(torch.empty(0, dtype=torch.uint8))
-            if scratch[index].numel() < size:
-                scratch[index] = torch.empty(max(size, bucket_bytes), dtype=torch.uint8)
+            if scratch[index].numel() < size or scratch[index].device != torch.device(device):
+                scratch[index] = torch.empty(max(size, bucket_bytes), dtype=torch.uint8, device=device)
             buf = scratch[index][:size]
             index += 1
         specs, off = [], 0
@@ -79,7 +82,7 @@ def pack_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
         return buf, specs
 
     for name, tensor in named:
-        t = tensor.detach().to("cpu").contiguous()
+        t = tensor.detach().to(device).contiguous()
         n = _aligned(t.numel() * t.element_size())
         if pending and size + n > bucket_bytes:
             yield flush()
@@ -101,7 +104,7 @@ class Transport(abc.ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, bucket_mb: int = 256):
+    def __init__(self, bucket_mb: int = 256, device: torch.device | str = "cpu"):
         self.bucket_bytes = int(bucket_mb) << 20
 
     @abc.abstractmethod
@@ -117,10 +120,8 @@ def register(cls: type[Transport]) -> type[Transport]:
     return cls
 
 
-def make_transport(kind: str, bucket_mb: int = 256, **kwargs) -> Transport:
-    """The transport registered under `kind` (`weight_sync.transport` in the config)."""
-    from . import nccl, object_store  # noqa: F401  (registration side effect)
-
+def registered(kind: str) -> type[Transport]:
+    """The class registered under `kind`; the caller has imported the transport modules."""
     if kind not in _REGISTRY:
         raise ValueError(f"unknown weight_sync.transport {kind!r}; allowed: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[kind](bucket_mb=bucket_mb, **kwargs)
+    return _REGISTRY[kind]

@@ -46,8 +46,8 @@ class ObjectStoreBundle:
 class ObjectStoreTransport(Transport):
     name = "object_store"
 
-    def __init__(self, bucket_mb: int = 256):
-        super().__init__(bucket_mb)
+    def __init__(self, bucket_mb: int = 256, device: torch.device | str = "cpu"):
+        super().__init__(bucket_mb)  # buckets go to host memory whatever the parameters' device
         self._scratch: list[torch.Tensor] = []  # reused packing memory: ray.put copies it out at once
 
     def publish(self, version: int, named: Iterable[tuple[str, torch.Tensor]]) -> ObjectStoreBundle:

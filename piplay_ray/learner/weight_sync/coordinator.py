@@ -1,0 +1,90 @@
+"""Driver side of the collective transport: who is in a role's group, and one sync at a time.
+
+A role's group is the learner's rank 0 (rank 0), then every worker process of every rollout engine of that
+role (an engine with tensor parallelism takes that many consecutive ranks), then, for the student, the
+teacher. Before each sync the coordinator asks every member who it is (an incarnation token that changes
+when Ray restarts the actor); when anyone is new, the learner opens a new generation (a new store) and all
+join it during the sync, which is how a restarted receiver rejoins. A sync is the learner's broadcast and
+every member's receive, run together; a member that dies during it fails the sync, which is retried on a new
+generation up to `fault.max_task_retries` times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from .group import Rendezvous
+
+
+class GroupSync:
+    def __init__(self, role: str, learner, pool, teacher=None, retries: int = 3):
+        self.role, self.learner, self.pool, self.teacher, self.retries = role, learner, pool, teacher, retries
+        self.generation = 0
+        self.rdv: Rendezvous | None = None
+        self._incarnations: list[str] | None = None
+        self._lock = asyncio.Lock()
+        self.last: dict = {}
+
+    def reset(self, learner) -> None:
+        """A rebuilt learner group: the next sync opens a new generation on its rank 0."""
+        self.learner, self.rdv = learner, None
+
+    async def _members(self) -> list[tuple[object, str, int, int]]:
+        """(handle, incarnation, ranks, version) of every receiver, waiting for restarting actors."""
+        from piplay_ray.fault import wait_alive
+
+        handles = list(self.pool.workers) + ([self.teacher] if self.teacher is not None else [])
+        states = await asyncio.gather(*[wait_alive(lambda h=h: h.sync_member.remote(), h) for h in handles])
+        return [(h, *s) for h, s in zip(handles, states, strict=True)]
+
+    async def _open(self, members) -> None:
+        world = 1 + sum(ranks for _, _, ranks, _ in members)
+        self.generation += 1
+        rdv = await asyncio.to_thread(self.learner.open_sync_group, self.role, world, self.generation)
+        self.rdv = Rendezvous(**rdv)
+        self._incarnations = [inc for _, inc, _, _ in members]
+
+    async def resync(self) -> None:
+        """Bring every worker (a restarted one) to the learner's current weights; the teacher only drains."""
+        await self.sync(None)
+
+    async def sync(self, version: int | None, teacher_mode: str = "skip", minimum: int | None = None) -> dict:
+        """Broadcast the learner's current weights of the role to every member; `version` is what they must
+        receive (None: whatever the learner holds, e.g. from a producer while the learner trains on). With
+        version None and nothing for the teacher, a sync that would change nothing (every worker at the
+        pool's version, at least `minimum`, nobody restarted) is skipped. Returns {version, seconds, bytes,
+        generation}."""
+        from piplay_ray.fault import is_actor_failure
+
+        async with self._lock:
+            for attempt in range(self.retries + 1):
+                members = await self._members()
+                workers = members[: len(self.pool.workers)]
+                if (version is None and self.rdv is not None and teacher_mode == "skip"
+                        and [m[1] for m in members] == self._incarnations
+                        and len({v for *_, v in workers} | {self.pool.version}) == 1
+                        and (minimum is None or self.pool.version >= minimum)):
+                    return self.last  # a resync that another sync already made unnecessary
+                if self.rdv is None or [inc for _, inc, _, _ in members] != self._incarnations:
+                    await self._open(members)
+                t0 = time.perf_counter()
+                calls, rank = [asyncio.to_thread(self.learner.weights, self.role, "collective")], 1
+                for handle, _, ranks, _ in workers:
+                    calls.append(handle.receive_weights.remote(self.rdv.ticket(rank, version)))
+                    rank += ranks
+                if self.teacher is not None:
+                    calls.append(self.teacher.receive_weights.remote(self.rdv.ticket(rank, version), teacher_mode))
+                outs = await asyncio.gather(*calls, return_exceptions=True)
+                errors = [o for o in outs if isinstance(o, BaseException)]
+                if not errors:
+                    receipt = outs[0]
+                    self.pool.version = receipt.version
+                    seconds = time.perf_counter() - t0
+                    self.last = {"version": receipt.version, "seconds": seconds, "bytes": receipt.nbytes,
+                                 "generation": self.rdv.generation}
+                    return self.last
+                self.rdv = None  # whatever went wrong, the next try meets on a new generation
+                if attempt == self.retries or not any(is_actor_failure(e) for e in errors):
+                    raise next((e for e in errors if is_actor_failure(e)), errors[0])
+        raise AssertionError("unreachable")

@@ -1,0 +1,104 @@
+"""The collective transport over gloo: learner rank 0 broadcasts packed buckets to several receivers built
+from a TCP store (no default process group), each gets exactly the sender's tensors; a new generation (new
+store) lets a restarted receiver rejoin; a receiver refuses a version its ticket does not name."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import pytest
+import torch
+
+from piplay_ray.learner.weight_sync import make_transport
+from piplay_ray.learner.weight_sync.collective import Receiver
+
+
+def _named(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return [("a.weight", torch.randn(33, 17, generator=g)),
+            ("b.bias", torch.randn(5, generator=g).to(torch.bfloat16)),
+            ("c.scale", torch.randn(3, 4, 2, generator=g).to(torch.float16)),
+            ("e.big", torch.randn(300, generator=g)),  # larger than the 1 KiB bucket: travels alone
+            ("f.scalar", torch.tensor(2.5))]
+
+
+def _receive(tickets, out):
+    rx = Receiver("cpu")
+    for ticket in tickets:
+        try:
+            # raw bytes, not tensors: a tensor in a queue is a shared fd that dies with this process
+            got = {n: (t.dtype, tuple(t.shape), t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                   for n, t in rx.receive(ticket)}
+            out.put((ticket["rank"], ticket["version"], got))
+        except Exception as e:  # reported to the test, which expects it for a wrong version
+            out.put((ticket["rank"], ticket["version"], repr(e)))
+
+
+def _tensor(raw) -> torch.Tensor:
+    dtype, shape, data = raw
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def _host() -> str:
+    return "127.0.0.1"
+
+
+def _sender(bucket_bytes: int = 1024):
+    tx = make_transport("collective", bucket_mb=1)
+    tx.bucket_bytes = bucket_bytes
+    return tx
+
+
+def test_broadcast_reaches_every_receiver_exactly():
+    ctx = mp.get_context("spawn")
+    tx = _sender()
+    rdv = tx.open(_host(), world=3, generation=1, timeout_s=60)
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_receive, args=([rdv.ticket(r, 4), rdv.ticket(r, 5)], out)) for r in (1, 2)]
+    for p in procs:
+        p.start()
+    try:
+        for version in (4, 5):
+            receipt = tx.publish(version, iter(_named(version)))
+            assert receipt.version == version and receipt.generation == 1
+            assert receipt.nbytes == sum(t.numel() * t.element_size() for _, t in _named(version))
+        results = [out.get(timeout=60) for _ in range(4)]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+    assert sorted((r, v) for r, v, _ in results) == [(1, 4), (1, 5), (2, 4), (2, 5)]
+    for _, version, got in results:
+        want = _named(version)
+        assert list(got) == [n for n, _ in want]
+        for name, t in want:
+            assert got[name][0] == t.dtype and torch.equal(_tensor(got[name]), t)
+
+
+def test_new_generation_lets_a_restarted_receiver_rejoin_and_versions_are_checked():
+    ctx = mp.get_context("spawn")
+    tx = _sender()
+    out = ctx.Queue()
+    rdv1 = tx.open(_host(), world=2, generation=1, timeout_s=60)
+    p = ctx.Process(target=_receive, args=([rdv1.ticket(1, 1)], out))
+    p.start()
+    tx.publish(1, iter(_named(1)))
+    assert out.get(timeout=60)[1] == 1
+    p.join(timeout=30)  # the receiver is gone: a fresh process joins a new generation
+    rdv2 = tx.open(_host(), world=2, generation=2, timeout_s=60)
+    assert rdv2.port != rdv1.port or rdv2.generation != rdv1.generation
+    p = ctx.Process(target=_receive, args=([rdv2.ticket(1, 2), rdv2.ticket(1, 9)], out))
+    p.start()
+    try:
+        tx.publish(2, iter(_named(2)))
+        rank, version, got = out.get(timeout=60)
+        assert version == 2 and torch.equal(_tensor(got["a.weight"]), _named(2)[0][1])
+        with pytest.raises(RuntimeError):  # the receiver wanted 9 and leaves: the send fails, never hangs
+            tx.publish(3, iter(_named(3)))
+        assert "expected 9" in out.get(timeout=60)[2]
+    finally:
+        p.join(timeout=30)
+
+
+def test_unopened_collective_transport_refuses_to_publish():
+    with pytest.raises(RuntimeError, match="open"):
+        make_transport("collective").publish(1, iter(_named(0)))
