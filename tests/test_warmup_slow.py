@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from test_demos import Search
 
 from piplay_ray import assets, warmup
 from piplay_ray.agent import run_agent
@@ -13,17 +14,6 @@ from piplay_ray.engines.base import SamplingSpec
 from piplay_ray.evaluation import builtin_eval_set
 
 pytestmark = pytest.mark.slow
-
-
-class Search:
-    def __init__(self, fn):
-        self.fn = fn
-
-    async def search(self, query, topk=None):
-        from piplay_ray.records import Hop
-
-        ((docs, text),) = self.fn([query])
-        return Hop(query=query, docs=docs), text
 
 
 def answer_rate(model_dir: str, questions: list[str], cfg) -> tuple[float, float]:
