@@ -61,6 +61,7 @@ def _loop(tmp_path, *overrides):
     loop.pools = {"examiner": FakePool(), "student": FakePool()}
     loop.pool_versions = {"examiner": 0, "student": 0}
     loop.bundles, loop.examiner_candidates, loop.last_rollout_error = {}, [], ""
+    loop.syncs = {}  # object-store transport: no collective groups
     loop.run = type("Run", (), {"path": tmp_path})()
     return loop
 
@@ -78,7 +79,8 @@ def test_examiner_step_asks_the_newest_student(tmp_path):
 
 @pytest.mark.parametrize("fallback", [False, True])
 def test_task_set_comes_from_the_final_examiner(tmp_path, monkeypatch, fallback):
-    loop = _loop(tmp_path, f"examiner.task_set_fallback={str(fallback).lower()}", "examiner.task_set_size=4")
+    loop = _loop(tmp_path, f"examiner.task_set_fallback={str(fallback).lower()}", "examiner.task_set_size=4",
+                 "examiner.task_set_rounds=1")
     final = 5
     loop.state.versions["examiner"] = final
     loop.bundles = {"examiner": (final, object())}
@@ -102,3 +104,16 @@ def test_task_set_comes_from_the_final_examiner(tmp_path, monkeypatch, fallback)
     acct = loop.state.accounting["iter-0-tasks"]
     assert acct["examiner_written"] == 3 and acct["examiner_version"] == final
     assert acct["training_candidates"] == int(fallback) and acct["rule_built"] == int(not fallback)
+
+
+def test_final_examiner_writes_in_rounds_until_the_set_is_full(tmp_path):
+    loop = _loop(tmp_path, "examiner.task_set_size=4", "examiner.task_set_rounds=3")
+    loop.state.versions["examiner"] = 5
+    loop.bundles = {"examiner": (5, object())}
+    loop.pools["examiner"] = FakePool(invalid_every=4)  # 3 of every 4 attempts pass: a second round fills it
+    loop.examiner_candidates, loop.docs = [], DOCS
+    asyncio.run(loop.write_task_set())
+    records = [json.loads(line) for line in open(task_set_path(tmp_path, 0))]
+    assert len(records) == 4 and all(r["version"] == 5 for r in records)
+    assert loop.state.accounting["iter-0-tasks"]["rule_built"] == 0
+    assert loop.metrics.rows[-2]["tasks/examiner_attempts"] == 8  # two rounds of 4, then full
