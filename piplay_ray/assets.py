@@ -72,7 +72,7 @@ def verify(folder: Path) -> bool:
     return all((folder / name).is_file() and sha256_file(folder / name) == digest for name, digest in files.items())
 
 
-def _build(dest: Path, builder: Callable[[Path], dict], force: bool = False) -> Path:
+def build_atomic(dest: Path, builder: Callable[[Path], dict], force: bool = False) -> Path:
     """Run `builder(tmpdir)` and move the result to `dest` atomically, unless `dest` already verifies."""
     if not force and verify(dest):
         return dest
@@ -121,7 +121,7 @@ def build_corpus(out: Path) -> dict:
 
 
 def corpus_path() -> Path:
-    return _build(home() / "corpus" / "wiki-vital", build_corpus) / "corpus.jsonl"
+    return build_atomic(home() / "corpus" / "wiki-vital", build_corpus) / "corpus.jsonl"
 
 
 # ------------------------------------------------------------------------------------------------ SmolLM2
@@ -168,7 +168,7 @@ def build_smollm2(out: Path) -> dict:
 
 
 def smollm2_path() -> Path:
-    return _build(home() / "models" / "SmolLM2-135M-Instruct", build_smollm2)
+    return build_atomic(home() / "models" / "SmolLM2-135M-Instruct", build_smollm2)
 
 
 # ------------------------------------------------------------------------------------------------ tiny
@@ -219,7 +219,7 @@ def build_tiny(out: Path, seed: int = 0, vocab_size: int = 2048, train_steps: in
 
 
 def tiny_path() -> Path:
-    return _build(home() / "models" / "tiny-llama", build_tiny)
+    return build_atomic(home() / "models" / "tiny-llama", build_tiny)
 
 
 # ------------------------------------------------------------------------------------------------ resolve

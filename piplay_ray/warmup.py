@@ -98,9 +98,7 @@ def build(name: str, cfg: Config) -> Path:
     corpus = assets.resolve_corpus(cfg.search.corpus)
     held_out = held_out_ids(cfg, corpus)
     dest = assets.home() / "warmup" / f"{name}-{fingerprint(name, cfg, corpus, held_out)}"
-    if assets.verify(dest):
-        return dest
-    return assets._build(dest, lambda tmp: _train(name, cfg, corpus, set(held_out), tmp))
+    return assets.build_atomic(dest, lambda tmp: _train(name, cfg, corpus, set(held_out), tmp))  # reused if it verifies
 
 
 def _train(name: str, cfg: Config, corpus: str, held_out: set[str], out: Path) -> dict:
