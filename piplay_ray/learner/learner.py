@@ -143,16 +143,16 @@ class LearnerWorker:
         self.transports: dict[tuple[str, str], object] = {}
         self.active: str | None = None
 
-    def node_info(self) -> tuple[str, int, int]:
+    def node_info(self) -> tuple[str, int, list]:
         import ray
 
         return ray.util.get_node_ip_address(), _free_port(), ray.get_gpu_ids()
 
-    def setup(self, master_addr: str, master_port: int, local_rank: int, local_size: int) -> dict:
-        import ray
-
+    def setup(self, master_addr: str, master_port: int, local_rank: int, local_size: int,
+              gpu_ids: Sequence[str | int]) -> dict:
+        """Join the ranks' process group and build the policies; `gpu_ids`: what Ray gave this rank."""
         env, cuda_index = rank_env(self.rank, self.world_size, local_rank, local_size, master_addr, master_port,
-                                   ray.get_gpu_ids(), os.environ)
+                                   gpu_ids, os.environ)
         os.environ.update(env)
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -406,7 +406,7 @@ class LearnerGroup:
         master_ip, master_port = infos[0][0], infos[0][1]
         ips = [ip for ip, _, _ in infos]
         local = [ips[:r].count(ips[r]) for r in range(ws)]
-        self.info = ray.get([w.setup.remote(master_ip, master_port, local[r], ips.count(ips[r]))
+        self.info = ray.get([w.setup.remote(master_ip, master_port, local[r], ips.count(ips[r]), infos[r][2])
                              for r, w in enumerate(self.workers)])
 
     def _submit(self, method: str, *args) -> list:
