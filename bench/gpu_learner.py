@@ -82,6 +82,7 @@ def receive(ticket: str, model_dir: str, dtype: str) -> None:
     from piplay_ray.engines.transformers_engine import TransformersEngine
 
     engine = TransformersEngine(model_dir, dtype=dtype)
+    print("ready", flush=True)  # the sender's clock starts now, not while this process loads
     t0 = time.perf_counter()
     version = engine.receive_weights(json.loads(ticket))
     seconds = time.perf_counter() - t0
@@ -97,6 +98,8 @@ def sync(worker, role: str, backend: str, generation: int, model_dir: str, dtype
     proc = subprocess.Popen([sys.executable, __file__, "--receive", ticket, "--model-dir", model_dir,
                              "--dtype", dtype], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the receiver did not start: {proc.communicate(timeout=timeout)[1][-300:]}")
         receipt = worker.publish(role, "collective")
         out, err = proc.communicate(timeout=timeout)
     except Exception as e:  # noqa: BLE001 - reported in the JSON line, the check fails
@@ -153,7 +156,7 @@ def main() -> int:
                       "step_s": round(m["step_time_s"], 3), "grad_norm": round(m["grad_norm"], 4),
                       "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
                       "changed": checksum(worker._policy(role).full_parameters()) != before,
-                      "offloaded": {r: p.offloaded for r, p in worker.policies.items()}}
+                      "idle_role_offloaded": worker.policies[ROLES[1 - ROLES.index(role)]].offloaded}
         resident[f"after_{key}"] = mem()
     report["steps"], report["resident_gb"] = steps, resident
     export = model_dir.parent / "export"
@@ -166,6 +169,7 @@ def main() -> int:
     engine_dtype = "bfloat16" if cuda else "float32"
     report["sync_gloo"] = sync(worker, "student", "gloo", 1, str(model_dir), engine_dtype, 300)
     ok = (all(s["changed"] and math.isfinite(s["loss"]) for s in steps.values()) and report["export_equal"]
+          and all(s["idle_role_offloaded"] == cuda for s in steps.values())
           and report["sync_gloo"]["ok"] and info["device"].startswith("cuda" if cuda else "cpu"))
     report["ok"] = ok
     print(json.dumps(report), flush=True)

@@ -4,6 +4,8 @@ forward, and the loss's hand-computed pieces (truncated IS weight, per-sequence 
 from __future__ import annotations
 
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -124,3 +126,19 @@ def test_hidden_forward_matches_the_models_logits(tiny_model):
         hidden = fwd(model, batch)
         full = model(input_ids=ids, attention_mask=batch["attention_mask"]).logits
         torch.testing.assert_close(fwd.head(hidden), full, atol=1e-5, rtol=1e-5)
+
+
+def test_optimizer_is_fused_adam_only_where_offload_needs_it(monkeypatch):
+    """ZeRO-3 offloads only DeepSpeed's FusedAdam (seen on an H200); where its kernel cannot load, the learner
+    stops naming the setting instead of silently keeping both roles on the GPU."""
+    from piplay_ray.learner.learner import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert type(make_optimizer(params, LearnerConfig(), torch.device("cpu"))) is torch.optim.AdamW
+
+    def unbuildable(*args, **kwargs):
+        raise ValueError("invalid literal for int() with base 10: '0a'")
+
+    monkeypatch.setitem(sys.modules, "deepspeed.ops.adam", types.SimpleNamespace(FusedAdam=unbuildable))
+    with pytest.raises(RuntimeError, match="learner.offload_inactive=true.*'0a'"):
+        make_optimizer(params, LearnerConfig(offload_inactive=True), torch.device("cuda"))
