@@ -78,6 +78,7 @@ class SearchConfig(Section):
     query_prefix: str = ""  # e5: "query: "
     passage_prefix: str = ""  # e5: "passage: "
     faiss_index: Literal["flat", "hnsw", "ivf"] = "flat"
+    index_shard_docs: PosInt = 100_000  # flat dense build: passages encoded and saved per resumable shard
     url: str = "http://127.0.0.1:8000"  # http retriever
     topk: PosInt = 3
     max_topk: PosInt = 50

@@ -26,7 +26,8 @@ def make_retriever(cfg, show_progress: bool = False) -> Retriever:
         from piplay_ray.retrieval.dense import DenseRetriever
 
         return DenseRetriever(resolve_corpus(cfg.corpus), cfg.encoder, cfg.query_prefix, cfg.passage_prefix,
-                              cfg.faiss_index, cfg.index_dir, show_progress=show_progress, **common)
+                              cfg.faiss_index, cfg.index_dir, show_progress=show_progress,
+                              shard_docs=cfg.index_shard_docs, **common)
     if cfg.retriever == "http":
         from piplay_ray.retrieval.http import HttpRetriever
 
@@ -54,7 +55,7 @@ def build_index(cfg) -> Path | None:
         from piplay_ray.retrieval.dense import build_dense_index
 
         path = build_dense_index(corpus, cfg.encoder, cfg.passage_prefix, cfg.faiss_index, cfg.index_dir,
-                                 show_progress=True)
+                                 show_progress=True, shard_docs=cfg.index_shard_docs)
     print(f"[piplay retriever] {cfg.retriever} index of {len(corpus)} documents: {path}", file=sys.stderr)
     print(path)
     return path

@@ -62,9 +62,10 @@ class Corpus:
     def __iter__(self) -> Iterator[Doc]:
         return (self[i] for i in range(len(self)))
 
-    def texts(self) -> Iterator[str]:
-        """The text to index per row: the contents (which for wiki JSONL already start with the title)."""
-        for i in range(len(self)):
+    def texts(self, start: int = 0, stop: int | None = None) -> Iterator[str]:
+        """The text to index per row (rows start..stop): the contents, which for wiki JSONL already start
+        with the title."""
+        for i in range(start, min(len(self), len(self) if stop is None else stop)):
             d = self.raw(i)
             contents = d.get("contents", d.get("text"))
             title = d.get("title")

@@ -47,11 +47,14 @@ def _few_threads(active: bool):
         faiss.omp_set_num_threads(before[1])
 
 
-def load_encoder(encoder: str, device: str = "cpu"):
+def load_encoder(encoder: str, device: str | None = None):
+    """The sentence encoder, on the GPU when there is one (a 21M-passage build is days on CPU)."""
+    import torch
     from sentence_transformers import SentenceTransformer
 
     from piplay_ray.assets import encoder_path
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return SentenceTransformer(encoder_path(encoder), device=device)
 
 
@@ -80,8 +83,9 @@ def _faiss_index(kind: str, dim: int, n: int):
 
 def build_dense_index(corpus: Corpus, encoder: str = "builtin:minilm", passage_prefix: str = "",
                       faiss_index: str = "flat", index_dir: str | None = None, model=None,
-                      batch_size: int = 64, show_progress: bool = True) -> Path:
-    """Encode every document and write ``index.faiss``; returns the (cached) index folder."""
+                      batch_size: int = 64, show_progress: bool = True, shard_docs: int = 100_000) -> Path:
+    """Encode every document and write ``index.faiss``; returns the (cached) index folder. A flat index is
+    built in resumable shards (shards.py); hnsw and ivf need every vector in memory to build."""
     import faiss
 
     from piplay_ray.assets import encoder_path
@@ -89,6 +93,21 @@ def build_dense_index(corpus: Corpus, encoder: str = "builtin:minilm", passage_p
     params = {"v": VERSION, "encoder": encoder_path(encoder), "passage_prefix": passage_prefix,
               "faiss_index": faiss_index}
     dest = index_folder(corpus, "dense", params, index_dir)
+    if faiss_index == "flat":
+        from piplay_ray.retrieval.shards import build_flat_sharded
+
+        enc = None
+
+        def encode_shard(texts: list[str]) -> np.ndarray:
+            nonlocal enc
+            enc = enc or model or load_encoder(encoder)
+            return encode(enc, [passage_prefix + t for t in texts], batch_size=batch_size)
+
+        def progress(done: int, total: int) -> None:
+            if show_progress:
+                print(f"[piplay retriever] dense index: shard {done}/{total} encoded", file=sys.stderr, flush=True)
+
+        return build_flat_sharded(corpus, dest, encode_shard, params, shard_docs, progress)
 
     def build(tmp: Path) -> None:
         enc = model or load_encoder(encoder)
@@ -106,14 +125,15 @@ def build_dense_index(corpus: Corpus, encoder: str = "builtin:minilm", passage_p
 class DenseRetriever(Retriever):
     def __init__(self, corpus: str | os.PathLike | Corpus, encoder: str = "builtin:minilm", query_prefix: str = "",
                  passage_prefix: str = "", faiss_index: str = "flat", index_dir: str | None = None,
-                 max_topk: int = 50, max_query_chars: int = 512, show_progress: bool = False):
+                 max_topk: int = 50, max_query_chars: int = 512, show_progress: bool = False,
+                 shard_docs: int = 100_000):
         import faiss
 
         self.corpus = corpus if isinstance(corpus, Corpus) else Corpus(corpus)
         self.max_topk, self.max_query_chars, self.query_prefix = max_topk, max_query_chars, query_prefix
         self.encoder = load_encoder(encoder)
         self.index_path = build_dense_index(self.corpus, encoder, passage_prefix, faiss_index, index_dir,
-                                            model=self.encoder, show_progress=show_progress)
+                                            model=self.encoder, show_progress=show_progress, shard_docs=shard_docs)
         path = str(self.index_path / "index.faiss")
         try:
             self.index = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)

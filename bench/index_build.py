@@ -1,0 +1,66 @@
+"""Benchmark the sharded flat dense-index build: passages/s and peak RSS for two corpus sizes.
+
+Each size builds from scratch in a fresh process (the first N rows of the embedded corpus, shards of
+`--shard` passages) and reports its peak resident set (VmHWM). Peak RSS must not grow with the corpus: it is
+bounded by one shard plus the encoder. The last field extrapolates the build time of wiki-18 (21M passages)
+at the larger run's rate, on this machine and this encoder (MiniLM here; e5-base is several times slower).
+
+    python bench/index_build.py [--sizes 2000 8000] [--shard 1000]
+
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+WIKI18 = 21_015_324  # passages in Search-R1's wiki-18 corpus
+
+
+def build_one(n: int, shard: int) -> dict:
+    from piplay_ray import assets
+    from piplay_ray.retrieval.corpus import Corpus
+    from piplay_ray.retrieval.dense import build_dense_index, load_encoder
+
+    full = Corpus(assets.corpus_path())
+    tmp = Path(tempfile.mkdtemp(prefix="piplay-index-bench-"))
+    path = tmp / "corpus.jsonl"
+    path.write_text("".join(json.dumps(full.raw(i % len(full)) | {"id": str(i)}) + "\n" for i in range(n)))
+    encoder = load_encoder("builtin:minilm")
+    t0 = time.perf_counter()
+    build_dense_index(Corpus(path), index_dir=str(tmp / "index"), model=encoder, show_progress=False, shard_docs=shard)
+    seconds = time.perf_counter() - t0
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return {"docs": n, "seconds": round(seconds, 1), "docs_per_s": round(n / seconds, 1),
+            "peak_rss_gb": round(hwm / 1e6, 3)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs=2, default=[2000, 8000])
+    ap.add_argument("--shard", type=int, default=1000)
+    ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        print(json.dumps(build_one(args.one, args.shard)))
+        return
+    runs = []
+    for n in args.sizes:
+        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--shard", str(args.shard)], check=True,
+                             capture_output=True, text=True).stdout
+        runs.append(json.loads(out.strip().splitlines()[-1]))
+    small, large = runs
+    print(json.dumps({"bench": "index_build", "encoder": "builtin:minilm", "shard_docs": args.shard, "runs": runs,
+                      "peak_rss_growth": round(large["peak_rss_gb"] / small["peak_rss_gb"], 3),
+                      "wiki18_hours_here": round(WIKI18 / large["docs_per_s"] / 3600, 1)}))
+
+
+if __name__ == "__main__":
+    main()
