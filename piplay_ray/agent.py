@@ -38,9 +38,11 @@ async def search_once(search, query: str, topk: int | None = None) -> tuple[Hop,
 
 async def run_agent(engine: Engine, search, tokenizer, prompt_ids: list[int], spec: SamplingSpec,
                     max_turns: int, role: str = "student", version: int = 0, max_response_tokens: int = 1024,
-                    max_context: int | None = None, topk: int | None = None) -> Trajectory:
+                    max_context: int | None = None, topk: int | None = None,
+                    max_info_tokens: int | None = None) -> Trajectory:
     """Roll out one trajectory: at most `max_turns` model turns and `max_response_tokens` response tokens
-    (generated and inserted together); `max_context` bounds prompt + response (the engine's model length).
+    (generated and inserted together); `max_context` bounds prompt + response (the engine's model length);
+    `max_info_tokens` cuts each search's evidence text to that many tokens (Dr. Zero's tool-response cap).
     """
     traj = Trajectory(prompt_ids=list(prompt_ids), role=role, version=version)  # type: ignore[arg-type]
     limit = max_response_tokens
@@ -67,6 +69,10 @@ async def run_agent(engine: Engine, search, tokenizer, prompt_ids: list[int], sp
                 break  # no turn left to read the results
             hop, evidence = await search_once(search, action.query, topk)
             traj.hops.append(hop)
+            if max_info_tokens is not None:
+                ids = tokenizer(evidence, add_special_tokens=False)["input_ids"]
+                if len(ids) > max_info_tokens:
+                    evidence = tokenizer.decode(ids[:max_info_tokens])
             info = list(tokenizer(protocol.information_block(evidence), add_special_tokens=False)["input_ids"])
             room = limit - len(traj.response_ids)
             if len(info) >= room:  # the evidence does not fit with room for another turn

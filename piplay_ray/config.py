@@ -67,6 +67,7 @@ class RolloutConfig(Section):
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     max_tokens_per_turn: PosInt = 256
     max_response_tokens: PosInt = 1024  # all turns together, generated and inserted
+    max_info_tokens: PosInt | None = None  # one search's <information> text, cut to this many tokens
     enforce_eager: bool = True
 
 

@@ -170,3 +170,18 @@ def test_search_once_adapts_pool_results():
 
     hop, text = asyncio.run(search_once(Pool(), "q"))
     assert hop.docs[0].title == "T" and text == Result.text
+
+
+def test_evidence_is_cut_to_the_tool_response_token_cap(tok):
+    """rollout.max_info_tokens: the evidence text inside <information> is cut to that many tokens."""
+    t1 = enc(tok, "<search>capital of France</search>")
+    t2 = enc(tok, "<answer>Paris</answer>")
+    evidence = "Doc 1 (Title: Paris) Paris is the capital of France. [capital of France]"
+    cut = tok.decode(enc(tok, evidence)[:5])
+    assert len(enc(tok, evidence)) > 5 and len(cut) < len(evidence)
+    traj = asyncio.run(run_agent(ScriptedEngine([t1, t2]), FakeSearch(), tok, [1, 2], SamplingSpec(100),
+                                 max_turns=3, max_info_tokens=5))
+    assert traj.response_ids == t1 + enc(tok, P.information_block(cut)) + t2
+    uncapped = asyncio.run(run_agent(ScriptedEngine([t1, t2]), FakeSearch(), tok, [1, 2], SamplingSpec(100),
+                                     max_turns=3, max_info_tokens=1000))
+    assert uncapped.response_ids == t1 + enc(tok, P.information_block(evidence)) + t2

@@ -315,3 +315,22 @@ def test_manifests_give_the_shared_memory_their_config_needs(path, capsys):
     assert L.main([str(path)]) == 0
     out = json.loads(capsys.readouterr().out)["shared_memory"]
     assert out["need_gib_per_node"]["total"] == round(need / H.GiB, 2) and out["manifests_gib"]
+
+
+# ------------------------------------------------------------------------------------------ schedule table
+
+
+def test_the_schedule_table_in_the_docs_is_what_the_cluster_configs_say():
+    """docs/cluster.md compares the paper, Dr. Zero and the configs; its config columns must be the truth."""
+    text = (ROOT / "docs" / "cluster.md").read_text()
+    section = text.split("## Schedules:", 1)[1].split("\n## ", 1)[0]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and "`" in line.split("|")[4]]
+    configs = {p.stem: load_config(p) for p in CLUSTER_CONFIGS}
+    assert len(rows) >= 15 and set(configs) == {"qwen3-4b", "qwen3-8b"}
+    for setting, _paper, _drzero, key, *values in rows:
+        for name, shown in zip(("qwen3-4b", "qwen3-8b"), values, strict=True):
+            value = configs[name]
+            for part in key.strip("`").split("."):
+                value = getattr(value, part)
+            assert str(value) == shown, f"{setting}: {name} has {key}={value}, the table says {shown}"

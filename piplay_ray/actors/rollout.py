@@ -92,7 +92,8 @@ class RolloutWorker:
             spec = self.spec if temperature is None else replace(self.spec, temperature=temperature)
             traj = await run_agent(self.engine, self.search, self.tokenizer, prompt_ids, spec,
                                    self.max_turns[role], role=role, version=self.engine.version,
-                                   max_response_tokens=r.max_response_tokens, max_context=r.max_model_len)
+                                   max_response_tokens=r.max_response_tokens, max_context=r.max_model_len,
+                                   max_info_tokens=r.max_info_tokens)
         finally:
             self._inflight -= 1
             if self._inflight == 0:

@@ -19,6 +19,8 @@ import numpy as np
 
 from piplay_ray.records import Doc
 
+SCAN_BYTES = 1 << 26
+
 
 class Corpus:
     """Documents of a JSONL file with ``id``, ``contents`` (or ``text``) and optional ``title``."""
@@ -33,7 +35,8 @@ class Corpus:
         with open(self.path, "rb") as f:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         raw = np.frombuffer(self._mm, dtype=np.uint8)
-        ends = np.flatnonzero(raw == 10)
+        # line ends found a slice at a time: comparing the whole file at once would allocate its size again
+        ends = np.concatenate([np.flatnonzero(raw[o : o + SCAN_BYTES] == 10) + o for o in range(0, size, SCAN_BYTES)])
         if not len(ends) or ends[-1] != size - 1:
             ends = np.append(ends, size)
         starts = np.concatenate([[0], ends[:-1] + 1])
