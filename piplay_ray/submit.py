@@ -19,7 +19,7 @@ from pathlib import Path
 
 # Never uploaded: the venv, VCS data, run outputs and caches. Ray also honours .gitignore/.rayignore.
 DEFAULT_EXCLUDES = (
-    ".venv/", "venv/", ".git/", "runs/", "test-artifacts/", "build/", "dist/", "*.egg-info/",
+    ".venv/", ".venv-gpu/", "venv/", ".git/", "runs/", "test-artifacts/", "build/", "dist/", "*.egg-info/",
     "__pycache__/", "*.pyc", ".pytest_cache/", ".ruff_cache/", ".mypy_cache/", "*.safetensors", "*.gguf",
 )
 # Forwarded into the job when set here: asset and cache locations, offline switches, Ray auth mode.

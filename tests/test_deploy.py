@@ -219,6 +219,42 @@ def test_slurm_script_is_valid_bash_and_names_real_files():
     assert "deploy/submit.sh" in text and "piplay_ray.layout" in text
 
 
+def _sbatch(tmp_path: Path, python: str, env: dict) -> subprocess.CompletedProcess:
+    """Run piplay.sbatch for qwen3-8b on a pretend two-node allocation: srun, scontrol and sleep are stubs."""
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    stubs = {"scontrol": "printf 'n1\\nn2\\n'", "sleep": "exit 0",
+             "srun": 'case "$*" in *hostname*) echo 10.0.0.1;; esac'}
+    for name, body in stubs.items():
+        (bin_ / name).write_text(f"#!/bin/bash\n{body}\n")
+        (bin_ / name).chmod(0o755)
+    env = {"PATH": f"{bin_}:/usr/bin:/bin", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_GPUS_ON_NODE": "8",
+           "SLURM_JOB_ID": "1", "SLURM_SUBMIT_DIR": str(ROOT), "PYTHON": python, **env}
+    return subprocess.run(["bash", str(ROOT / "deploy/slurm/piplay.sbatch"), "configs/cluster/qwen3-8b.yaml"],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_slurm_refuses_a_python_without_cuda_torch(tmp_path):
+    out = _sbatch(tmp_path, sys.executable, {})  # the CPU build the tests run on
+    assert out.returncode == 2 and "no CUDA build of torch" in out.stderr and "make setup-gpu" in out.stderr
+
+
+def test_slurm_fails_when_nodes_do_not_join_in_time(tmp_path):
+    """A Ray cluster that only ever shows one node's GPUs: the script stops with a reason, never submits."""
+    fake = tmp_path / "python"
+    fake.write_text(f"""#!/bin/bash
+case "$*" in
+  *"import sys, torch"*) exit 0;;
+  *ray.init*) echo 7;;
+  *) exec {sys.executable} "$@";;
+esac
+""")
+    fake.chmod(0o755)
+    out = _sbatch(tmp_path, str(fake), {"JOIN_TIMEOUT_S": "0"})
+    assert out.returncode == 3, out.stderr
+    assert "Ray sees 7 of the 15 GPUs on nodes n1 n2" in out.stderr and "submit" not in out.stdout
+
+
 # ------------------------------------------------------------------------------------- submit wrapper (pure)
 
 
