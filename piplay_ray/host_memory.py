@@ -57,7 +57,7 @@ def shared_memory(cfg: Config, params: float) -> dict[str, float]:
     return parts
 
 
-def _size(text: str | int | None) -> float | None:
+def parse_size(text: str | int | None) -> float | None:
     if text is None:
         return None
     text = str(text)
@@ -85,8 +85,8 @@ def manifest_memory(config_path: str | Path, root: Path | None = None) -> dict[s
             for name, group in groups:
                 shm = next((v.get("emptyDir", {}).get("sizeLimit") for v in group["template"]["spec"]["volumes"]
                             if v["name"] == "dshm"), None)
-                out[f"{path.name}:{name}"] = {"object_store": _size(group["rayStartParams"].get("object-store-memory")),
-                                              "dev_shm": _size(shm)}
+                out[f"{path.name}:{name}"] = {"object_store": parse_size(group["rayStartParams"].get("object-store-memory")),
+                                              "dev_shm": parse_size(shm)}
     return out
 
 

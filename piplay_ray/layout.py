@@ -7,7 +7,8 @@ ranks and the teacher are single-node placements. :func:`fits` checks a layout a
 which is how the manifests' GPU worker pods are tested against the configs.
 
 `python -m piplay_ray.layout CONFIG [overrides...]` prints the layout as JSON (used by the Slurm script), with
-the host shared memory the config needs per node next to what its KubeRay manifests give (host_memory.py).
+the host shared memory the config needs per node next to what its KubeRay manifests give (host_memory.py),
+and the persistent storage a run needs next to the shared volume's claim (storage.py).
 """
 
 from __future__ import annotations
@@ -91,9 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"piplay: {e}", file=sys.stderr)
         return 2
-    from piplay_ray.host_memory import report
+    from piplay_ray import host_memory, storage
 
-    print(json.dumps({**layout(cfg).to_dict(), "shared_memory": report(cfg, args[0])}))
+    print(json.dumps({**layout(cfg).to_dict(), "shared_memory": host_memory.report(cfg, args[0]),
+                      "storage": storage.report(cfg)}))
     return 0
 
 

@@ -370,3 +370,18 @@ def test_the_schedule_table_in_the_docs_is_what_the_cluster_configs_say():
             for part in key.strip("`").split("."):
                 value = getattr(value, part)
             assert str(value) == shown, f"{setting}: {name} has {key}={value}, the table says {shown}"
+
+
+def test_the_shared_volume_holds_a_run_of_each_cluster_config():
+    """storage.py by hand for Qwen3-8B in bf16: per checkpoint 2 roles x (2 + 2 + 12) + 4 bytes per parameter."""
+    from piplay_ray import storage
+
+    cfg = load_config(ROOT / "configs/cluster/qwen3-8b.yaml")
+    assert storage.checkpoint_bytes(cfg, 1e9) == 36e9
+    wiki18 = 21_015_324
+    assert storage.corpus_bytes("/absent/wiki-18.jsonl") == (wiki18 * 700, wiki18 * 768 * 4)
+    volume = storage.claimed()
+    for path in CLUSTER_CONFIGS:
+        cfg = load_config(path)
+        need = storage.need(cfg, storage.param_count(cfg))
+        assert need["total"] <= volume, f"{path.name} needs {need['total'] / 2**30:.0f} GiB of {volume / 2**30:.0f}"
