@@ -1,0 +1,95 @@
+"""What an experiment's arms showed: the curve points, a table and a plot. Pure over the runs' metrics files.
+
+Every held-out evaluation of every arm and seed is one curve point (arm, seed, student step, EM, F1). The table
+gives each arm's final EM as the mean over seeds ± the sample standard deviation (over n seeds; with one seed
+no spread is claimed), and the student steps the arm needs before its mean EM reaches the baseline arm's final
+mean EM (the paper's "reaches in one iteration what the other reaches in three"); `—` where it never does.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+
+def curve(metrics_path: str | Path, arm: str, seed: int) -> list[dict]:
+    """The evaluation points of one run, oldest first (a re-done step keeps its last evaluation)."""
+    points: dict[int, dict] = {}
+    with open(metrics_path, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            if "eval/overall/em" not in row:
+                continue
+            step = int(row.get("student_step", row.get("step", 0)))
+            points[step] = {"arm": arm, "seed": seed, "student_step": step, "em": float(row["eval/overall/em"]),
+                            "f1": float(row.get("eval/overall/f1", math.nan)), "n": int(row.get("eval/overall/n", 0))}
+    return [points[s] for s in sorted(points)]
+
+
+def _by_arm_step(points: list[dict]) -> dict[str, dict[int, list[float]]]:
+    out: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for p in points:
+        out[p["arm"]][p["student_step"]].append(p["em"])
+    return out
+
+
+def summary(points: list[dict], baseline: str) -> list[dict]:
+    """Per arm: final EM mean and spread over seeds, and the steps to reach the baseline's final mean EM."""
+    table = _by_arm_step(points)
+    if baseline not in table:
+        raise ValueError(f"the baseline arm {baseline!r} has no evaluation (arms: {', '.join(sorted(table))})")
+    target = statistics.fmean(table[baseline][max(table[baseline])])
+    rows = []
+    for arm, steps in table.items():
+        final = steps[max(steps)]
+        reach = next((s for s in sorted(steps) if statistics.fmean(steps[s]) >= target), None)
+        rows.append({"arm": arm, "final_em": statistics.fmean(final),
+                     "spread": statistics.stdev(final) if len(final) > 1 else None, "seeds": len(final),
+                     "final_step": max(steps), "steps_to_baseline": reach, "n": max(p["n"] for p in points
+                                                                                   if p["arm"] == arm)})
+    return rows
+
+
+def markdown(rows: list[dict], baseline: str) -> str:
+    lines = [f"| arm | final EM (mean ± sd over seeds) | seeds | eval questions | student steps to reach "
+             f"`{baseline}`'s final EM |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        spread = "" if r["spread"] is None else f" ± {r['spread']:.3f}"
+        reach = "—" if r["steps_to_baseline"] is None else str(r["steps_to_baseline"])
+        lines.append(f"| {r['arm']} | {r['final_em']:.3f}{spread} | {r['seeds']} | {r['n']} | {reach} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(points: list[dict], path: str | Path) -> None:
+    """EM against student steps per arm: the mean over seeds, shaded between the seeds' min and max."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm, steps in sorted(_by_arm_step(points).items()):
+        xs = sorted(steps)
+        ax.plot(xs, [statistics.fmean(steps[x]) for x in xs], marker="o", label=arm)
+        ax.fill_between(xs, [min(steps[x]) for x in xs], [max(steps[x]) for x in xs], alpha=0.2)
+    ax.set_xlabel("student steps")
+    ax.set_ylabel("held-out EM")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(points: list[dict], baseline: str, out_dir: str | Path, header: str = "") -> dict[str, Path]:
+    """experiment.json (every point), experiment.md (the table) and experiment.png (the curves)."""
+    out = Path(out_dir)
+    rows = summary(points, baseline)
+    paths = {"json": out / "experiment.json", "md": out / "experiment.md", "png": out / "experiment.png"}
+    paths["json"].write_text(json.dumps({"baseline": baseline, "points": points, "summary": rows}, indent=1))
+    paths["md"].write_text(header + markdown(rows, baseline))
+    plot(points, paths["png"])
+    return paths
