@@ -48,6 +48,7 @@ bench: setup assets
 	$(PY) bench/rollout.py
 	$(PY) bench/weight_sync.py
 	$(PY) bench/pipeline.py
+	$(PY) bench/protocol_parse.py
 
 # On a machine with one GPU and the `gpu` extra installed (pip install -e '.[gpu]'): the whole loop with vLLM
 # on CUDA, ZeRO-3, collective (NCCL) weight sync and fractional GPUs; fails at once without a GPU.
