@@ -49,6 +49,7 @@ lint: setup
 
 bench: setup assets
 	$(PY) bench/retrieval.py
+	$(PY) bench/retrieval_server.py
 	$(PY) bench/rollout.py
 	$(PY) bench/weight_sync.py
 	$(PY) bench/pipeline.py
