@@ -7,6 +7,7 @@ import os
 import sys
 
 from piplay_ray.config import ConfigError, dump_config, load_config
+from piplay_ray.errors import UserInputError
 
 
 def _add_config(p: argparse.ArgumentParser, required: bool = True) -> None:
@@ -142,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except ConfigError as e:
+        print(f"piplay: {e}", file=sys.stderr)
+        return 2
+    except UserInputError as e:
         print(f"piplay: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -263,6 +264,26 @@ class Config(Section):
     fault: FaultConfig = Field(default_factory=FaultConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        """Values that are each valid but cannot work together (a run would stall or fail later)."""
+        problems = []
+        need = max(self.student.tasks_per_step, 1)  # an examiner step is one hop-grouped group
+        if self.replay.capacity_groups < need:
+            problems.append(f"replay.capacity_groups={self.replay.capacity_groups} is smaller than the "
+                            f"{need} groups one student step needs (student.tasks_per_step={need}); "
+                            f"raise replay.capacity_groups to at least {need}")
+        r = self.rollout
+        if r.max_tokens_per_turn > r.max_response_tokens:
+            problems.append(f"rollout.max_tokens_per_turn={r.max_tokens_per_turn} exceeds "
+                            f"rollout.max_response_tokens={r.max_response_tokens} (all turns together)")
+        if r.max_response_tokens >= r.max_model_len:
+            problems.append(f"rollout.max_response_tokens={r.max_response_tokens} leaves no room for the prompt "
+                            f"in rollout.max_model_len={r.max_model_len}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
 
 # --------------------------------------------------------------------------------------------- loading
 
@@ -274,9 +295,14 @@ def _load_tree(path: Path, seen: tuple[Path, ...] = ()) -> Any:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        node = OmegaConf.load(path)
-    except Exception as e:  # YAML syntax errors
-        raise ConfigError(f"{path}: cannot parse YAML: {e}") from e
+        top = yaml.safe_load(path.read_text(encoding="utf-8"))
+        node = OmegaConf.create(top or {}) if isinstance(top, dict) or top is None else None
+    except Exception as e:  # YAML syntax errors, unreadable files, keys OmegaConf refuses
+        raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+    if node is None:
+        kind = "a list" if isinstance(top, list) else f"a single {type(top).__name__} value ({top!r:.60})"
+        raise ConfigError(f"{path}: a config file must be a mapping of sections (e.g. `run:`, `model:`), "
+                          f"but it holds {kind}")
     base = node.pop("extends", None) if OmegaConf.is_dict(node) else None
     if base is None:
         return node
@@ -292,6 +318,9 @@ def _describe(err: dict[str, Any]) -> str:
         return f"`{key}`: unknown key (value {err['input']!r}); check the spelling against `piplay config show`"
     if kind == "literal_error":
         return f"`{key}`: got {err['input']!r}; allowed values: {ctx.get('expected')}"
+    if kind == "value_error":  # a cross-field check: its message names the keys, the input is a whole section
+        msg = str(ctx.get("error") or err["msg"])
+        return msg if key == "<root>" else f"`{key}`: {msg}"
     return f"`{key}`: got {err['input']!r}; {err['msg'].lower()}"
 
 
@@ -309,8 +338,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
     if bad:
         raise ConfigError(f"overrides must look like `section.key=value`, got: {', '.join(bad)}")
+    dots = []
+    for o in overrides:  # one at a time, so an unparsable value is named
+        try:
+            dots.append(OmegaConf.from_dotlist([o]))
+        except Exception as e:  # YAML errors in the value (`x=[1,2`), OmegaConf key errors
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"override `{o}`: cannot parse the value ({first}); quote it, or write a "
+                              f"complete YAML value such as [1, 2] or {{a: 1}}") from None
     try:
-        merged = OmegaConf.merge(tree, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(tree, *dots)
         data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)

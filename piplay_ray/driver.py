@@ -34,6 +34,7 @@ from piplay_ray import assets, console, summary, warmup
 from piplay_ray.config import Config
 from piplay_ray.fault import TaskLedger, actor_state, describe, is_actor_failure
 from piplay_ray.records import Experience, Hop, Task
+from piplay_ray.resources import check_cluster
 from piplay_ray.rundir import RunDir, sample_row
 
 ROLES = ("examiner", "student")
@@ -703,6 +704,7 @@ def train(cfg: Config) -> Path:
     run = RunDir.create(cfg)
     _say(f"run directory: {run.path}")
     init_ray(cfg, run.path)
+    check_cluster(cfg)  # too few CPUs/GPUs: fail now, naming them, not at a placement-group timeout
     cfg = warmup.prepare(cfg)  # a warm start named by the config: built once, then cached
     loop = EvolutionLoop(cfg, run)
     stop_dashboard = None

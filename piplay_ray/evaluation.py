@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from piplay_ray.errors import UserInputError
 from piplay_ray.records import Trajectory
 from piplay_ray.rewards import exact_match, f1, normalize_answer
 
@@ -39,52 +40,74 @@ class QAExample:
 # ------------------------------------------------------------------------------------------ QA files
 
 
-def _as_list(value) -> list[str]:
+class DataError(UserInputError):
+    """A QA file that cannot be read; the message names the file and the line (JSONL) or row (Parquet)."""
+
+
+def _as_list(value, where: str, key: str) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
         return [value]
     if hasattr(value, "tolist"):  # numpy arrays from Parquet
         value = value.tolist()
+    if not isinstance(value, list | tuple):
+        raise DataError(f"{where}: `{key}` must be a list of strings (or one string), "
+                        f"got {type(value).__name__} {value!r:.80}")
+    bad = [v for v in value if isinstance(v, dict | list | tuple)]
+    if bad:
+        raise DataError(f"{where}: `{key}` must hold strings, got {bad[0]!r:.80}")
     return [str(v) for v in value if v is not None and str(v).strip()]
 
 
-def _golds(row: dict) -> list[str]:
+def _golds(row: dict, where: str) -> list[str]:
     if "golden_answers" in row:
-        return _as_list(row["golden_answers"])
+        return _as_list(row["golden_answers"], where, "golden_answers")
     gt = (row.get("reward_model") or {}).get("ground_truth") or {}  # Search-R1's processed parquet
-    return _as_list(gt.get("target") if isinstance(gt, dict) else gt)
+    return _as_list(gt.get("target") if isinstance(gt, dict) else gt, where, "reward_model.ground_truth")
 
 
-def _rows(path: Path) -> Iterable[dict]:
+def _rows(path: Path) -> Iterable[tuple[str, object]]:
+    """(where, row) pairs: `where` is `path:LINE` for JSONL (blank lines counted), `path: row N` for Parquet."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        yield from pq.read_table(path).to_pylist()
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # not Parquet, truncated, unreadable
+            raise DataError(f"{path}: cannot read Parquet: {e}") from None
+        yield from ((f"{path}: row {i}", row) for i, row in enumerate(rows))
         return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except ValueError as e:
-                    raise ValueError(f"{path}:{lineno}: not JSON: {e}") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except (ValueError, RecursionError) as e:
+                        raise DataError(f"{path}:{lineno}: not JSON: {e}") from None
+                    yield f"{path}:{lineno}", row
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e})") from None
 
 
 def load_qa(path: str | os.PathLike) -> list[QAExample]:
     """Read a QA file (``.jsonl``/``.json`` lines or ``.parquet``); the file stem is the default source."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"QA file not found: {path}")
+        raise DataError(f"QA file not found: {path}")
     out = []
-    for i, row in enumerate(_rows(path)):
-        q, golds = row.get("question"), _golds(row)
+    for i, (where, row) in enumerate(_rows(path)):
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected a JSON object with `question` and `golden_answers`, "
+                            f"got {type(row).__name__}")
+        q, golds = row.get("question"), _golds(row, where)
         if not isinstance(q, str) or not q.strip() or not golds:
-            raise ValueError(f"{path}: row {i} needs a non-empty `question` and `golden_answers`")
+            raise DataError(f"{where}: needs a non-empty `question` and `golden_answers`")
         out.append(QAExample(id=str(row.get("id", i)), question=q.strip(), golden_answers=golds,
                              data_source=str(row.get("data_source") or path.stem)))
     if not out:
-        raise ValueError(f"{path}: no examples")
+        raise DataError(f"{path}: no examples")
     return out
 
 

@@ -26,7 +26,6 @@ STOP_STRINGS: tuple[str, ...] = (SEARCH_CLOSE, ANSWER_CLOSE)
 _TAGS = ("search", "answer", "question", "information", "think")
 _ANY_TAG = re.compile(r"</?(?:" + "|".join(_TAGS) + r")>")
 _MODEL_INFO = re.compile(re.escape(INFO_OPEN) + r".*?(?:" + re.escape(INFO_CLOSE) + r"|\Z)", re.S)
-_THINK = re.compile(re.escape(THINK_OPEN) + r".*?" + re.escape(THINK_CLOSE), re.S)
 
 # Small instruct models (SmolLM2-135M) follow the format only when the instructions sit in the user turn
 # with a worked example and the assistant turn opens with RESPONSE_PREFIX; large ones (Qwen3) are fine with
@@ -174,8 +173,13 @@ def teacher_prompt_ids(tokenizer, question: str, privileged: str) -> list[int]:
 
 
 def information_block(text: str) -> str:
-    """The environment's reply to a search, as inserted after the model's `</search>`."""
-    return f"\n\n{INFO_OPEN}\n{text.strip()}\n{INFO_CLOSE}\n\n"
+    """The environment's reply to a search, as inserted after the model's `</search>`.
+
+    Protocol tags inside retrieved text are defused (``</information>`` becomes ``[/information]``), so a
+    document can neither close the block early nor supply an answer or a question.
+    """
+    text = _ANY_TAG.sub(lambda m: "[" + m.group(0)[1:-1] + "]", text.strip())
+    return f"\n\n{INFO_OPEN}\n{text}\n{INFO_CLOSE}\n\n"
 
 
 # --------------------------------------------------------------------------------------------- parsing
@@ -203,7 +207,24 @@ def _clean(text: str) -> str:
     close = text.find(THINK_CLOSE)
     if close >= 0 and THINK_OPEN not in text[:close]:
         text = " " + text[close + len(THINK_CLOSE):]
-    return _THINK.sub(" ", text)
+    return _drop_closed_thinks(text)
+
+
+def _drop_closed_thinks(text: str) -> str:
+    """Replace each `<think>…</think>` (first closer after the opener) by a space; an unclosed think stays.
+
+    A scan with `str.find` rather than a lazy regex, which retries every opener to the end of the text and
+    is quadratic on many unclosed `<think>` tags (100 KB of them took ~10 s).
+    """
+    out, pos = [], 0
+    while (i := text.find(THINK_OPEN, pos)) >= 0:
+        j = text.find(THINK_CLOSE, i + len(THINK_OPEN))
+        if j < 0:
+            break
+        out += [text[pos:i], " "]
+        pos = j + len(THINK_CLOSE)
+    out.append(text[pos:])
+    return "".join(out)
 
 
 def _unclosed(prefix: str) -> bool:
@@ -264,7 +285,6 @@ def parse_turn(text: str, role: str = "student") -> Action:
     return Action("question", answer=answer, question=question)
 
 
-_AFTER_SEARCH = re.compile(re.escape(SEARCH_CLOSE) + r"\s*" + re.escape(INFO_OPEN) + r".*?" + re.escape(INFO_CLOSE), re.S)
 _ACTION_OPEN = re.compile("|".join(re.escape(t) for t in (SEARCH_OPEN, ANSWER_OPEN, QUESTION_OPEN)))
 
 
@@ -272,7 +292,30 @@ def model_turns(text: str) -> list[str]:
     """A decoded response split into the model's turns (at the environment's information blocks)."""
     if not isinstance(text, str) or not text.strip():
         return []
-    return [t for t in _AFTER_SEARCH.split(text) if t.strip()]
+    return [t for t in _split_after_searches(text) if t.strip()]
+
+
+def _split_after_searches(text: str) -> list[str]:
+    """Split at each `</search>`, optional whitespace, `<information>…</information>` (the block removed).
+
+    Linear: once no `</information>` follows, no later block can close either (a lazy regex retried each
+    `</search>` to the end of the text).
+    """
+    parts, pos, at = [], 0, 0
+    while (s := text.find(SEARCH_CLOSE, at)) >= 0:
+        k = s + len(SEARCH_CLOSE)
+        while k < len(text) and text[k].isspace():
+            k += 1
+        if not text.startswith(INFO_OPEN, k):
+            at = k
+            continue
+        e = text.find(INFO_CLOSE, k + len(INFO_OPEN))
+        if e < 0:
+            break
+        parts.append(text[pos:s])
+        pos = at = e + len(INFO_CLOSE)
+    parts.append(text[pos:])
+    return parts
 
 
 def think_share(text: str) -> float:

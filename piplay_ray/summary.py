@@ -27,6 +27,11 @@ def _num(v) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _within(run: Path, path: Path) -> bool:
+    path = path.resolve()
+    return run in path.parents
+
+
 def _rows(path: Path) -> list[dict]:
     """The records of metrics.jsonl; a damaged line, or the half-written last one of a live run, is skipped."""
     rows = []
@@ -48,6 +53,8 @@ def _evals(run: Path) -> list[tuple[str, dict]]:
     """(name, overall scores) of the evaluations under eval/: before-training first, then iter-N by N."""
     out = []
     for f in (run / "eval").glob("*/metrics.json"):
+        if not _within(run, f):
+            continue
         try:
             overall = json.loads(f.read_text())["summary"]["overall"]
             mtime = f.stat().st_mtime
@@ -61,9 +68,12 @@ def _evals(run: Path) -> list[tuple[str, dict]]:
 
 
 def compute(run_dir: str | Path) -> dict:
-    """The summary of the run in `run_dir` so far (keys are None where nothing was measured yet)."""
-    run = Path(run_dir)
-    rows = _rows(run / "metrics.jsonl")
+    """The summary of the run in `run_dir` so far (keys are None where nothing was measured yet).
+
+    Files that resolve outside the run directory (symlinked out of it) are not read.
+    """
+    run = Path(run_dir).resolve()
+    rows = _rows(run / "metrics.jsonl") if _within(run, run / "metrics.jsonl") else []
 
     def series(key: str, phase: str | None = None) -> list[float]:
         return [r[key] for r in rows if _num(r.get(key)) and (phase is None or r.get("phase") == phase)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 from transformers import AutoTokenizer
@@ -48,11 +47,15 @@ class FakeSearch:
     def __init__(self, delay: float = 0.0, fail: bool = False):
         self.queries: list[str] = []
         self.delay, self.fail = delay, fail
+        self.in_flight = self.max_in_flight = 0
 
     async def search(self, query: str, topk: int | None = None):
         self.queries.append(query)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
         if self.delay:
             await asyncio.sleep(self.delay)
+        self.in_flight -= 1
         if self.fail:
             raise ConnectionError("backend down")
         doc = Doc(id="3", title="Paris", contents="Paris is the capital of France.")
@@ -145,14 +148,14 @@ def test_trajectories_overlap_while_searching(tok):
     """Many rollouts on one loop: waiting on search does not serialise them."""
     t1, t2 = enc(tok, "<search>q</search>"), enc(tok, "<answer>a</answer>")
 
+    search = FakeSearch(delay=0.3)
+
     async def many():
-        search = FakeSearch(delay=0.3)
         return await asyncio.gather(*[run_agent(ScriptedEngine([t1, t2], delay=0.05), search, tok, [1],
                                                 SamplingSpec(50), 3) for _ in range(10)])
 
-    start = time.perf_counter()
     trajs = asyncio.run(many())
-    assert time.perf_counter() - start < 1.5  # serial would be 10 * 0.4 s
+    assert search.max_in_flight == 10  # every rollout's search was pending at once (serial: 1)
     assert all(t.answer == "a" for t in trajs)
 
 

@@ -113,3 +113,46 @@ def test_cli_config_show(capsys):
     assert "group_size: 3" in out and "base: builtin:tiny" in out
     assert main(["config", "show", "--config", str(CONFIGS / "tiny.yaml"), "student.nope=1"]) == 2
     assert "`student.nope`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,kind", [("- a\n- b\n", "a list"), ("42\n", "a single int value (42)"),
+                                       ("hello\n", "a single str value ('hello')")])
+def test_a_file_that_is_not_a_mapping_is_named(tmp_path, capsys, text, kind):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match="must be a mapping of sections") as e:
+        load_config(p)
+    assert str(e.value).endswith(f"it holds {kind}")
+    assert main(["config", "show", "--config", str(p)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"piplay: {p}: a config file must be a mapping") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("override", ["x=[1,2", "run.name={a", "schedule.distill_lambda=[0.1, 0.2", "run.name=]"])
+def test_unparsable_override_is_named(capsys, override):
+    with pytest.raises(ConfigError, match="cannot parse the value") as e:
+        load_config(CONFIGS / "tiny.yaml", [override])
+    assert f"override `{override}`" in str(e.value)
+    assert main(["config", "show", "--config", str(CONFIGS / "tiny.yaml"), override]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_mapping_override_is_validated_like_a_file():
+    with pytest.raises(ConfigError, match="`x`: unknown key"):
+        load_config(CONFIGS / "tiny.yaml", ["x={a: 1}"])
+    with pytest.raises(ConfigError, match="`run.name`: got {'a': 1}"):
+        load_config(CONFIGS / "tiny.yaml", ["run.name={a: 1}"])
+    assert load_config(CONFIGS / "tiny.yaml", ["run={name: z}"]).run.name == "z"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["replay.capacity_groups=1", "student.tasks_per_step=8"],
+     "replay.capacity_groups=1 is smaller than the 8 groups one student step needs"),
+    (["rollout.max_tokens_per_turn=200"], "rollout.max_tokens_per_turn=200 exceeds rollout.max_response_tokens=128"),
+    (["rollout.max_response_tokens=1024"], "rollout.max_response_tokens=1024 leaves no room for the prompt"),
+])
+def test_cross_field_conflicts_are_refused(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "tiny.yaml", overrides)
+    assert message in str(e.value) and "{'run'" not in str(e.value)  # the message, not the whole config
+    load_config(CONFIGS / "tiny.yaml", ["replay.capacity_groups=8", "student.tasks_per_step=8"])

@@ -7,6 +7,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -147,6 +148,36 @@ def test_symlinks_out_of_the_run_are_refused(run, server):
     assert status == 200 and res["text"] == "driver started\n"
     assert get(server, "/static/secret.txt")[0] == 404
     assert get(server, "/api/file?path=logs/missing.log")[0] == 404
+
+
+def test_no_endpoint_reads_a_file_symlinked_out_of_the_run(tmp_path):
+    """Every fixed file and folder the reader opens, replaced by a symlink out of the run, reads as absent."""
+    run, out = tmp_path / "run", tmp_path / "outside"
+    write_run(run)
+    shutil.copytree(run, out)  # well-formed files, so only the containment rule can refuse them
+    (out / "health.json").write_text(json.dumps({"actors": {"secret": {"state": "ALIVE"}}, "updated": 1.0}))
+    for name in ("config.yaml", "metrics.jsonl", "health.json", "samples", "tasks"):
+        p = run / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        os.symlink(out / name, p)
+    for ev in (run / "eval").iterdir():
+        (ev / "metrics.json").unlink()
+        os.symlink(out / "eval" / ev.name / "metrics.json", ev / "metrics.json")
+    r = RunReader(run)
+    assert r.run_info()["config"] is None and r.metrics(0)["rows"] == []
+    assert r.health() == {"actors": {}, "updated": None}
+    assert r.tasks()["tasks"] == [] and r.summary()["student_reward"] is None and "em_before" not in r.summary()
+    inside = RunReader(out)  # the same files, read in their own run
+    assert inside.tasks()["tasks"] and inside.metrics(0)["rows"] and inside.summary()["student_reward"] is not None
+    assert "em_before" in inside.summary() and inside.run_info()["config"]
+    url, stop = start_dashboard(run, "127.0.0.1", 0)
+    try:
+        for path in ("/api/run", "/api/metrics", "/api/tasks", "/api/summary", "/api/health"):
+            status, _, body = get(url, path)
+            assert status == 200 and b"fixture" not in body and b"secret" not in body, path
+        assert get(url, "/api/file?path=metrics.jsonl")[0] == 403
+    finally:
+        stop()
 
 
 def test_read_only_and_loopback_host_only(server):

@@ -37,8 +37,51 @@ def test_load_qa_jsonl_and_parquet(tmp_path):
     bad.write_text(json.dumps({"question": "no answers"}) + "\n")
     with pytest.raises(ValueError, match="golden_answers"):
         E.load_qa(bad)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(E.DataError, match="not found"):
         E.load_qa(tmp_path / "nope.jsonl")
+
+
+GOOD = json.dumps({"question": "Who?", "golden_answers": ["X"]})
+
+
+@pytest.mark.parametrize("lines,where,message", [
+    ([GOOD, "", "{broken"], 3, "not JSON"),  # the blank line counts: file lines, not rows
+    ([GOOD, "[1, 2]"], 2, "expected a JSON object"),
+    (["", GOOD, "", json.dumps({"question": "Q", "golden_answers": {"a": "X"}})], 4,
+     "`golden_answers` must be a list of strings (or one string), got dict"),
+    ([GOOD, json.dumps({"question": "Q", "golden_answers": [["nested"]]})], 2, "must hold strings"),
+    ([GOOD, json.dumps({"golden_answers": ["X"]})], 2, "needs a non-empty `question`"),
+    ([GOOD, "[" * 100_000], 2, "not JSON"),
+])
+def test_data_errors_name_file_and_line(tmp_path, lines, where, message):
+    p = tmp_path / "qa.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(E.DataError) as e:
+        E.load_qa(p)
+    assert str(e.value).startswith(f"{p}:{where}: ") and message in str(e.value)
+
+
+def test_parquet_errors_name_the_row(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"question": ["Q1", ""], "golden_answers": [["A"], ["B"]]}), tmp_path / "q.parquet")
+    with pytest.raises(E.DataError, match=r"q\.parquet: row 1: needs a non-empty"):
+        E.load_qa(tmp_path / "q.parquet")
+    (tmp_path / "not.parquet").write_text("plain text")
+    with pytest.raises(E.DataError, match="cannot read Parquet"):
+        E.load_qa(tmp_path / "not.parquet")
+
+
+def test_cli_eval_reports_data_errors_without_traceback(tmp_path, capsys):
+    from piplay_ray.cli import main
+
+    p = tmp_path / "qa.jsonl"
+    p.write_text(GOOD + "\n" + json.dumps({"question": "Q", "golden_answers": {"a": 1}}) + "\n")
+    for data in (p, tmp_path / "missing.jsonl"):
+        rc = main(["eval", "-c", "configs/tiny.yaml", "--model", "builtin:tiny", "--data", str(data)])
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith(f"piplay: {p}:2: `golden_answers`" if data == p else "piplay: QA file")
 
 
 def test_rule_question():

@@ -8,13 +8,11 @@ import json
 
 import pytest
 
-from piplay_ray import protocol
+from piplay_ray import agent, protocol
 from piplay_ray.config import ExaminerConfig
 from piplay_ray.engines.base import Engine, Generation, SamplingSpec
 from piplay_ray.examiner import build_task
 from piplay_ray.records import Doc, Hop
-
-agent = pytest.importorskip("piplay_ray.agent")
 
 SOURCE = Doc("7", "Marie Curie", '"Marie Curie"\nMarie Curie was a physicist born in Warsaw.')
 RESULTS = {

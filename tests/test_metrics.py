@@ -72,7 +72,10 @@ def test_bad_input_is_a_clear_error(tmp_path):
 
 def test_clean_metrics_and_gauge_names():
     assert clean_metrics({"x": np.float64(2.5), "h": (1, 0.5)}) == {"x": 2.5, "h": [1, 0.5]}
-    assert math.isnan(float("nan")) and clean_metrics({"x": float("inf")}) == {"x": None}
+    nonfinite = {"nan": float("nan"), "inf": float("inf"), "ninf": -math.inf, "np_nan": np.float32("nan"),
+                 "h": [1.0, float("nan")], "ok": 0.5}
+    assert clean_metrics(nonfinite) == {"nan": None, "inf": None, "ninf": None, "np_nan": None, "h": [1.0, None],
+                                        "ok": 0.5}
     assert gauge_name("throughput/rollout_tokens_per_s") == "piplay_throughput_rollout_tokens_per_s"
     assert gauge_name("weight_sync/seconds.p50") == "piplay_weight_sync_seconds_p50"
 
@@ -153,7 +156,8 @@ def test_health_and_samples_files(tmp_path):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray = pytest.importorskip("ray")
+    import ray
+
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

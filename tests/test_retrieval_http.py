@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 import threading
@@ -112,10 +112,24 @@ def test_client_retries_5xx_then_reports(fails, ok):
         srv.server_close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _serve_on_any_port(cfg_path, timeout: float = 60) -> tuple[subprocess.Popen, str]:
+    """`piplay retriever serve --port 0`: the server binds a free port itself and prints its URL (no race
+    between picking a port and binding it)."""
+    proc = subprocess.Popen([sys.executable, "-m", "piplay_ray.cli", "retriever", "serve", "--config", str(cfg_path),
+                             "--port", "0"], stderr=subprocess.PIPE, text=True, env={**os.environ})
+    found: list[str] = []
+
+    def read():  # keep draining stderr, so request logs never fill the pipe
+        for line in proc.stderr:
+            if not found and (m := re.search(r"serving \w+ on (http://\S+)", line)):
+                found.append(m.group(1))
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.time() + timeout
+    while not found:
+        assert proc.poll() is None and time.time() < deadline, "server did not come up"
+        time.sleep(0.1)
+    return proc, found[0]
 
 
 def test_killed_server_gives_reported_failures_not_crashes(corpus_path, tmp_path):
@@ -124,21 +138,12 @@ def test_killed_server_gives_reported_failures_not_crashes(corpus_path, tmp_path
 
     from piplay_ray.actors.search_env import SearchService
 
-    port = _free_port()
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"search:\n  retriever: bm25\n  corpus: {corpus_path}\n")
-    proc = subprocess.Popen([sys.executable, "-m", "piplay_ray.cli", "retriever", "serve", "--config", str(cfg),
-                             "--port", str(port)], stderr=subprocess.DEVNULL, env={**os.environ})
+    proc, url = _serve_on_any_port(cfg)
     try:
-        client = HttpRetriever(f"http://127.0.0.1:{port}", timeout_s=5, retries=2, backoff_s=0.05)
-        deadline = time.time() + 60
-        while True:
-            try:
-                client.health()
-                break
-            except requests.RequestException:
-                assert proc.poll() is None and time.time() < deadline, "server did not come up"
-                time.sleep(0.2)
+        client = HttpRetriever(url, timeout_s=5, retries=2, backoff_s=0.05)
+        assert client.health()["status"] == "ok"
 
         async def run():
             svc = SearchService(client, topk=3, batch_window_ms=2, cache_size=0)

@@ -63,6 +63,12 @@ def safe_relpath(rel: str) -> str:
     return rel
 
 
+def within(root: Path, path: Path) -> bool:
+    """Whether `path` resolves (symlinks followed) to `root` or below it; `root` is already resolved."""
+    path = path.resolve()
+    return path == root or root in path.parents
+
+
 def resolve_in(root: Path, rel: str) -> Path:
     """`root/rel`, refused unless it resolves (symlinks included) inside root."""
     path = (root / safe_relpath(rel)).resolve()
@@ -107,7 +113,14 @@ class RunReader:
         self._cache: dict[Path, tuple[tuple[int, int], list[dict]]] = {}
         self._lock = threading.Lock()
 
+    def _inside(self, path: Path) -> bool:
+        """Whether `path` resolves (symlinks followed) inside the run directory; a file or folder symlinked
+        out of the run is treated as absent, so no endpoint serves what lies outside."""
+        return within(self.root, path)
+
     def _jsonl(self, path: Path) -> list[dict]:
+        if not self._inside(path):
+            return []
         try:
             st = path.stat()
         except FileNotFoundError:
@@ -124,12 +137,12 @@ class RunReader:
 
     def _files(self, sub: str, pattern: re.Pattern) -> list[tuple[int, str, Path]]:
         d = self.root / sub
-        if not d.is_dir():
+        if not d.is_dir() or not self._inside(d):
             return []
         out = []
         for p in d.iterdir():
             m = pattern.match(p.name)
-            if m and p.is_file() and p.resolve().parent == d.resolve():
+            if m and p.is_file() and self._inside(p) and p.resolve().parent == d.resolve():
                 out.append((int(m.groups()[-1]), m.group(1) if m.lastindex == 2 else "", p))
         return sorted(out)
 
@@ -137,13 +150,14 @@ class RunReader:
 
     def run_info(self) -> dict:
         cfg = self.root / "config.yaml"
-        text = cfg.read_text(encoding="utf-8", errors="replace")[:65536] if cfg.is_file() else None
+        ok = cfg.is_file() and self._inside(cfg)
+        text = cfg.read_text(encoding="utf-8", errors="replace")[:65536] if ok else None
         return {"name": self.root.name, "config": text}
 
     def metrics(self, offset: int) -> dict:
         """Complete lines of metrics.jsonl from byte `offset`; `next` is where to continue."""
         path = self.root / "metrics.jsonl"
-        if not path.is_file():
+        if not path.is_file() or not self._inside(path):
             return {"rows": [], "next": 0, "reset": offset != 0, "more": False}
         size = path.stat().st_size
         reset = offset > size  # the file was replaced: start over
@@ -159,6 +173,8 @@ class RunReader:
 
     def health(self) -> dict:
         path = self.root / "health.json"
+        if not self._inside(path):
+            return {"actors": {}, "updated": None}
         try:
             body = json.loads(path.read_text(encoding="utf-8"))
         except (FileNotFoundError, json.JSONDecodeError):

@@ -18,7 +18,7 @@ from requests.adapters import HTTPAdapter
 from piplay_ray.records import Doc
 from piplay_ray.retrieval.base import RetrievalError, Retriever
 from piplay_ray.retrieval.corpus import title_of
-from piplay_ray.retrieval.queries import check_topk, clean_query
+from piplay_ray.retrieval.queries import MAX_QUERIES, check_topk, clean_query
 
 
 def doc_from_wire(item: dict) -> Doc:
@@ -63,12 +63,14 @@ class HttpRetriever(Retriever):
         out: list[list[Doc]] = [[] for _ in queries]
         if not live:
             return out
-        payload = {"queries": [cleaned[i] for i in live], "topk": k, "return_scores": True}
-        result = self._post(payload)
-        if not isinstance(result, list) or len(result) != len(live):
-            raise RetrievalError(f"{self.endpoint}: expected {len(live)} result lists, got {result!r:.200}")
-        for i, items in zip(live, result, strict=True):
-            out[i] = [doc_from_wire(x) for x in items[:k]]
+        for start in range(0, len(live), MAX_QUERIES):  # servers cap queries per request
+            part = live[start : start + MAX_QUERIES]
+            payload = {"queries": [cleaned[i] for i in part], "topk": k, "return_scores": True}
+            result = self._post(payload)
+            if not isinstance(result, list) or len(result) != len(part):
+                raise RetrievalError(f"{self.endpoint}: expected {len(part)} result lists, got {result!r:.200}")
+            for i, items in zip(part, result, strict=True):
+                out[i] = [doc_from_wire(x) for x in items[:k]]
         return out
 
     def _post(self, payload: dict):

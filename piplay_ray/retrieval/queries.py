@@ -17,6 +17,7 @@ import re
 import unicodedata
 
 _SPACES = re.compile(r"\s+")
+MAX_QUERIES = 1024  # per HTTP request: our server refuses more, our client splits larger batches
 
 
 def clean_query(query: str | bytes, max_chars: int = 512) -> str:

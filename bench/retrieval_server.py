@@ -1,0 +1,100 @@
+"""The retrieval server under load: N parallel clients on loopback against a tiny BM25 index.
+
+Every client connects at once (a barrier) and sends `--rounds` keep-alive requests; answers are compared
+with the in-process retriever. Then one request of 20,000 queries × topk 50 (over the limits) is timed.
+Prints one JSON line: {"bench": "retrieval_server", "clients", "requests_ok", "wrong", "resets", "errors",
+"seconds", "requests_per_s", "oversized_status", "oversized_refused_ms"}.
+
+    python bench/retrieval_server.py [--clients 200] [--rounds 3] [--workers 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from piplay_ray.retrieval.bm25 import BM25Retriever
+from piplay_ray.retrieval.server import RetrievalServer
+
+TOPICS = ["river", "mountain", "comet", "violin", "glacier", "harbor", "orchid", "falcon"]
+
+
+def tiny_retriever(root: Path) -> BM25Retriever:
+    rows = [{"id": str(i), "title": f"{t} {i}", "contents": f"The {t} number {i} is near {TOPICS[i % 5]}."}
+            for i, t in enumerate(TOPICS * 4)]
+    (root / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return BM25Retriever(root / "c.jsonl", index_dir=str(root / "index"), max_topk=10)
+
+
+def load(srv, want, clients: int, rounds: int) -> dict:
+    barrier, lock = threading.Barrier(clients), threading.Lock()
+    out = {"requests_ok": 0, "wrong": 0, "resets": 0, "errors": 0}
+
+    def client(i):
+        conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=60)
+        barrier.wait()
+        try:
+            for r in range(rounds):
+                q = TOPICS[(i + r) % len(TOPICS)]
+                conn.request("POST", "/retrieve", body=json.dumps({"queries": [q], "topk": 3}))
+                resp = conn.getresponse()
+                got = [d["id"] for d in json.loads(resp.read())["result"][0]]
+                with lock:
+                    out["requests_ok" if resp.status == 200 and got == want[q] else "wrong"] += 1
+                if resp.getheader("Connection") == "close":
+                    conn.close()
+        except ConnectionResetError:
+            with lock:
+                out["resets"] += 1
+        except Exception:  # noqa: BLE001 - counted
+            with lock:
+                out["errors"] += 1
+        finally:
+            conn.close()
+
+    t = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    out["seconds"] = round(time.perf_counter() - t, 3)
+    out["requests_per_s"] = round(out["requests_ok"] / out["seconds"], 1)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=16)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as d:
+        retriever = tiny_retriever(Path(d))
+        want = {t: [x.id for x in docs] for t, docs in zip(TOPICS, retriever.search(TOPICS, 3), strict=True)}
+        srv = RetrievalServer(retriever, "127.0.0.1", 0, workers=args.workers)
+        srv.start()
+        try:
+            res = {"bench": "retrieval_server", "clients": args.clients, "rounds": args.rounds,
+                   "workers": args.workers, **load(srv, want, args.clients, args.rounds)}
+            body = json.dumps({"queries": ["river"] * 20_000, "topk": 50}).encode()
+            t = time.perf_counter()
+            conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=120)
+            conn.request("POST", "/retrieve", body=body)
+            resp = conn.getresponse()
+            resp.read()
+            res["oversized_status"] = resp.status
+            res["oversized_refused_ms"] = round((time.perf_counter() - t) * 1e3, 1)
+        finally:
+            srv.shutdown()
+            srv.server_close()
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
