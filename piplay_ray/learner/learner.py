@@ -340,10 +340,10 @@ class LearnerWorker:
 
     def export_hf(self, role: str, path: str) -> None:
         """Write `role` as a Hugging Face folder (rank 0; every rank iterates for ZeRO-3's gathers)."""
-        pol = self._policy(role)
-        sd = self.state_dict(role)
-        if self.rank == 0:
-            checkpoint.save_hf(pol.engine.module, pol.tokenizer, sd, path)
+        with self._resident(role) as pol:
+            sd = self.state_dict(role)
+            if self.rank == 0:
+                checkpoint.save_hf(pol.engine.module, pol.tokenizer, sd, path)
 
     def state_dict(self, role: str) -> dict[str, torch.Tensor] | None:
         """Full CPU parameters (rank 0; None elsewhere): for tests and the HF export."""
@@ -364,10 +364,10 @@ class LearnerWorker:
         """Write this rank's part of a checkpoint into `path` (the group renames it when all are done)."""
         path = Path(path)
         for role, pol in self.policies.items():
-            sd = self.state_dict(role)
-            if self.rank == 0:
-                checkpoint.save_hf(pol.engine.module, pol.tokenizer, sd, path / role)
             with self._resident(role):
+                sd = self.state_dict(role)
+                if self.rank == 0:
+                    checkpoint.save_hf(pol.engine.module, pol.tokenizer, sd, path / role)
                 pol.engine.save_checkpoint(str(path / role / "train_state"), tag="state",
                                            client_state={"version": pol.version}, save_latest=False)
         (path / "rng").mkdir(exist_ok=True)
