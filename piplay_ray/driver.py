@@ -699,10 +699,22 @@ def init_ray(cfg: Config, run_dir: Path) -> None:
             _say(console.where(run_dir))
 
 
+def _refuse_if_complete(cfg: Config, run_path: Path) -> None:
+    """A finished run is refused from its newest checkpoint's driver state, before any actor starts."""
+    from piplay_ray.learner import checkpoint
+
+    ckpt = checkpoint.latest_checkpoint(run_path) if cfg.run.resume else None
+    state = checkpoint.read_driver_state(ckpt) if ckpt is not None else {}
+    if state.get("phase") == "done":
+        raise SystemExit(f"piplay: the run in {run_path} is already complete ({state.get('global_step')} steps); "
+                         "set run.dir to a new folder (or run.resume=false) to start another")
+
+
 def train(cfg: Config) -> Path:
     """Run (or resume) the evolution loop for `cfg`; returns the run directory."""
     run = RunDir.create(cfg)
     _say(f"run directory: {run.path}")
+    _refuse_if_complete(cfg, run.path)
     init_ray(cfg, run.path)
     check_cluster(cfg)  # too few CPUs/GPUs: fail now, naming them, not at a placement-group timeout
     cfg = warmup.prepare(cfg)  # a warm start named by the config: built once, then cached

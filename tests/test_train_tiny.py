@@ -96,6 +96,28 @@ def test_resume_continues_at_the_right_step(tiny_run, tmp_path):
     # a finished run is not silently re-trained for zero steps
     again = train(run_dir)
     assert again.returncode != 0 and "already complete" in again.stderr
+    assert "starting actors" not in again.stderr  # refused from the checkpoint, before any actor starts
+
+
+def test_a_finished_run_is_refused_before_ray_starts(tmp_path, monkeypatch):
+    """The refusal reads the newest checkpoint's driver state; an unfinished one goes on to start Ray."""
+    from piplay_ray import driver
+    from piplay_ray.config import load_config
+    from piplay_ray.learner import checkpoint as ck
+
+    def no_ray(cfg, run_dir):
+        raise RuntimeError("Ray started")
+
+    monkeypatch.setattr(driver, "init_ray", no_ray)
+    cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), [f"run.dir={tmp_path / 'run'}"])
+    for step, phase in ((3, "student"), (4, "done")):
+        with ck.atomic_dir(ck.checkpoint_dir(tmp_path / "run", step)) as d:
+            ck.write_json(d / ck.DRIVER_STATE, {"phase": phase, "global_step": step})
+    with pytest.raises(SystemExit, match=r"already complete \(4 steps\)"):
+        driver.train(cfg)
+    shutil.rmtree(ck.checkpoint_dir(tmp_path / "run", 4))  # newest is now the unfinished step 3
+    with pytest.raises(RuntimeError, match="Ray started"):
+        driver.train(cfg)
 
 
 def test_dashboard_of_the_tiny_run(tiny_run, tmp_path):

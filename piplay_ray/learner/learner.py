@@ -4,7 +4,7 @@
 them into one torch.distributed group (gloo on CPU, NCCL on GPU) and fans every call out to all ranks:
 ZeRO's collectives need every rank in every step, every gather and every checkpoint. The examiner and
 the student share the ranks' devices and alternate by phase; with `offload_inactive` the idle role's
-optimizer and weights move to host memory on GPUs (on CPU they already live there).
+states move to host memory (`offload`; on CPU the same calls run without copying).
 
 A step sees the whole global batch on every rank; `batching.plan` splits it into token-budget
 micro-batches, the same count per rank. Each micro-batch loss is normalised by the global batch's
@@ -14,6 +14,7 @@ averaging, so the update equals one full-batch step whatever the world size and 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from piplay_ray.config import Config, LearnerConfig
-from piplay_ray.learner import batching, checkpoint
+from piplay_ray.learner import batching, checkpoint, offload
 from piplay_ray.learner.hidden import HiddenForward
 from piplay_ray.learner.rank_env import rank_env
 from piplay_ray.learner.schedule import make_scheduler
@@ -211,18 +212,28 @@ class LearnerWorker:
         """Make `role` resident on the device; with offload_inactive, the other roles go to host memory."""
         self._policy(role)
         self.active = role
-        if self.device.type == "cpu" or not self.cfg.learner.offload_inactive:
+        if not self.cfg.learner.offload_inactive:
             return
         for name, pol in self.policies.items():
-            try:
-                if name != role and not pol.offloaded:
-                    pol.engine.offload_states()
-                    pol.offloaded = True
-                elif name == role and pol.offloaded:
-                    pol.engine.reload_states()
-                    pol.offloaded = False
-            except (AssertionError, NotImplementedError, AttributeError) as e:  # unsupported stage/version
-                log.warning("offload of %s not available (%s); keeping it resident", name, e)
+            if name != role and not pol.offloaded:
+                pol.offloaded = offload.offload(pol.engine, pin=self.device.type == "cuda")
+            elif name == role and pol.offloaded:
+                offload.reload(pol.engine)
+                pol.offloaded = False
+
+    @contextlib.contextmanager
+    def _resident(self, role: str) -> Iterator[_Policy]:
+        """The role's states on the device for one gather, save or load; an idle role goes back after."""
+        pol = self._policy(role)
+        was = pol.offloaded
+        if was:
+            offload.reload(pol.engine)
+            pol.offloaded = False
+        try:
+            yield pol
+        finally:
+            if was:
+                pol.offloaded = offload.offload(pol.engine, pin=self.device.type == "cuda")
 
     def _policy(self, role: str) -> _Policy:
         if role not in self.policies:
@@ -304,6 +315,9 @@ class LearnerWorker:
     def version(self, role: str) -> int:
         return self._policy(role).version
 
+    def offloaded_states(self, role: str) -> list[str]:
+        return offload.offloaded_states(self._policy(role).engine)
+
     def reference_loaded(self, role: str) -> bool:
         return self._policy(role).reference is not None
 
@@ -317,13 +331,14 @@ class LearnerWorker:
     def publish(self, role: str, transport_kind: str | None = None):
         """Every rank iterates (ZeRO-3 gathers); rank 0 packs and returns the bundle (object store) or
         broadcasts to the role's group and returns a receipt (collective); other ranks return None."""
-        pol = self._policy(role)
-        params = pol.full_parameters()
-        if self.rank != 0:
-            for _ in params:
-                pass
-            return None
-        bundle = self._transport(role, transport_kind or self.cfg.weight_sync.transport).publish(pol.version, params)
+        with self._resident(role) as pol:
+            params = pol.full_parameters()
+            if self.rank != 0:
+                for _ in params:
+                    pass
+                return None
+            kind = transport_kind or self.cfg.weight_sync.transport
+            bundle = self._transport(role, kind).publish(pol.version, params)
         bundle.meta.update(role=role)
         return bundle
 
@@ -340,14 +355,15 @@ class LearnerWorker:
 
     def export_hf(self, role: str, path: str) -> None:
         """Write `role` as a Hugging Face folder (rank 0; every rank iterates for ZeRO-3's gathers)."""
-        pol = self._policy(role)
-        sd = self.state_dict(role)
-        if self.rank == 0:
-            checkpoint.save_hf(pol.engine.module, pol.tokenizer, sd, path)
+        with self._resident(role) as pol:
+            sd = self.state_dict(role)
+            if self.rank == 0:
+                checkpoint.save_hf(pol.engine.module, pol.tokenizer, sd, path)
 
     def state_dict(self, role: str) -> dict[str, torch.Tensor] | None:
         """Full CPU parameters (rank 0; None elsewhere): for tests and the HF export."""
-        sd = {n: t.to("cpu", copy=True) for n, t in self._policy(role).full_parameters()}
+        with self._resident(role) as pol:
+            sd = {n: t.to("cpu", copy=True) for n, t in pol.full_parameters()}
         return sd if self.rank == 0 else None
 
     def optimizer_state(self, role: str) -> dict:
@@ -363,11 +379,12 @@ class LearnerWorker:
         """Write this rank's part of a checkpoint into `path` (the group renames it when all are done)."""
         path = Path(path)
         for role, pol in self.policies.items():
-            sd = self.state_dict(role)
-            if self.rank == 0:
-                checkpoint.save_hf(pol.engine.module, pol.tokenizer, sd, path / role)
-            pol.engine.save_checkpoint(str(path / role / "train_state"), tag="state",
-                                       client_state={"version": pol.version}, save_latest=False)
+            with self._resident(role):
+                sd = self.state_dict(role)
+                if self.rank == 0:
+                    checkpoint.save_hf(pol.engine.module, pol.tokenizer, sd, path / role)
+                pol.engine.save_checkpoint(str(path / role / "train_state"), tag="state",
+                                           client_state={"version": pol.version}, save_latest=False)
         (path / "rng").mkdir(exist_ok=True)
         torch.save(checkpoint.rng_state(), path / "rng" / f"rank-{self.rank}.pt")
         torch.distributed.barrier()
@@ -377,8 +394,9 @@ class LearnerWorker:
         for role, pol in self.policies.items():
             if not (path / role / "train_state").is_dir():
                 raise FileNotFoundError(f"{path}: no training state for role {role!r}")
-            _, client = pol.engine.load_checkpoint(str(path / role / "train_state"), tag="state",
-                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+            with self._resident(role):  # DeepSpeed loads into resident buffers only
+                _, client = pol.engine.load_checkpoint(str(path / role / "train_state"), tag="state",
+                                                       load_optimizer_states=True, load_lr_scheduler_states=True)
             if client is None:
                 raise RuntimeError(f"{path}: DeepSpeed could not load the {role} state")
             pol.version = int(client["version"])
