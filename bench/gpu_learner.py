@@ -108,7 +108,7 @@ def sync(worker, role: str, backend: str, generation: int, model_dir: str, dtype
     if proc.returncode != 0:
         return {"ok": False, "error": err.strip().splitlines()[-1][:300] if err.strip() else "receiver failed"}
     got = json.loads(out.strip().splitlines()[-1])
-    sent = checksum(worker._policy(role).full_parameters())
+    sent = checksum(worker.state_dict(role).items())
     return {"ok": math.isclose(got["checksum"], sent, rel_tol=1e-9) and got["version"] == receipt.version,
             "gb": round(receipt.nbytes / 1e9, 3), "publish_s": round(receipt.publish_s, 3),
             "gb_per_s": round(receipt.nbytes / 1e9 / receipt.publish_s, 2), "receiver_s": round(got["seconds"], 3)}
@@ -147,7 +147,7 @@ def main() -> int:
     n = max(2, args.tokens // length)
     steps, resident = {}, {"after_setup": mem()}
     for role, objective in (("examiner", "rl"), ("student", "rl"), ("student", "sft"), ("examiner", "rl")):
-        before = checksum(worker._policy(role).full_parameters())
+        before = checksum(worker.state_dict(role).items())
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         m = worker.train_step(role, experiences(role, n, length, vocab, 8, len(steps)), lam=0.03, objective=objective)
@@ -155,7 +155,7 @@ def main() -> int:
         steps[key] = {"loss": round(m["loss"], 4), "tokens_per_s": round(m["tokens_per_s"]),
                       "step_s": round(m["step_time_s"], 3), "grad_norm": round(m["grad_norm"], 4),
                       "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
-                      "changed": checksum(worker._policy(role).full_parameters()) != before,
+                      "changed": checksum(worker.state_dict(role).items()) != before,
                       "idle_role_offloaded": worker.policies[ROLES[1 - ROLES.index(role)]].offloaded}
         resident[f"after_{key}"] = mem()
     report["steps"], report["resident_gb"] = steps, resident
@@ -165,7 +165,7 @@ def main() -> int:
 
     exported = AutoModelForCausalLM.from_pretrained(export, dtype=dtype)
     report["export_equal"] = math.isclose(checksum(exported.named_parameters()),
-                                          checksum(worker._policy("student").full_parameters()), rel_tol=1e-9)
+                                          checksum(worker.state_dict("student").items()), rel_tol=1e-9)
     engine_dtype = "bfloat16" if cuda else "float32"
     report["sync_gloo"] = sync(worker, "student", "gloo", 1, str(model_dir), engine_dtype, 300)
     ok = (all(s["changed"] and math.isfinite(s["loss"]) for s in steps.values()) and report["export_equal"]
