@@ -277,7 +277,7 @@ def run_eval(cfg, model: str, data: Sequence[str] | None = None, out: str | None
         ray.init(address=cfg.ray.address if cfg.run.mode == "cluster" else None, num_cpus=cfg.ray.num_cpus,
                  namespace=cfg.ray.namespace, include_dashboard=False)
     try:
-        search = SearchEnvPool(cfg.search)
+        search = SearchEnvPool(cfg.search, cfg.fault)
         pool = RolloutPool("student", model_path, cfg, search)
         t0 = time.time()
         summary, records = asyncio.run(evaluate(pool, examples))

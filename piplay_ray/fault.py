@@ -19,6 +19,15 @@ from ray.exceptions import (  # ActorDied/ActorUnavailable derive from the latte
 )
 
 
+class RolloutFailed(RuntimeError):
+    """Some shares of a rollout request failed after every retry. `partial[i]` is the i-th item's result, or
+    None where it was lost; `reason` says why."""
+
+    def __init__(self, reason: str, partial: list):
+        super().__init__(reason)
+        self.reason, self.partial = reason, partial
+
+
 def is_actor_failure(e: BaseException) -> bool:
     """An error that means "an actor died or is restarting" (retry, or roll back), not a bug in the call:
     also an object lost with it, e.g. weights owned by a dead learner rank (OwnerDiedError, which Ray

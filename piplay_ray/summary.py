@@ -11,6 +11,8 @@ import json
 import math
 from pathlib import Path
 
+from piplay_ray.rundir import METRICS, SUMMARY, eval_dir, write_atomic
+
 # (key, target, what it says) — the bar a run on the embedded default should clear
 TARGETS = (("answer_rate", 0.8, "student's well-formed answer rate (held-out, greedy)"),
            ("searches_per_question", 1.0, "searches per question (held-out, greedy)"),
@@ -47,7 +49,7 @@ def _rows(path: Path) -> list[dict]:
 def _evals(run: Path) -> list[tuple[str, dict]]:
     """(name, overall scores) of the evaluations under eval/: before-training first, then iter-N by N."""
     out = []
-    for f in (run / "eval").glob("*/metrics.json"):
+    for f in eval_dir(run).glob("*/metrics.json"):
         try:
             overall = json.loads(f.read_text())["summary"]["overall"]
             mtime = f.stat().st_mtime
@@ -63,7 +65,7 @@ def _evals(run: Path) -> list[tuple[str, dict]]:
 def compute(run_dir: str | Path) -> dict:
     """The summary of the run in `run_dir` so far (keys are None where nothing was measured yet)."""
     run = Path(run_dir)
-    rows = _rows(run / "metrics.jsonl")
+    rows = _rows(run / METRICS)
 
     def series(key: str, phase: str | None = None) -> list[float]:
         return [r[key] for r in rows if _num(r.get(key)) and (phase is None or r.get("phase") == phase)]
@@ -119,8 +121,5 @@ def lines(s: dict) -> list[str]:
 def write(run_dir: str | Path) -> dict:
     """Compute and write `summary.json` atomically; returns the summary."""
     s = compute(run_dir)
-    path = Path(run_dir) / "summary.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(s, indent=1))
-    tmp.replace(path)
+    write_atomic(Path(run_dir) / SUMMARY, json.dumps(s, indent=1))
     return s

@@ -27,17 +27,8 @@ import ray
 from piplay_ray import protocol
 from piplay_ray.agent import run_agent
 from piplay_ray.engines.base import SamplingSpec
-from piplay_ray.fault import actor_state, describe, is_actor_failure, wait_alive
+from piplay_ray.fault import RolloutFailed, actor_state, describe, is_actor_failure, wait_alive
 from piplay_ray.records import Doc, Trajectory
-
-
-class RolloutFailed(RuntimeError):
-    """Some shares of a request failed after every retry. `partial[i]` is the i-th item's result, or None
-    where it was lost; `reason` says why."""
-
-    def __init__(self, reason: str, partial: list):
-        super().__init__(reason)
-        self.reason, self.partial = reason, partial
 
 
 @ray.remote

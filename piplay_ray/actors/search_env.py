@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from piplay_ray.config import FaultConfig, SearchConfig
 from piplay_ray.records import Doc, Hop
 from piplay_ray.retrieval.base import Retriever
 from piplay_ray.retrieval.queries import check_topk, clean_query
@@ -226,16 +227,19 @@ def _actor_class():
 
 
 class SearchEnvPool:
-    """Handles to `cfg.replicas` search actors; picklable, so rollout workers can hold one.
+    """Handles to `cfg.replicas` search actors (the `search` config section; each restarted up to
+    `fault.max_actor_restarts` times); picklable, so rollout workers can hold one.
 
     Requests go round-robin over the replicas. :meth:`search` never raises: a dead or unreachable replica
     yields failed results for that request.
     """
 
-    def __init__(self, cfg, replicas: int | None = None, retriever_factory=None, max_restarts: int = 3):
+    def __init__(self, cfg: SearchConfig, fault: FaultConfig | None = None, replicas: int | None = None,
+                 retriever_factory=None):
         actor = _actor_class()
         self.cfg = cfg
-        self.actors = [actor.options(num_cpus=cfg.num_cpus_per_replica, max_restarts=max_restarts,
+        restarts = (fault or FaultConfig()).max_actor_restarts
+        self.actors = [actor.options(num_cpus=cfg.num_cpus_per_replica, max_restarts=restarts,
                                      max_task_retries=0).remote(cfg, retriever_factory)
                        for _ in range(replicas or cfg.replicas)]
         self._next = random.randrange(len(self.actors))
