@@ -31,49 +31,34 @@ def test_collective_run_syncs_both_roles_and_the_teacher(collective_run):
     assert (collective_run / "checkpoints").is_dir()
 
 
-def test_a_rollout_worker_killed_between_syncs_rejoins_and_the_run_goes_on(tmp_path, tiny_model, corpus_path,
-                                                                              monkeypatch):
-    """The driver runs in-process; once the student pool holds version 1, its worker is killed (Ray restarts
-    it with the base weights). It must rejoin the student group on a new generation and the run complete."""
-    import threading
+def test_a_rollout_worker_killed_between_syncs_rejoins_and_the_run_goes_on(tmp_path, tiny_model, corpus_path):
+    """The driver runs in-process (see inprocess.py); once the student pool holds version 1, its worker is
+    killed (Ray restarts it with the base weights). It must rejoin the student group on a new generation and
+    the run complete."""
     import time
 
     import ray
+    from inprocess import train_watched
     from test_train_tiny import ROOT
 
-    from piplay_ray import driver
     from piplay_ray.config import load_config
 
     run_dir = tmp_path / "rejoin"
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"),
                       [f"run.dir={run_dir}", "weight_sync.transport=collective", "weight_sync.timeout_s=300"])
-    box, killed, stop = {}, [], threading.Event()
-    init = driver.EvolutionLoop.__init__
+    killed = []
 
-    def capture(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        box["loop"] = self
-
-    def kill_between_syncs():
-        while not stop.is_set() and not (box.get("loop") and box["loop"].pool_versions["student"] >= 1):
+    def kill_between_syncs(loop, stop):
+        while not stop.is_set() and loop.policies["student"].pool_version < 1:
             time.sleep(0.05)
         if not stop.is_set():
-            loop = box["loop"]
-            killed.append(loop.syncs["student"].generation)
-            ray.kill(loop.pools["student"].workers[0], no_restart=False)
+            killed.append(loop.actors.syncs["student"].generation)
+            ray.kill(loop.actors.pools["student"].workers[0], no_restart=False)
 
-    monkeypatch.setattr(driver.EvolutionLoop, "__init__", capture)
-    killer = threading.Thread(target=kill_between_syncs, daemon=True)
-    killer.start()
-    try:
-        driver.train(cfg)
-    finally:
-        stop.set()
-        killer.join(timeout=10)
-    loop = box["loop"]
+    loop = train_watched(cfg, kill_between_syncs)
     assert killed, "the student pool never reached version 1"
     assert loop.state.versions == {"examiner": 2, "student": 2} and loop.state.phase == "done"
-    assert loop.syncs["student"].generation > killed[0]  # the restarted worker met the others on a new one
-    assert loop.syncs["student"].last["version"] == 2
+    assert loop.actors.syncs["student"].generation > killed[0]  # the restarted worker met the others on a new one
+    assert loop.actors.syncs["student"].last["version"] == 2
     acct = json.loads((run_dir / "accounting.json").read_text())
     assert acct["restarts"]["rollout-student-0"] >= 1
