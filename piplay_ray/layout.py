@@ -17,8 +17,7 @@ import sys
 from dataclasses import asdict, dataclass
 
 from piplay_ray.config import Config
-
-ROLLOUT_ROLES = ("examiner", "student")
+from piplay_ray.roles import TRAINED
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ class Layout:
         return {**asdict(self), "total_gpus": self.total_gpus, "total_cpus": self.total_cpus}
 
 
-def layout(cfg: Config, roles: tuple[str, ...] = ROLLOUT_ROLES) -> Layout:
+def layout(cfg: Config, roles: tuple[str, ...] = TRAINED) -> Layout:
     """The GPUs and CPUs the actors of `cfg` request from Ray; one rollout pool per role in `roles`."""
     r, lr, t = cfg.rollout, cfg.learner, cfg.teacher
     engine_gpus = r.tensor_parallel_size * r.num_gpus_per_worker

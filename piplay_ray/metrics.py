@@ -25,7 +25,7 @@ from piplay_ray.roles import TRAINED
 
 log = logging.getLogger(__name__)
 
-PHASES = ("examiner", "student", "eval", "system")
+PHASES = (*TRAINED, "eval", "system")
 RESERVED = ("time", "iteration", "phase", "step")
 # metric-name prefixes exported as Ray (Prometheus) gauges
 GAUGE_PREFIXES = ("throughput/", "weight_sync/", "replay/", "learner/", "search/")

@@ -29,11 +29,12 @@ from piplay_ray.agent import run_agent
 from piplay_ray.engines.base import SamplingSpec
 from piplay_ray.fault import RolloutFailed, actor_state, describe, is_actor_failure, wait_alive
 from piplay_ray.records import Doc, Trajectory
+from piplay_ray.roles import TRAINED
 
 
-@ray.remote
-class RolloutWorker:
-    """One engine + the agent loop. `search` is a search env handle (see actors/search_env.py)."""
+class RolloutWorkerImpl:
+    """One engine + the agent loop (plain class; `RolloutWorker` is its actor). `search` is a search env
+    handle (see actors/search_env.py)."""
 
     def __init__(self, role: str, model_path: str, cfg, search, seed: int = 0):
         import os
@@ -115,11 +116,7 @@ class RolloutWorker:
 
     async def update_weights(self, version: int, weights) -> int:
         """Replace the engine's weights; trajectories started later carry `version`."""
-        update = getattr(self.engine, "aupdate_weights", None)
-        if update is not None:
-            await update(version, weights)
-        else:
-            self.engine.update_weights(version, weights)
+        await self.engine.aupdate_weights(version, weights)
         return self.engine.version
 
     def metrics(self) -> dict:
@@ -128,8 +125,10 @@ class RolloutWorker:
                 "generated_tokens_per_s": self.stats["generated_tokens"] / busy if busy else 0.0}
 
     def shutdown(self) -> None:
-        if hasattr(self.engine, "shutdown"):
-            self.engine.shutdown()
+        self.engine.shutdown()
+
+
+RolloutWorker = ray.remote(RolloutWorkerImpl)
 
 
 def _split(n_items: int, n_parts: int) -> list[range]:
@@ -146,7 +145,7 @@ def cpu_core_binding(cfg, role: str, index: int) -> dict[str, str]:
     if (cfg.run.mode != "local" or r.engine != "vllm" or r.num_gpus_per_worker
             or os.environ.get("VLLM_CPU_OMP_THREADS_BIND")):
         return {}
-    slot = ("examiner", "student").index(role) * r.workers_per_role + index
+    slot = TRAINED.index(role) * r.workers_per_role + index
     return {"VLLM_CPU_OMP_THREADS_BIND": str(slot % (os.cpu_count() or 1))}
 
 
@@ -154,8 +153,8 @@ class RolloutPool:
     """`cfg.rollout.workers_per_role` workers holding one role's weights; requests are split across them."""
 
     def __init__(self, role: str, model_path: str, cfg, search_pool, name: str | None = None):
-        if role not in ("examiner", "student"):
-            raise ValueError(f"role must be examiner or student, got {role!r}")
+        if role not in TRAINED:
+            raise ValueError(f"role must be one of {TRAINED}, got {role!r}")
         r = cfg.rollout
         self.role, self.cfg = role, cfg
         self.workers = [
