@@ -18,7 +18,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from piplay_ray.records import Trajectory
@@ -86,15 +86,6 @@ def load_qa(path: str | os.PathLike) -> list[QAExample]:
     if not out:
         raise ValueError(f"{path}: no examples")
     return out
-
-
-def save_qa(path: str | os.PathLike, examples: Iterable[QAExample]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for ex in examples:
-            f.write(json.dumps(asdict(ex), ensure_ascii=False) + "\n")
-    return path
 
 
 # ------------------------------------------------------------------------------------------ built-in set
