@@ -16,7 +16,8 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 
-from piplay_ray.config import Config
+from piplay_ray.config import Config, ConfigError, load_config
+from piplay_ray.host_memory import report
 from piplay_ray.roles import TRAINED
 
 
@@ -79,8 +80,6 @@ def fits(lay: Layout, node_gpus: list[float]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from piplay_ray.config import ConfigError, load_config
-
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0].startswith("-"):
         print("usage: python -m piplay_ray.layout CONFIG [section.key=value ...]", file=sys.stderr)
@@ -90,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"piplay: {e}", file=sys.stderr)
         return 2
-    from piplay_ray.host_memory import report
 
     print(json.dumps({**layout(cfg).to_dict(), "shared_memory": report(cfg, args[0])}))
     return 0

@@ -20,7 +20,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from piplay_ray import assets, demos, protocol
+from piplay_ray.actors.search_env import format_docs
 from piplay_ray.config import Config
+from piplay_ray.evaluation import builtin_eval_set
+from piplay_ray.learner.learner import LearnerGroup
+from piplay_ray.retrieval import make_retriever
+from piplay_ray.retrieval.queries import clean_query
 from piplay_ray.roles import MODELS, TRAINED
 
 PREFIX = "builtin:"
@@ -56,7 +61,6 @@ def recipe_name(spec: str | None) -> str | None:
 
 def held_out_ids(cfg: Config, corpus_path: str) -> list[str]:
     """Corpus ids of the built-in evaluation questions: never in a demonstration."""
-    from piplay_ray.evaluation import builtin_eval_set
 
     try:
         return sorted(ex.id.removeprefix("builtin-") for ex in
@@ -76,9 +80,6 @@ def fingerprint(name: str, cfg: Config, corpus_path: str, held_out: list[str]) -
 
 def _search_fn(search_cfg):
     """Batched search in this process, formatted exactly as the search env formats it for the agent."""
-    from piplay_ray.actors.search_env import format_docs
-    from piplay_ray.retrieval import make_retriever
-    from piplay_ray.retrieval.queries import clean_query
 
     retriever = make_retriever(search_cfg)
 
@@ -105,8 +106,6 @@ def _train(name: str, cfg: Config, corpus: str, held_out: set[str], out: Path) -
     import ray
     from tqdm import tqdm
     from transformers import AutoTokenizer
-
-    from piplay_ray.learner.learner import LearnerGroup
 
     r = RECIPES[name]
     base = assets.resolve_model(r.base)

@@ -26,6 +26,7 @@ import ray
 
 from piplay_ray import protocol
 from piplay_ray.agent import run_agent
+from piplay_ray.engines import make_engine, named_tensors
 from piplay_ray.engines.base import SamplingSpec
 from piplay_ray.fault import RolloutFailed, actor_state, describe, is_actor_failure, wait_alive
 from piplay_ray.records import Doc, Trajectory
@@ -41,8 +42,6 @@ class RolloutWorkerImpl:
 
         import torch
         from transformers import AutoTokenizer
-
-        from piplay_ray.engines import make_engine
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         torch.set_num_threads(max(1, int(cfg.rollout.num_cpus_per_worker)))  # no oversubscription
@@ -262,7 +261,6 @@ class RolloutPool:
         store once, so every worker reads the same copy."""
         if hasattr(weights, "named_tensors"):
             return weights
-        from piplay_ray.engines import named_tensors
 
         return ray.put(list(named_tensors(weights)))
 

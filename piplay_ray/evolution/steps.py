@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 
 from piplay_ray import privileged
 from piplay_ray.config import Config
-from piplay_ray.diagnostics import StepDiagnostics
+from piplay_ray.diagnostics import StepDiagnostics, sample_row
 from piplay_ray.examiner import ExaminerSampler, build_task, examiner_rewards
 from piplay_ray.fault import RolloutFailed
 from piplay_ray.losses import group_advantages
 from piplay_ray.records import Experience, Task
 from piplay_ray.rewards import exact_match, f1
-from piplay_ray.rundir import sample_row
 
 
 @dataclass

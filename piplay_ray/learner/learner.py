@@ -25,11 +25,15 @@ from pathlib import Path
 import ray
 import torch
 
+from piplay_ray import assets
 from piplay_ray.config import Config, LearnerConfig
 from piplay_ray.learner import batching, checkpoint
 from piplay_ray.learner.hidden import HiddenForward
 from piplay_ray.learner.rank_env import rank_env
+from piplay_ray.learner.reference import Reference
 from piplay_ray.learner.schedule import make_scheduler
+from piplay_ray.learner.weight_sync import make_transport
+from piplay_ray.losses import collate, compute_loss, sft_loss, step_normalizers
 from piplay_ray.records import Experience
 from piplay_ray.roles import TRAINED
 
@@ -109,7 +113,6 @@ class _Policy:
         self.offloaded = False
         self.reference = None
         if lc.loss.kl_beta > 0:  # beta * KL to the frozen initial policy; beta = 0 loads nothing
-            from piplay_ray.learner.reference import Reference
 
             self.reference = Reference(path, device, torch.bfloat16 if self.bf16 else torch.float32)
 
@@ -145,11 +148,9 @@ class LearnerWorkerImpl:
         self.active: str | None = None
 
     def node_info(self) -> tuple[str, int, int]:
-
         return ray.util.get_node_ip_address(), _free_port(), ray.get_gpu_ids()
 
     def setup(self, master_addr: str, master_port: int, local_rank: int, local_size: int) -> dict:
-
         env, cuda_index = rank_env(self.rank, self.world_size, local_rank, local_size, master_addr, master_port,
                                    ray.get_gpu_ids(), os.environ)
         os.environ.update(env)
@@ -157,8 +158,6 @@ class LearnerWorkerImpl:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
         from deepspeed.accelerator import get_accelerator
-
-        from piplay_ray import assets
 
         if torch.cuda.is_available() and cuda_index is not None:
             torch.cuda.set_device(cuda_index)
@@ -218,7 +217,6 @@ class LearnerWorkerImpl:
     def train_step(self, role: str, experiences: list[Experience], lam: float = 0.0,
                    objective: str = "rl") -> dict[str, float]:
         """One optimizer step; `objective` "rl" (the π-Play loss) or "sft" (the warm start's NLL)."""
-        from piplay_ray.losses import collate, compute_loss, sft_loss, step_normalizers
 
         pol = self._policy(role)
         if self.active != role:
@@ -292,8 +290,6 @@ class LearnerWorkerImpl:
         return self._policy(role).reference is not None
 
     def _transport(self, role: str, kind: str):
-        from piplay_ray.learner.weight_sync import make_transport
-
         if (role, kind) not in self.transports:
             self.transports[(role, kind)] = make_transport(kind, self.cfg.weight_sync.bucket_mb, device=self.device)
         return self.transports[(role, kind)]
@@ -314,7 +310,6 @@ class LearnerWorkerImpl:
     def open_sync_group(self, role: str, world: int, generation: int) -> dict:
         """Collective transport, rank 0: start a new generation of the role's group, hosted here."""
         import dataclasses
-
 
         ws = self.cfg.weight_sync
         rdv = self._transport(role, "collective").open(ray.util.get_node_ip_address(), world, generation,
@@ -415,7 +410,6 @@ class LearnerGroup:
             return [getattr(w, method).remote(*args) for w in self.workers]
 
     def _all(self, method: str, *args):
-
         return ray.get(self._submit(method, *args))
 
     def train_step(self, role: str, experiences: list[Experience], lam: float = 0.0,

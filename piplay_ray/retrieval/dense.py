@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from piplay_ray.assets import encoder_path
 from piplay_ray.records import Doc
 from piplay_ray.retrieval.base import Retriever
 from piplay_ray.retrieval.corpus import Corpus, build_once, index_folder
@@ -50,8 +51,6 @@ def _few_threads(active: bool):
 def load_encoder(encoder: str, device: str = "cpu"):
     from sentence_transformers import SentenceTransformer
 
-    from piplay_ray.assets import encoder_path
-
     return SentenceTransformer(encoder_path(encoder), device=device)
 
 
@@ -83,8 +82,6 @@ def build_dense_index(corpus: Corpus, encoder: str = "builtin:minilm", passage_p
                       batch_size: int = 64, show_progress: bool = True) -> Path:
     """Encode every document and write ``index.faiss``; returns the (cached) index folder."""
     import faiss
-
-    from piplay_ray.assets import encoder_path
 
     params = {"v": VERSION, "encoder": encoder_path(encoder), "passage_prefix": passage_prefix,
               "faiss_index": faiss_index}
