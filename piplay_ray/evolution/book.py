@@ -10,6 +10,7 @@ reason in `accounting.json`.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,7 +132,7 @@ class RunBook:
                "rollout_retries": {r: p.retried for r, p in a.pools.items()},
                "teacher_restores": a.teacher_client.restarts,
                "search_probes": dict(self.probes), "updated": time.time()}
-        write_atomic(self.run.accounting, doc)
+        write_atomic(self.run.accounting, json.dumps(doc, indent=1, default=str))
         return doc
 
     def after_step(self) -> None:
