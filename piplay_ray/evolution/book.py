@@ -135,9 +135,9 @@ class RunBook:
         write_atomic(self.run.accounting, json.dumps(doc, indent=1, default=str))
         return doc
 
-    def after_step(self) -> None:
-        """Health, fault counters and accounting after each learner step."""
-        health = self.write_health()
+    async def after_step(self) -> None:
+        """Health (its pings in a thread), fault counters and accounting after each learner step."""
+        health = await asyncio.to_thread(self.write_health)
         self.log({"search/probe_failures": self.probes["failed"],
                   "search/retriever_up": int(health["retriever"]["alive"]),
                   "fault/restarts": sum(self.restarts.values()), "fault/learner_restarts": self.learner_restarts},

@@ -65,6 +65,7 @@ class EvolutionLoop:
     async def run_loop(self) -> None:
         cfg, st = self.cfg, self.state
         sched = cfg.schedule
+        self.examiner_candidates = []  # also after a learner rebuild: its steps are made again
         if cfg.eval.every and st.global_step == 0 and st.phase == "examiner":
             await self.evaluate("before-training")
         while st.iteration < sched.iterations and not self.stopping:

@@ -77,7 +77,7 @@ class Phase:
                   "learner/step_seconds": step_s, "learner/idle_frac": waited / (waited + step_s),
                   "learner/groups": len(groups), "learner/version": policy.version,
                   "learner/min_experience_version": oldest}, role)
-        await asyncio.to_thread(book.after_step)
+        await book.after_step()
         bar.update(1)
         bar.set_postfix(reward=f"{mean([e.reward for e in exps]):.3f}", staleness=stale)
         if cfg.checkpoint.every and st.global_step % cfg.checkpoint.every == 0:
