@@ -8,9 +8,10 @@ learner step j while the learner trains on step j − 1, as far ahead as the sta
 
 The loop's actors come in through the constructor (`evolution.actors.start_actors` in a run, fakes in
 tests). A phase's producer and learner steps are in `phase.py`, the step recipes in `steps.py`, the policy
-handles in `policy.py`, the run's records and recovery in `book.py`. Faults (see :mod:`piplay_ray.fault`): pools re-issue lost work, the teacher client
-restores the EMA of a restarted teacher, a failed learner group is rebuilt from the newest checkpoint, and a
-retriever outage only fails tool calls.
+handles in `policy.py`, the run's records and recovery in `book.py` (docs/architecture.md). Faults (see
+:mod:`piplay_ray.fault`): pools re-issue lost work, the teacher client restores the EMA of a restarted
+teacher, a failed learner group is rebuilt from the newest checkpoint, and a retriever outage only fails tool
+calls.
 """
 
 from __future__ import annotations
@@ -45,11 +46,11 @@ class EvolutionLoop:
         self.metrics = metrics or MetricsSink(run.path, cfg.logging, config=cfg.model_dump(mode="json"))
         self.book = RunBook(cfg, run, self.metrics, actors, self.docs)
         state, log, syncs = (lambda: self.book.state), self.book.log, actors.syncs or {}
-        self.teach = cfg.teacher.privileged != "none"
+        teach = cfg.teacher.privileged != "none"  # with `none` nothing reads the teacher
         self.policies = {
             "examiner": Policy("examiner", actors.pools["examiner"], actors.learner, state, log, syncs.get("examiner")),
             "student": StudentPolicy(actors.pools["student"], actors.learner, state, log, actors.teacher_client,
-                                     self.teach, syncs.get("student"))}
+                                     teach, cfg.schedule.lam, syncs.get("student"), cfg.student.tasks_per_step)}
         self.book.policies = self.policies
         self.sampler = ExaminerSampler(self.docs, cfg.examiner.hop_weights, seed=cfg.run.seed)
         self.rng = random.Random(cfg.run.seed)

@@ -29,7 +29,6 @@ class Phase:
     def __init__(self, loop, role: str):
         self.loop, self.role = loop, role
         self.policy = loop.policies[role]
-        self.n_groups = 1 if role == "examiner" else loop.cfg.student.tasks_per_step  # groups per learner step
 
     async def run(self, steps: int) -> None:
         """`steps` learner steps (fewer left when resumed mid-phase)."""
@@ -62,7 +61,7 @@ class Phase:
         exps = [e for g in groups for e in g]
         oldest = min(e.version for e in exps)
         stale = policy.version - oldest
-        lam = cfg.schedule.lam(st.iteration) if role == "student" and loop.teach else 0.0
+        lam = policy.distill_weight(st.iteration)
         t = time.monotonic()
         m = await asyncio.to_thread(actors.learner.train_step, role, exps, lam)
         step_s = time.monotonic() - t
@@ -85,7 +84,7 @@ class Phase:
 
     async def sample(self, producer: asyncio.Task) -> list:
         while True:
-            groups = await self.loop.actors.replay.sample.remote(self.role, self.n_groups, 5.0)
+            groups = await self.loop.actors.replay.sample.remote(self.role, self.policy.groups_per_step, 5.0)
             if groups:
                 return groups
             if producer.done():

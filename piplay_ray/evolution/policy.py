@@ -22,10 +22,13 @@ from piplay_ray.replay import within_bound
 
 class Policy:
     """`state()` returns the loop state (its `versions[role]` = learner steps done for the role); `log(values,
-    phase)` writes metrics; `sync` is the role's collective group, None for the object store."""
+    phase)` writes metrics; `sync` is the role's collective group, None for the object store;
+    `groups_per_step` is how many replay groups one learner step of the role consumes."""
 
-    def __init__(self, role: str, pool, learner, state: Callable, log: Callable, sync=None):
+    def __init__(self, role: str, pool, learner, state: Callable, log: Callable, sync=None,
+                 groups_per_step: int = 1):
         self.role, self.pool, self.learner, self.sync = role, pool, learner, sync
+        self.groups_per_step = groups_per_step
         self._state, self._log = state, log
         self.published: tuple[int, object] | None = None  # (version, weights bundle or None when collective)
         self.pool_version = 0  # what the rollout pool holds; -1 after a rollback (it must reload)
@@ -73,17 +76,27 @@ class Policy:
             self.changed.clear()
             await self.changed.wait()
 
+    def distill_weight(self, iteration: int) -> float:
+        """λ of the learner's distillation term in `iteration` (no teacher, no term)."""
+        return 0.0
+
     async def after_step(self) -> None:
         """Called after each learner step of this role, once the new weights are published."""
 
 
 class StudentPolicy(Policy):
-    """The student's handle: its teacher (an EMA of the student, ψ ← (1−τ)ψ + τθ) follows every step."""
+    """The student's handle: its teacher (an EMA of the student, ψ ← (1−τ)ψ + τθ) follows every step, and
+    its loss distils from the teacher with weight `lam(iteration)` (`schedule.lam`) unless `teach` is off."""
 
-    def __init__(self, pool, learner, state: Callable, log: Callable, teacher, teach: bool, sync=None):
-        super().__init__("student", pool, learner, state, log, sync)
+    def __init__(self, pool, learner, state: Callable, log: Callable, teacher, teach: bool,
+                 lam: Callable[[int], float], sync=None, groups_per_step: int = 1):
+        super().__init__("student", pool, learner, state, log, sync, groups_per_step)
         self.teacher = teacher  # actors.teacher.TeacherClient
         self.teach = teach  # False with teacher.privileged = none: nothing reads the teacher
+        self.lam = lam
+
+    def distill_weight(self, iteration: int) -> float:
+        return self.lam(iteration) if self.teach else 0.0
 
     async def after_step(self) -> None:
         version, bundle = self.published
