@@ -172,7 +172,8 @@ class RolloutPool:
         self._errors: list[str | None] = [None] * len(self.workers)
         self.retried = 0  # shares re-issued after a worker failure
         # weight_sync.transport=collective: brings every worker (a restarted one too) to the role's current
-        # version through the role's group (set by the driver); None = object store pushes of `_latest`
+        # version through the role's group (set by the role's policy handle, evolution/policy.py);
+        # None = object store pushes of `_latest`
         self.resync = None
 
     def wait_ready(self, timeout_s: float = 900) -> None:
