@@ -40,10 +40,11 @@ def cmd_train(args) -> int:
 
 def cmd_warmup(args) -> int:
     from piplay_ray import warmup
+    from piplay_ray.roles import MODELS
 
     cfg = load_config(args.config, args.overrides)
     ready = warmup.prepare(cfg)
-    for role in ("examiner", "student", "teacher"):
+    for role in MODELS:
         print(f"{role}: {ready.model.path_for(role)}")
     return 0
 

@@ -15,6 +15,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from piplay_ray.rundir import log_dir
+
 LOG_DIR_ENV = "PIPLAY_LOG_DIR"
 HOOK = "piplay_ray.console.redirect_worker_output"
 
@@ -31,10 +33,6 @@ def redirect_worker_output() -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-
-
-def log_dir(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "logs"
 
 
 def ray_init_options(run_dir: str | os.PathLike, verbose: bool) -> dict:
@@ -65,3 +63,8 @@ def quiet_driver(verbose: bool) -> None:
 def where(run_dir: str | os.PathLike) -> str:
     """The hint added to an actor error: which folder holds the actors' output."""
     return f"actor output: {log_dir(run_dir)}/ (worker-<pid>.log; `grep -l Error {log_dir(run_dir)}/*`)"
+
+
+def say(msg: str) -> None:
+    """A driver line on the terminal (phases, evaluations, faults), kept by the quiet console."""
+    print(f"[piplay] {msg}", file=sys.stderr, flush=True)

@@ -1,4 +1,5 @@
-"""Leakage and disagreement diagnostics of a student step (pure; the driver logs them as `diag/*`).
+"""Leakage and disagreement diagnostics of a student step (pure; the loop logs them as `diag/*`), and the
+dashboard's sampled-trajectory rows with their per-token disagreement (:func:`sample_row`).
 
 - teacher–student KL split by the segment of each generated token: reasoning (think and free text),
   search query (inside `<search>…</search>`), answer (inside `<answer>…</answer>`). Per token the value is
@@ -18,7 +19,7 @@ import re
 from collections.abc import Sequence
 
 from piplay_ray import protocol
-from piplay_ray.records import Hop, Trajectory
+from piplay_ray.records import Hop, Task, Trajectory, to_dict
 from piplay_ray.rewards import normalize_answer
 
 SEGMENTS = ("reasoning", "search", "answer")
@@ -118,3 +119,21 @@ class StepDiagnostics:
             if n:
                 out[f"diag/{name}"] = hit / n
         return out
+
+
+def sample_row(task: Task, traj: Trajectory, reward: float, tokens: list[str],
+               teacher_ids: list[list[int]] | None, teacher_logprobs: list[list[float]] | None,
+               teacher_tail: list[float] | None) -> dict:
+    """A dashboard row: the task, the trajectory and a per-token teacher–student disagreement.
+
+    The per-token value is the one-sample estimate of KL(student ‖ teacher) at that position,
+    log p_student(y_t) − log p_teacher(y_t), with the teacher's tail mass standing in for log p_teacher
+    when y_t is outside its top-K. It is what colours the dashboard's tokens; the training loss uses the
+    full top-K form.
+    """
+
+    token_kl = [None if v is None else round(v, 4)
+                for v in token_disagreement(traj, teacher_ids, teacher_logprobs, teacher_tail)]
+    task_d = to_dict(task)
+    task_d["trajectory"] = None  # the examiner's own trajectory is not needed to browse the student's
+    return {"task": task_d, "trajectory": to_dict(traj), "reward": reward, "tokens": tokens, "token_kl": token_kl}

@@ -18,7 +18,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from piplay_ray.errors import UserInputError
@@ -109,15 +109,6 @@ def load_qa(path: str | os.PathLike) -> list[QAExample]:
     if not out:
         raise DataError(f"{path}: no examples")
     return out
-
-
-def save_qa(path: str | os.PathLike, examples: Iterable[QAExample]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for ex in examples:
-            f.write(json.dumps(asdict(ex), ensure_ascii=False) + "\n")
-    return path
 
 
 # ------------------------------------------------------------------------------------------ built-in set
@@ -300,7 +291,7 @@ def run_eval(cfg, model: str, data: Sequence[str] | None = None, out: str | None
         ray.init(address=cfg.ray.address if cfg.run.mode == "cluster" else None, num_cpus=cfg.ray.num_cpus,
                  namespace=cfg.ray.namespace, include_dashboard=False)
     try:
-        search = SearchEnvPool(cfg.search)
+        search = SearchEnvPool(cfg.search, cfg.fault)
         pool = RolloutPool("student", model_path, cfg, search)
         t0 = time.time()
         summary, records = asyncio.run(evaluate(pool, examples))

@@ -21,6 +21,7 @@ from piplay_ray import protocol
 from piplay_ray.config import ExaminerConfig
 from piplay_ray.records import Doc, Task, Trajectory, to_json
 from piplay_ray.rewards import difficulty_reward, format_reward, hop_group_advantages, normalize_answer
+from piplay_ray.rundir import write_atomic
 
 
 class DocSource(Protocol):
@@ -140,20 +141,9 @@ def compose_task_set(written: Sequence[Task], candidates: Sequence[Task], size: 
     return tasks, len(tasks) - n_written
 
 
-def task_set_path(run_dir: str | os.PathLike, iteration: int) -> Path:
-    return Path(run_dir) / "tasks" / f"iter-{iteration}.jsonl"
-
-
 def save_tasks(path: str | os.PathLike, tasks: Iterable[Task]) -> Path:
     """Write tasks as JSONL atomically (a reader never sees half a task set)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for t in tasks:
-            f.write(to_json(t) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, "".join(to_json(t) + "\n" for t in tasks))
 
 
 def load_tasks(path: str | os.PathLike) -> list[Task]:

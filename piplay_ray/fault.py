@@ -1,9 +1,10 @@
-"""Fault-tolerance helpers: what counts as an actor failure, waiting for a restarted actor, and the
-task ledger that proves every task of a task set was trained on or reported as dropped.
+"""Fault-tolerance helpers: what counts as an actor failure, a rollout request that lost shares, waiting for
+a restarted actor, and the task ledger that proves every task of a task set was trained on or reported as
+dropped.
 
 The ledger is pure bookkeeping (no Ray) so its invariant — issued = trained + dropped, with a reason for
 each drop — is unit-testable; the Ray helpers are thin and only used by the rollout pool, the teacher
-client and the driver.
+client, the weight-sync coordinator and the loop's run book.
 """
 
 from __future__ import annotations
@@ -17,6 +18,15 @@ from ray.exceptions import (  # ActorDied/ActorUnavailable derive from the latte
     OutOfMemoryError,
     RayActorError,
 )
+
+
+class RolloutFailed(RuntimeError):
+    """Some shares of a rollout request failed after every retry. `partial[i]` is the i-th item's result, or
+    None where it was lost; `reason` says why."""
+
+    def __init__(self, reason: str, partial: list):
+        super().__init__(reason)
+        self.reason, self.partial = reason, partial
 
 
 def is_actor_failure(e: BaseException) -> bool:
@@ -67,7 +77,7 @@ async def wait_alive(ping, actor=None, timeout_s: float = 900.0, interval_s: flo
 class TaskLedger:
     """Per task set: which tasks were scheduled, trained on (group consumed by the learner) or failed.
 
-    Stored as plain dicts inside the driver's accounting (it is checkpointed with the loop state).
+    Stored as plain dicts inside the loop state's accounting (checkpointed with it; evolution/book.py).
     """
 
     def __init__(self, record: dict):

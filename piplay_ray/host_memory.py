@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from piplay_ray import assets
 from piplay_ray.config import Config
 
 GiB = 1 << 30
@@ -27,8 +28,6 @@ def param_count(cfg: Config) -> float | None:
     try:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
-
-        from piplay_ray import assets
 
         hf = AutoConfig.from_pretrained(assets.resolve_model(name), local_files_only=True)
         with torch.device("meta"):

@@ -17,9 +17,9 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 
-from piplay_ray.config import Config
-
-ROLLOUT_ROLES = ("examiner", "student")
+from piplay_ray import host_memory, storage
+from piplay_ray.config import Config, ConfigError, load_config
+from piplay_ray.roles import TRAINED
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Layout:
         return {**asdict(self), "total_gpus": self.total_gpus, "total_cpus": self.total_cpus}
 
 
-def layout(cfg: Config, roles: tuple[str, ...] = ROLLOUT_ROLES) -> Layout:
+def layout(cfg: Config, roles: tuple[str, ...] = TRAINED) -> Layout:
     """The GPUs and CPUs the actors of `cfg` request from Ray; one rollout pool per role in `roles`."""
     r, lr, t = cfg.rollout, cfg.learner, cfg.teacher
     engine_gpus = r.tensor_parallel_size * r.num_gpus_per_worker
@@ -81,8 +81,6 @@ def fits(lay: Layout, node_gpus: list[float]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from piplay_ray.config import ConfigError, load_config
-
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0].startswith("-"):
         print("usage: python -m piplay_ray.layout CONFIG [section.key=value ...]", file=sys.stderr)
@@ -92,7 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"piplay: {e}", file=sys.stderr)
         return 2
-    from piplay_ray import host_memory, storage
 
     print(json.dumps({**layout(cfg).to_dict(), "shared_memory": host_memory.report(cfg, args[0]),
                       "storage": storage.report(cfg)}))

@@ -153,16 +153,6 @@ def group_advantages(rewards: Sequence[float] | Tensor, group_size: int, std_nor
 # ------------------------------------------------------------------------------------------------ pieces
 
 
-def token_logprobs(logits: Tensor, input_ids: Tensor) -> Tensor:
-    """log pi(input_ids[:, t+1] | <= t) for logits [B, T, V] over input_ids [B, T]; returns [B, T-1] (float32).
-
-    Also what the learner uses for a reference-model forward (``batch["ref_logprobs"]``).
-    """
-    logits = logits[:, :-1].float()
-    lse = torch.logsumexp(logits, dim=-1)
-    return logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1) - lse
-
-
 def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """Per-token k3 estimate of KL(pi || ref) from samples of pi: exp(ref - logp) - (ref - logp) - 1 (>= 0)."""
     d = ref_logp - logp
@@ -204,25 +194,17 @@ def _token_weights(mask: Tensor, aggregation: str, normalizer: float | None) -> 
     raise ValueError(f"unknown aggregation {aggregation!r}; allowed: token_mean, seq_mean")
 
 
-def loss_normalizer(batch: dict[str, Tensor], aggregation: str) -> float:
-    """The denominator `compute_loss` uses for this batch: masked tokens (token_mean) or sequences (seq_mean).
-
-    For gradient accumulation, sum this over the micro-batches of a step and pass the total as
-    ``compute_loss(..., normalizer=total)``: the micro-batch losses then add up to the full-batch loss.
-    """
-    m = batch["mask"]
-    return float(m.sum()) if aggregation == "token_mean" else float((m.sum(dim=1) > 0).sum())
-
-
 def distill_normalizer(batch: dict[str, Tensor]) -> float:
-    """Sequences with a distillation term: the per-sequence distillation mean's denominator (sum it likewise)."""
+    """Sequences with a distillation term: the per-sequence distillation mean's denominator in this batch."""
     if "teacher_mask" not in batch:
         return 0.0
     return float(((batch["teacher_mask"] * batch["mask"]).sum(dim=1) > 0).sum())
 
 
 def step_normalizers(experiences: Sequence[Experience], loss_cfg: LossConfig) -> tuple[float, float]:
-    """`loss_normalizer` and `distill_normalizer` of the collated global batch, from the records alone."""
+    """The step's loss denominators from the records alone: masked tokens (token_mean) or sequences (seq_mean),
+    and sequences with a distillation term. The learner passes them to every micro-batch's `compute_loss`, so
+    the micro-batch losses add up to the loss of the whole step's batch."""
     if loss_cfg.aggregation == "token_mean":
         pg = float(sum(sum(1 for m in e.mask if m) for e in experiences))
     else:
@@ -270,14 +252,6 @@ def _distill(s_lp: Tensor, batch: dict[str, Tensor], tmask: Tensor) -> tuple[Ten
     if t_tail is not None:
         t_tail = torch.where(tmask > 0, t_tail.float(), LOG_FLOOR)
     return topk_reverse_kl(s_lp, t_lp, t_tail), t_lp
-
-
-@torch.no_grad()
-def distill_per_token(logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
-    """Per-token KL(student || teacher) [B, T-1], 0 where there is no teacher row (dashboard `token_kl`)."""
-    tmask = batch["teacher_mask"].float() * batch["mask"].float()
-    s_lp = _selected_stats(logits, batch, None, 0, with_ids=True)[1]
-    return _distill(s_lp, batch, tmask)[0] * tmask
 
 
 # ------------------------------------------------------------------------------------------------ the loss

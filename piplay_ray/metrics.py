@@ -20,9 +20,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from piplay_ray import rundir
+from piplay_ray.roles import TRAINED
+
 log = logging.getLogger(__name__)
 
-PHASES = ("examiner", "student", "eval", "system")
+PHASES = (*TRAINED, "eval", "system")
 RESERVED = ("time", "iteration", "phase", "step")
 # metric-name prefixes exported as Ray (Prometheus) gauges
 GAUGE_PREFIXES = ("throughput/", "weight_sync/", "replay/", "learner/", "search/")
@@ -67,13 +70,6 @@ def gauge_name(metric: str) -> str:
     return "piplay_" + re.sub(r"[^a-zA-Z0-9_]", "_", metric)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 class MetricsSink:
     """Writes metrics to metrics.jsonl, TensorBoard, optionally W&B, and Ray gauges.
 
@@ -86,7 +82,7 @@ class MetricsSink:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.run_name = run_name or self.run_dir.name
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._jsonl = open(self.run_dir / rundir.METRICS, "a", encoding="utf-8")  # noqa: SIM115
         self._tb = None
         self._wandb = None
         self._gauges: dict[str, Any] = {}
@@ -104,7 +100,7 @@ class MetricsSink:
         except ImportError as e:  # tensorboard is a dependency; say so rather than fail the run
             log.warning("TensorBoard logging disabled: %s", e)
             return None
-        return SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), flush_secs=10)
+        return SummaryWriter(log_dir=str(self.run_dir / rundir.TENSORBOARD), flush_secs=10)
 
     def _open_wandb(self, cfg: Any, config: dict | None):
         try:
@@ -175,17 +171,16 @@ class MetricsSink:
         body = {name: {"alive": bool(a.get("alive", False)), "restarts": int(a.get("restarts", 0)),
                        "last_error": None if a.get("last_error") is None else str(a["last_error"])}
                 for name, a in actors.items()}
-        _atomic_write(self.run_dir / "health.json", json.dumps({"actors": body, "updated": time.time()}))
+        rundir.write_atomic(self.run_dir / rundir.HEALTH, json.dumps({"actors": body, "updated": time.time()}))
 
     def write_samples(self, role: str, step: int, samples: Iterable[Mapping[str, Any]]) -> Path:
         """Write `samples/{role}-step-{step:06d}.jsonl`: one `{"task", "trajectory", "reward", "tokens",
         "token_kl"}` object per sampled trajectory (records.to_dict for the dataclasses)."""
-        if role not in ("examiner", "student"):
-            raise ValueError(f"role must be 'examiner' or 'student', got {role!r}")
+        if role not in TRAINED:
+            raise ValueError(f"role must be one of {TRAINED}, got {role!r}")
         lines = [json.dumps(_jsonable(s), ensure_ascii=False) for s in samples]
-        path = self.run_dir / "samples" / f"{role}-step-{step:06d}.jsonl"
-        _atomic_write(path, "".join(line + "\n" for line in lines))
-        return path
+        return rundir.write_atomic(rundir.samples_path(self.run_dir, role, step),
+                                   "".join(line + "\n" for line in lines))
 
     def close(self) -> None:
         if self._closed:
@@ -217,3 +212,18 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+LOSS_TERMS = {"loss", "pg_loss", "clip_frac", "policy_kl", "ref_kl", "distill_kl", "teacher_top1_mismatch",
+              "entropy", "logp_mismatch_mean", "logp_mismatch_max", "is_weight", "is_truncated_frac"}
+
+
+def learner_metrics(m: Mapping[str, Any]) -> dict:
+    """Namespace the learner's step metrics the way the dashboard reads them."""
+    out = {}
+    for k, v in m.items():
+        if k == "tokens_per_s":
+            out["throughput/learner_tokens_per_s"] = v
+        elif k != "version":
+            out[("loss/" if k in LOSS_TERMS else "learner/") + k] = v
+    return out

@@ -13,6 +13,7 @@ import string
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 
+from piplay_ray.losses import group_advantages
 from piplay_ray.protocol import EXAMPLE_QUESTIONS
 from piplay_ray.records import Doc, Hop
 
@@ -193,7 +194,6 @@ def hop_group_advantages(rewards: Sequence[float], hops: Sequence[int], eps: flo
     share one convention (sample std, `learner.loss.std_normalize`). A group of one, or one whose rewards are
     all equal, gets advantage 0 (never NaN).
     """
-    from piplay_ray.losses import group_advantages
 
     if len(rewards) != len(hops):
         raise ValueError(f"rewards and hops differ in length: {len(rewards)} vs {len(hops)}")

@@ -1,27 +1,81 @@
 """The run directory: where a run's config, metrics, task sets, samples, checkpoints and logs live.
 
 The directory is deterministic (``run.dir``, else ``run.root/run.name``) so that re-running the same
-command finds the previous run's checkpoints and resumes it.
+command finds the previous run's checkpoints and resumes it. Every path inside it is named here, and
+:func:`write_atomic` is how a file that a reader (the dashboard, a resumed run) may open is written.
 """
 
 from __future__ import annotations
 
+import os
 import time
+import uuid
 from pathlib import Path
 
 from piplay_ray.config import Config, dump_config
-from piplay_ray.records import Task, Trajectory, to_dict
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+HEALTH = "health.json"
+ACCOUNTING = "accounting.json"
+SUMMARY = "summary.json"
+TENSORBOARD = "tensorboard"
+FOLDERS = ("tasks", "samples", "checkpoints", "logs")
 
 
 def run_path(cfg: Config) -> Path:
     return Path(cfg.run.dir or Path(cfg.run.root) / cfg.run.name).expanduser().resolve()
 
 
+def task_set_path(run_dir: str | os.PathLike, iteration: int) -> Path:
+    return Path(run_dir) / "tasks" / f"iter-{iteration}.jsonl"
+
+
+def samples_path(run_dir: str | os.PathLike, role: str, step: int) -> Path:
+    return Path(run_dir) / "samples" / f"{role}-step-{step:06d}.jsonl"
+
+
+def checkpoints_root(run_dir: str | os.PathLike) -> Path:
+    """`run_dir/checkpoints`; a path already named `checkpoints` is taken as the root itself."""
+    path = Path(run_dir)
+    return path if path.name == "checkpoints" else path / "checkpoints"
+
+
+def log_dir(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "logs"
+
+
+def eval_dir(run_dir: str | os.PathLike, name: str | None = None) -> Path:
+    """`eval/` (every evaluation's outputs) or `eval/<name>/` (one evaluation's)."""
+    return Path(run_dir) / "eval" / (name or "")
+
+
+def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder and a rename, so a reader sees
+    the old file or the new one, never half of it (also with several writers)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 class RunDir:
     def __init__(self, path: Path):
         self.path = path
-        for sub in ("tasks", "samples", "checkpoints", "logs"):
+        for sub in FOLDERS:
             (path / sub).mkdir(parents=True, exist_ok=True)
+
+    @property
+    def accounting(self) -> Path:
+        return self.path / ACCOUNTING
+
+    def task_set(self, iteration: int) -> Path:
+        return task_set_path(self.path, iteration)
 
     @classmethod
     def create(cls, cfg: Config) -> RunDir:
@@ -29,24 +83,5 @@ class RunDir:
         if path.exists() and not cfg.run.resume and any(path.iterdir()):
             path = path.with_name(f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         run = cls(path)
-        (path / "config.yaml").write_text(dump_config(cfg))
+        (path / CONFIG).write_text(dump_config(cfg))
         return run
-
-
-def sample_row(task: Task, traj: Trajectory, reward: float, tokens: list[str],
-               teacher_ids: list[list[int]] | None, teacher_logprobs: list[list[float]] | None,
-               teacher_tail: list[float] | None) -> dict:
-    """A dashboard row: the task, the trajectory and a per-token teacher–student disagreement.
-
-    The per-token value is the one-sample estimate of KL(student ‖ teacher) at that position,
-    log p_student(y_t) − log p_teacher(y_t), with the teacher's tail mass standing in for log p_teacher
-    when y_t is outside its top-K. It is what colours the dashboard's tokens; the training loss uses the
-    full top-K form.
-    """
-    from piplay_ray.diagnostics import token_disagreement
-
-    token_kl = [None if v is None else round(v, 4)
-                for v in token_disagreement(traj, teacher_ids, teacher_logprobs, teacher_tail)]
-    task_d = to_dict(task)
-    task_d["trajectory"] = None  # the examiner's own trajectory is not needed to browse the student's
-    return {"task": task_d, "trajectory": to_dict(traj), "reward": reward, "tokens": tokens, "token_kl": token_kl}

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from piplay_ray.config import load_config
+
 # Never uploaded: the venv, VCS data, run outputs and caches. Ray also honours .gitignore/.rayignore.
 DEFAULT_EXCLUDES = (
     ".venv/", ".venv-gpu/", "venv/", ".git/", "runs/", "test-artifacts/", "build/", "dist/", "*.egg-info/",
@@ -136,8 +138,6 @@ def submit(
 ) -> str:
     """Submit `piplay train --config config overrides` (or `entrypoint`) and return the job's submission id."""
     from ray.job_submission import JobSubmissionClient
-
-    from piplay_ray.config import load_config
 
     root = Path(working_dir or project_root()).resolve()
     if not root.is_dir():

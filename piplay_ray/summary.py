@@ -11,6 +11,8 @@ import json
 import math
 from pathlib import Path
 
+from piplay_ray.rundir import METRICS, SUMMARY, eval_dir, write_atomic
+
 # (key, target, what it says) — the bar a run on the embedded default should clear
 TARGETS = (("answer_rate", 0.8, "student's well-formed answer rate (held-out, greedy)"),
            ("searches_per_question", 1.0, "searches per question (held-out, greedy)"),
@@ -52,7 +54,7 @@ def _rows(path: Path) -> list[dict]:
 def _evals(run: Path) -> list[tuple[str, dict]]:
     """(name, overall scores) of the evaluations under eval/: before-training first, then iter-N by N."""
     out = []
-    for f in (run / "eval").glob("*/metrics.json"):
+    for f in eval_dir(run).glob("*/metrics.json"):
         if not _within(run, f):
             continue
         try:
@@ -73,7 +75,7 @@ def compute(run_dir: str | Path) -> dict:
     Files that resolve outside the run directory (symlinked out of it) are not read.
     """
     run = Path(run_dir).resolve()
-    rows = _rows(run / "metrics.jsonl") if _within(run, run / "metrics.jsonl") else []
+    rows = _rows(run / METRICS) if _within(run, run / METRICS) else []
 
     def series(key: str, phase: str | None = None) -> list[float]:
         return [r[key] for r in rows if _num(r.get(key)) and (phase is None or r.get("phase") == phase)]
@@ -129,8 +131,5 @@ def lines(s: dict) -> list[str]:
 def write(run_dir: str | Path) -> dict:
     """Compute and write `summary.json` atomically; returns the summary."""
     s = compute(run_dir)
-    path = Path(run_dir) / "summary.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(s, indent=1))
-    tmp.replace(path)
+    write_atomic(Path(run_dir) / SUMMARY, json.dumps(s, indent=1))
     return s

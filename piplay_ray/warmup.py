@@ -20,7 +20,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from piplay_ray import assets, demos, protocol
+from piplay_ray.actors.search_env import format_docs
 from piplay_ray.config import Config
+from piplay_ray.evaluation import builtin_eval_set
+from piplay_ray.learner.learner import LearnerGroup
+from piplay_ray.retrieval import make_retriever
+from piplay_ray.retrieval.queries import clean_query
+from piplay_ray.roles import MODELS, TRAINED
 
 PREFIX = "builtin:"
 
@@ -45,7 +51,6 @@ RECIPES = {
     "tiny-search": Recipe("builtin:tiny", student_demos=8, examiner_demos=6, student_hops=(1, 1),
                           examiner_hops=(1, 1), lr=1e-4, batch=4),
 }
-ROLES = ("examiner", "student")
 
 
 def recipe_name(spec: str | None) -> str | None:
@@ -56,7 +61,6 @@ def recipe_name(spec: str | None) -> str | None:
 
 def held_out_ids(cfg: Config, corpus_path: str) -> list[str]:
     """Corpus ids of the built-in evaluation questions: never in a demonstration."""
-    from piplay_ray.evaluation import builtin_eval_set
 
     try:
         return sorted(ex.id.removeprefix("builtin-") for ex in
@@ -76,9 +80,6 @@ def fingerprint(name: str, cfg: Config, corpus_path: str, held_out: list[str]) -
 
 def _search_fn(search_cfg):
     """Batched search in this process, formatted exactly as the search env formats it for the agent."""
-    from piplay_ray.actors.search_env import format_docs
-    from piplay_ray.retrieval import make_retriever
-    from piplay_ray.retrieval.queries import clean_query
 
     retriever = make_retriever(search_cfg)
 
@@ -106,8 +107,6 @@ def _train(name: str, cfg: Config, corpus: str, held_out: set[str], out: Path) -
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from piplay_ray.learner.learner import LearnerGroup
-
     r = RECIPES[name]
     base = assets.resolve_model(r.base)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -132,15 +131,15 @@ def _train(name: str, cfg: Config, corpus: str, held_out: set[str], out: Path) -
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=False, log_to_driver=False)
-    learner = LearnerGroup(lcfg, ROLES)
-    losses: dict[str, list[float]] = {role: [] for role in ROLES}
+    learner = LearnerGroup(lcfg, TRAINED)
+    losses: dict[str, list[float]] = {role: [] for role in TRAINED}
     try:
         steps = [(role, ds[i : i + r.batch]) for _ in range(r.epochs) for role, ds in sets.items()
                  for i in range(0, len(ds), r.batch)]
         for role, batch in tqdm(steps, desc=f"warm start {name}", unit="step", file=sys.stderr):
             m = learner.train_step(role, [d.experience(i) for i, d in enumerate(batch)], objective="sft")
             losses[role].append(round(m["sft_nll"], 4))
-        for role in ROLES:
+        for role in TRAINED:
             learner.export_hf(role, out / role)
     finally:
         learner.shutdown()
@@ -156,7 +155,7 @@ def prepare(cfg: Config) -> Config:
     """`cfg` with every warm-start model spec replaced by its built folder (role by role; the teacher
     starts from the student's warm start). Builds what is missing."""
     model = cfg.model
-    specs = {role: model.path_for(role) for role in (*ROLES, "teacher")}
+    specs = {role: model.path_for(role) for role in MODELS}
     names = {recipe_name(s) for s in specs.values()} - {None}
     if not names:
         return cfg

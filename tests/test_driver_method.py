@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 
 import pytest
 
-from piplay_ray import driver
 from piplay_ray.config import load_config
-from piplay_ray.examiner import ExaminerSampler, task_set_path
+from piplay_ray.evolution import taskset
+from piplay_ray.evolution.actors import Actors
+from piplay_ray.evolution.loop import EvolutionLoop
 from piplay_ray.records import Doc, Hop, Task, Trajectory
+from piplay_ray.rundir import RunDir, task_set_path
 
 DOCS = [Doc(str(i), f"Town{i}", f"Town{i} lies on the river R{i}.") for i in range(40)]
 
@@ -53,53 +54,52 @@ class Sink:
         self.rows.append(values)
 
 
-def _loop(tmp_path, *overrides):
+def _loop(tmp_path, *overrides, examiner=None):
+    """The loop on fake pools (object-store transport: no collective groups), handed in by its constructor."""
     cfg = load_config("configs/tiny.yaml", ["examiner.hop_weights=[1]", *overrides])
-    loop = driver.EvolutionLoop.__new__(driver.EvolutionLoop)
-    loop.cfg, loop.state, loop.metrics, loop.rng = cfg, driver.LoopState(), Sink(), random.Random(0)
-    loop.sampler = ExaminerSampler(DOCS, cfg.examiner.hop_weights, seed=0)
-    loop.pools = {"examiner": FakePool(), "student": FakePool()}
-    loop.pool_versions = {"examiner": 0, "student": 0}
-    loop.bundles, loop.examiner_candidates, loop.last_rollout_error = {}, [], ""
-    loop.syncs = {}  # object-store transport: no collective groups
-    loop.run = type("Run", (), {"path": tmp_path})()
-    return loop
+    actors = Actors(search=None, pools={"examiner": examiner or FakePool(), "student": FakePool()}, teacher=None,
+                    teacher_client=None, learner=None, replay=None)
+    return EvolutionLoop(cfg, RunDir(tmp_path), actors, metrics=Sink(), docs=DOCS, tokenizer=object())
+
+
+def _published(loop, **versions):
+    """The learner reached `versions` and published them (the pools load them when asked)."""
+    for role, v in versions.items():
+        loop.state.versions[role] = v
+        loop.policies[role].published = (v, object())
 
 
 def test_examiner_step_asks_the_newest_student(tmp_path):
     loop = _loop(tmp_path)
-    loop.state.versions = {"examiner": 1, "student": 3}
-    loop.bundles = {"examiner": (1, object()), "student": (3, object())}
-    loop.pool_versions = {"examiner": 1, "student": 1}  # the student pool still holds version 1
-    loop.pools["examiner"].version = loop.pools["student"].version = 1
-    (group,) = asyncio.run(loop.examiner_groups(step=1))
-    assert loop.pools["student"].calls == [("student", 3)]  # attempts came from the newest student
-    assert len(group) == loop.cfg.examiner.tasks_per_step and loop.pool_versions["student"] == 3
+    _published(loop, examiner=1, student=3)
+    for role in ("examiner", "student"):  # the student pool still holds version 1
+        loop.policies[role].pool_version = loop.actors.pools[role].version = 1
+    (group,) = asyncio.run(loop.step_groups("examiner", step=1))
+    assert loop.actors.pools["student"].calls == [("student", 3)]  # attempts came from the newest student
+    assert len(group) == loop.cfg.examiner.tasks_per_step and loop.policies["student"].pool_version == 3
 
 
 @pytest.mark.parametrize("fallback", [False, True])
 def test_task_set_comes_from_the_final_examiner(tmp_path, monkeypatch, fallback):
     loop = _loop(tmp_path, f"examiner.task_set_fallback={str(fallback).lower()}", "examiner.task_set_size=4",
-                 "examiner.task_set_rounds=1")
+                 "examiner.task_set_rounds=1",
+                 examiner=FakePool(invalid_every=4))  # every 4th attempt fails the gate: 3 of 4 valid
     final = 5
-    loop.state.versions["examiner"] = final
-    loop.bundles = {"examiner": (final, object())}
-    loop.pool_versions["examiner"] = 2  # the pool lags until the task set is written
-    loop.pools["examiner"] = FakePool(invalid_every=4)  # every 4th attempt fails the gate: 3 of 4 valid
+    _published(loop, examiner=final)
+    loop.policies["examiner"].pool_version = 2  # the pool lags until the task set is written
     candidate = Task(id="cand", question="Which river flows through Old Town?", answer="R0", hops=1,
                      source=DOCS[0], flags={"ok": True}, version=1)
     loop.examiner_candidates = [candidate]
     rule = Task(id="rule", question="Rule question?", answer="x", hops=1, source=DOCS[1],
                 qcp=[Hop("q", [DOCS[1]])], flags={"rule_built": True})
-    monkeypatch.setattr(driver, "rule_tasks", lambda docs, n, *a: [rule][:n])
-    loop.docs = DOCS
+    monkeypatch.setattr(taskset, "rule_tasks", lambda docs, n, *a: [rule][:n])
     asyncio.run(loop.write_task_set())
     records = [json.loads(line) for line in open(task_set_path(tmp_path, 0))]
     assert len(records) == 4
     by_source = {r["id"]: r for r in records}
     written = [r for r in records if r["id"] not in ("cand", "rule")]
     assert len(written) == 3 and all(r["version"] == final for r in written)  # the final examiner wrote them
-    assert loop.pools["examiner"].calls == [("examiner", final)]
+    assert loop.actors.pools["examiner"].calls == [("examiner", final)]
     assert ("cand" in by_source) is fallback and ("rule" in by_source) is not fallback
     acct = loop.state.accounting["iter-0-tasks"]
     assert acct["examiner_written"] == 3 and acct["examiner_version"] == final
@@ -107,11 +107,9 @@ def test_task_set_comes_from_the_final_examiner(tmp_path, monkeypatch, fallback)
 
 
 def test_final_examiner_writes_in_rounds_until_the_set_is_full(tmp_path):
-    loop = _loop(tmp_path, "examiner.task_set_size=4", "examiner.task_set_rounds=3")
-    loop.state.versions["examiner"] = 5
-    loop.bundles = {"examiner": (5, object())}
-    loop.pools["examiner"] = FakePool(invalid_every=4)  # 3 of every 4 attempts pass: a second round fills it
-    loop.examiner_candidates, loop.docs = [], DOCS
+    loop = _loop(tmp_path, "examiner.task_set_size=4", "examiner.task_set_rounds=3",
+                 examiner=FakePool(invalid_every=4))  # 3 of every 4 attempts pass: a second round fills it
+    _published(loop, examiner=5)
     asyncio.run(loop.write_task_set())
     records = [json.loads(line) for line in open(task_set_path(tmp_path, 0))]
     assert len(records) == 4 and all(r["version"] == 5 for r in records)

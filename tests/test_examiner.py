@@ -14,9 +14,9 @@ from piplay_ray.examiner import (
     load_tasks,
     save_tasks,
     select_tasks,
-    task_set_path,
 )
 from piplay_ray.records import Doc, Hop, Task, Trajectory
+from piplay_ray.rundir import task_set_path
 
 DOCS = [Doc(str(i), f"T{i}", f'"T{i}"\nbody {i}') for i in range(50)]
 SOURCE = Doc("7", "Marie Curie", '"Marie Curie"\nMarie Curie was a physicist born in Warsaw.')

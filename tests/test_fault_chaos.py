@@ -6,7 +6,8 @@ for every task (trained or dropped with a reason), count the restarts, never han
 group twice, and end with the teacher's EMA exactly as if it had never died (recomputed here from the
 student checkpoints).
 
-The driver runs in-process (`driver.train`) so a thread can hold the real actor handles.
+The driver runs in-process (`driver.train` with the loop handed in, see inprocess.py) so a thread can hold
+the real actor handles.
 """
 
 from __future__ import annotations
@@ -19,30 +20,30 @@ from pathlib import Path
 
 import ray
 import torch
+from inprocess import train_watched
 from safetensors.torch import load_file
 
-from piplay_ray import driver
 from piplay_ray.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 12
 
 
-def chaos(box: dict, log: list, stop: threading.Event) -> None:
+def chaos(loop, stop: threading.Event, log: list) -> None:
     """Wait for the student phase, then kill each target once, in a seeded order at seeded moments."""
     rng = random.Random(SEED)
-    while not stop.is_set() and not (box.get("loop") and box["loop"].state.phase == "student"):
+    while not stop.is_set() and loop.state.phase != "student":
         time.sleep(0.05)
-    loop = box.get("loop")
-    if loop is None:
+    if stop.is_set():
         return
-    targets = {"rollout-student-0": loop.pools["student"].workers[0], "search-0": loop.search.actors[0],
-               "teacher": loop.teacher, "learner-0": loop.learner.workers[0]}
+    a = loop.actors
+    targets = {"rollout-student-0": a.pools["student"].workers[0], "search-0": a.search.actors[0],
+               "teacher": a.teacher, "learner-0": a.learner.workers[0]}
     order = list(targets)
     rng.shuffle(order)
     for name in order:
         if name == "teacher":  # once it holds an EMA (student step 1 applied)
-            while loop.teacher_client.version < 1 and not stop.is_set():
+            while a.teacher_client.version < 1 and not stop.is_set():
                 time.sleep(0.01)
         time.sleep(rng.uniform(0.0, 0.2))
         phase, step = loop.state.phase, loop.state.global_step
@@ -50,24 +51,11 @@ def chaos(box: dict, log: list, stop: threading.Event) -> None:
         log.append({"actor": name, "phase": phase, "step": step})
 
 
-def test_chaos_run_completes_and_accounts_for_every_task(tmp_path, tiny_model, corpus_path, monkeypatch):
+def test_chaos_run_completes_and_accounts_for_every_task(tmp_path, tiny_model, corpus_path):
     run_dir = tmp_path / "chaos"
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), [f"run.dir={run_dir}", "checkpoint.every=1", "checkpoint.keep=10"])
-    box, log, stop = {}, [], threading.Event()
-    init = driver.EvolutionLoop.__init__
-
-    def capture(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        box["loop"] = self
-
-    monkeypatch.setattr(driver.EvolutionLoop, "__init__", capture)
-    killer = threading.Thread(target=chaos, args=(box, log, stop), daemon=True)
-    killer.start()
-    try:
-        driver.train(cfg)
-    finally:
-        stop.set()
-        killer.join(timeout=10)
+    log = []
+    train_watched(cfg, lambda loop, stop: chaos(loop, stop, log))
 
     assert sorted(k["actor"] for k in log) == ["learner-0", "rollout-student-0", "search-0", "teacher"]
     assert all(k["phase"] == "student" for k in log), log

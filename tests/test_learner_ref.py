@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from piplay_ray.config import load_config
 from piplay_ray.learner.learner import LearnerGroup
-from piplay_ray.losses import collate, token_logprobs
+from piplay_ray.losses import collate, masked_logprobs
 
 LR, BETA = 1e-3, 0.05
 
@@ -21,7 +21,7 @@ def _k3_mean(policy, reference, exps, pad):
     """mean over trained tokens of exp(ref - logp) - (ref - logp) - 1, from full logits of both models."""
     b = collate(exps, pad)
     with torch.no_grad():
-        lp = [token_logprobs(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["input_ids"])
+        lp = [masked_logprobs(m(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b)
               for m in (policy, reference)]
     d = (lp[1] - lp[0])[b["mask"] > 0]
     return float((torch.exp(d) - d - 1).mean())

@@ -108,17 +108,25 @@ def test_group_advantages_hand_values():
         losses.group_advantages([1.0, 2.0, 3.0], 2)
 
 
-def test_token_logprobs_and_k3():
+def test_masked_logprobs_and_k3():
     b = losses.collate(_batch(), pad_id=0)
     logits = _logits(b)
-    lp = losses.token_logprobs(logits, b["input_ids"]).detach().numpy()
+    lp = losses.masked_logprobs(logits, b).detach().numpy()  # the learner's reference-model forward
     ref = _student_lp(logits)
-    ids = b["input_ids"].numpy()
+    ids, mask = b["input_ids"].numpy(), b["mask"].numpy()
     for i in range(3):
         for t in range(7):
-            assert lp[i, t] == pytest.approx(ref[i, t, ids[i, t + 1]], abs=1e-5)
+            assert lp[i, t] == pytest.approx(ref[i, t, ids[i, t + 1]] if mask[i, t] else 0.0, abs=1e-5)
     x, y = torch.tensor([-1.0, -0.2]), torch.tensor([-0.5, -0.2])
     assert losses.k3_kl(x, y).tolist() == pytest.approx([math.exp(0.5) - 0.5 - 1, 0.0])
+
+
+@torch.no_grad()
+def _distill_per_token(logits, b):
+    """The loss's per-token KL(student || teacher) [B, T-1] (its pieces), 0 where there is no teacher row."""
+    tmask = b["teacher_mask"].float() * b["mask"].float()
+    s_lp = losses._selected_stats(logits, b, None, 0, with_ids=True)[1]
+    return losses._distill(s_lp, b, tmask)[0] * tmask
 
 
 @pytest.mark.parametrize("tail", [False, True])
@@ -164,7 +172,7 @@ def test_distill_topk_independent(tail):
                 sp, tp = sp / sp.sum(), tp / tp.sum()
             kls.append(float((sp * np.log(sp / tp)).sum()))
     assert m["distill_kl"] == pytest.approx(np.mean(kls), abs=1e-5)
-    per_tok = losses.distill_per_token(logits, b)
+    per_tok = _distill_per_token(logits, b)
     assert per_tok[b["teacher_mask"] > 0].tolist() == pytest.approx(kls, abs=1e-5)  # row-major = loop order
     assert torch.all(per_tok[b["teacher_mask"] == 0] == 0)
     top1 = [e.teacher_ids[i][0] != e.response_ids[i] for e in exps for i, mk in enumerate(e.mask) if mk]
@@ -234,7 +242,7 @@ def test_surrogate_matches_independent_including_clipped(aggregation):
         e.teacher_ids = e.teacher_logprobs = e.teacher_tail = None
     b = losses.collate(exps, pad_id=0)
     logits = _logits(b)
-    logp = losses.token_logprobs(logits, b["input_ids"]).detach()
+    logp = losses.masked_logprobs(logits, b).detach()
     # behaviour logprobs chosen so some ratios sit far outside [1-eps, 1+eps] on both sides
     shifts = torch.tensor([[0, 0, 0.5, -0.5, 0, 0, 0.05], [0, 1.0, -1.0, 0.1, 0, 0, 0], [0, 0, 0, 0, -0.3, 0, 0]])
     b["old_logprobs"] = (logp + shifts) * b["mask"]
@@ -261,7 +269,7 @@ def test_kl_beta_adds_k3_term_and_normalizer_splits():
     exps = _batch()
     b = losses.collate(exps, pad_id=0)
     logits = _logits(b)
-    b["ref_logprobs"] = (losses.token_logprobs(logits, b["input_ids"]).detach() - 0.3) * b["mask"]
+    b["ref_logprobs"] = (losses.masked_logprobs(logits, b).detach() - 0.3) * b["mask"]
     base, _ = losses.compute_loss(logits, b, _cfg(), lam=0.0)
     with_kl, m = losses.compute_loss(logits, b, _cfg(kl_beta=0.5), lam=0.0)
     k3 = math.exp(-0.3) + 0.3 - 1
@@ -271,7 +279,9 @@ def test_kl_beta_adds_k3_term_and_normalizer_splits():
     for agg in ("token_mean", "seq_mean"):
         cfg = _cfg(aggregation=agg)
         full, _ = losses.compute_loss(logits, b, cfg, lam=0.3)
-        norm, d_norm = losses.loss_normalizer(b, agg), losses.distill_normalizer(b)
+        m = b["mask"]  # masked tokens (token_mean) or sequences (seq_mean); sequences with a teacher
+        norm = float(m.sum()) if agg == "token_mean" else float((m.sum(dim=1) > 0).sum())
+        d_norm = float(((b["teacher_mask"] * m).sum(dim=1) > 0).sum())
         assert (norm, d_norm) == losses.step_normalizers(exps, cfg)
         parts = 0.0
         for sl in (slice(0, 1), slice(1, 3)):

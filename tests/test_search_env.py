@@ -165,10 +165,10 @@ def test_pool_with_dead_replica_reports_failures(ray_session):
     import sys
 
     from piplay_ray.actors.search_env import SearchEnvPool
-    from piplay_ray.config import SearchConfig
+    from piplay_ray.config import FaultConfig, SearchConfig
 
     ray_session.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # ship the fake to the actor
-    pool = SearchEnvPool(SearchConfig(num_cpus_per_replica=0), retriever_factory=Echo, max_restarts=0)
+    pool = SearchEnvPool(SearchConfig(num_cpus_per_replica=0), FaultConfig(max_actor_restarts=0), retriever_factory=Echo)
     pool.wait_ready(timeout_s=120)
     assert pool.search(["hello"])[0].docs[0].id == "hello#0"
     ray_session.kill(pool.actors[0], no_restart=True)

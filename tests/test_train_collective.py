@@ -2,9 +2,10 @@
 workers per role: every sync is a gloo broadcast from learner rank 0 to four vLLM CPU engines' workers
 (two per role) and, for the student, the teacher; no weight bundle goes through the object store.
 
-One run serves both tests (a tiny run costs minutes on two cores): the driver runs in-process (`driver.train`
-on the loaded config, which is what `piplay train` calls) so that a thread can kill a student rollout worker
-once its pool holds version 1; it must rejoin the student group on a new generation and the run complete.
+One run serves both tests (a tiny run costs minutes on two cores): the driver runs in-process (`driver.train`,
+what `piplay train` calls, with the loop handed in by tests/inprocess.py) so that a thread can kill a student
+rollout worker once its pool holds version 1; it must rejoin the student group on a new generation and the
+run complete.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ from test_train_tiny import ROOT, metrics
 
 @pytest.fixture(scope="module")
 def collective_run(tmp_path_factory, tiny_model, corpus_path):
-    import threading
     import time
 
     import ray
+    from inprocess import train_watched
 
-    from piplay_ray import driver
     from piplay_ray.config import load_config
 
     run_dir = tmp_path_factory.mktemp("runs") / "collective"
@@ -30,31 +30,17 @@ def collective_run(tmp_path_factory, tiny_model, corpus_path):
                       [f"run.dir={run_dir}", "checkpoint.every=1", "checkpoint.keep=3",
                        "weight_sync.transport=collective", "rollout.workers_per_role=2",
                        "weight_sync.timeout_s=300", "ray.num_cpus=8"])
-    box, killed, stop = {}, [], threading.Event()
-    init = driver.EvolutionLoop.__init__
+    killed = []
 
-    def capture(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        box["loop"] = self
-
-    def kill_between_syncs():
-        while not stop.is_set() and not (box.get("loop") and box["loop"].pool_versions["student"] >= 1):
+    def kill_between_syncs(loop, stop):
+        while not stop.is_set() and loop.policies["student"].pool_version < 1:
             time.sleep(0.05)
         if not stop.is_set():
-            loop = box["loop"]
-            killed.append(loop.syncs["student"].generation)
-            ray.kill(loop.pools["student"].workers[0], no_restart=False)
+            killed.append(loop.actors.syncs["student"].generation)
+            ray.kill(loop.actors.pools["student"].workers[0], no_restart=False)
 
-    killer = threading.Thread(target=kill_between_syncs, daemon=True)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(driver.EvolutionLoop, "__init__", capture)
-        killer.start()
-        try:
-            driver.train(cfg)
-        finally:
-            stop.set()
-            killer.join(timeout=10)
-    return {"dir": run_dir, "loop": box["loop"], "killed": killed}
+    loop = train_watched(cfg, kill_between_syncs)
+    return {"dir": run_dir, "loop": loop, "killed": killed}
 
 
 def test_collective_run_syncs_both_roles_and_the_teacher(collective_run):
@@ -74,7 +60,7 @@ def test_a_rollout_worker_killed_between_syncs_rejoins_and_the_run_goes_on(colle
     loop, killed = collective_run["loop"], collective_run["killed"]
     assert killed, "the student pool never reached version 1"
     assert loop.state.versions == {"examiner": 2, "student": 2} and loop.state.phase == "done"
-    assert loop.syncs["student"].generation > killed[0]  # the restarted worker met the others on a new one
-    assert loop.syncs["student"].last["version"] == 2
+    assert loop.actors.syncs["student"].generation > killed[0]  # the restarted worker met the others on a new one
+    assert loop.actors.syncs["student"].last["version"] == 2
     acct = json.loads((collective_run["dir"] / "accounting.json").read_text())
     assert acct["restarts"]["rollout-student-0"] >= 1

@@ -26,31 +26,22 @@ import ray
 
 from piplay_ray import protocol
 from piplay_ray.agent import run_agent
+from piplay_ray.engines import make_engine, named_tensors
 from piplay_ray.engines.base import SamplingSpec
-from piplay_ray.fault import actor_state, describe, is_actor_failure, wait_alive
+from piplay_ray.fault import RolloutFailed, actor_state, describe, is_actor_failure, wait_alive
 from piplay_ray.records import Doc, Trajectory
+from piplay_ray.roles import TRAINED
 
 
-class RolloutFailed(RuntimeError):
-    """Some shares of a request failed after every retry. `partial[i]` is the i-th item's result, or None
-    where it was lost; `reason` says why."""
-
-    def __init__(self, reason: str, partial: list):
-        super().__init__(reason)
-        self.reason, self.partial = reason, partial
-
-
-@ray.remote
-class RolloutWorker:
-    """One engine + the agent loop. `search` is a search env handle (see actors/search_env.py)."""
+class RolloutWorkerImpl:
+    """One engine + the agent loop (plain class; `RolloutWorker` is its actor). `search` is a search env
+    handle (see actors/search_env.py)."""
 
     def __init__(self, role: str, model_path: str, cfg, search, seed: int = 0):
         import os
 
         import torch
         from transformers import AutoTokenizer
-
-        from piplay_ray.engines import make_engine
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         torch.set_num_threads(max(1, int(cfg.rollout.num_cpus_per_worker)))  # no oversubscription
@@ -125,11 +116,7 @@ class RolloutWorker:
 
     async def update_weights(self, version: int, weights) -> int:
         """Replace the engine's weights; trajectories started later carry `version`."""
-        update = getattr(self.engine, "aupdate_weights", None)
-        if update is not None:
-            await update(version, weights)
-        else:
-            self.engine.update_weights(version, weights)
+        await self.engine.aupdate_weights(version, weights)
         return self.engine.version
 
     def metrics(self) -> dict:
@@ -138,8 +125,10 @@ class RolloutWorker:
                 "generated_tokens_per_s": self.stats["generated_tokens"] / busy if busy else 0.0}
 
     def shutdown(self) -> None:
-        if hasattr(self.engine, "shutdown"):
-            self.engine.shutdown()
+        self.engine.shutdown()
+
+
+RolloutWorker = ray.remote(RolloutWorkerImpl)
 
 
 def _split(n_items: int, n_parts: int) -> list[range]:
@@ -156,7 +145,7 @@ def cpu_core_binding(cfg, role: str, index: int) -> dict[str, str]:
     if (cfg.run.mode != "local" or r.engine != "vllm" or r.num_gpus_per_worker
             or os.environ.get("VLLM_CPU_OMP_THREADS_BIND")):
         return {}
-    slot = ("examiner", "student").index(role) * r.workers_per_role + index
+    slot = TRAINED.index(role) * r.workers_per_role + index
     return {"VLLM_CPU_OMP_THREADS_BIND": str(slot % (os.cpu_count() or 1))}
 
 
@@ -164,8 +153,8 @@ class RolloutPool:
     """`cfg.rollout.workers_per_role` workers holding one role's weights; requests are split across them."""
 
     def __init__(self, role: str, model_path: str, cfg, search_pool, name: str | None = None):
-        if role not in ("examiner", "student"):
-            raise ValueError(f"role must be examiner or student, got {role!r}")
+        if role not in TRAINED:
+            raise ValueError(f"role must be one of {TRAINED}, got {role!r}")
         r = cfg.rollout
         self.role, self.cfg = role, cfg
         self.workers = [
@@ -184,7 +173,8 @@ class RolloutPool:
         self._errors: list[str | None] = [None] * len(self.workers)
         self.retried = 0  # shares re-issued after a worker failure
         # weight_sync.transport=collective: brings every worker (a restarted one too) to the role's current
-        # version through the role's group (set by the driver); None = object store pushes of `_latest`
+        # version through the role's group (set by the role's policy handle, evolution/policy.py);
+        # None = object store pushes of `_latest`
         self.resync = None
 
     def wait_ready(self, timeout_s: float = 900) -> None:
@@ -273,7 +263,6 @@ class RolloutPool:
         store once, so every worker reads the same copy."""
         if hasattr(weights, "named_tensors"):
             return weights
-        from piplay_ray.engines import named_tensors
 
         return ray.put(list(named_tensors(weights)))
 

@@ -15,15 +15,17 @@ fails every query of the request; ``topk > max_topk`` is clamped.
 from __future__ import annotations
 
 import asyncio
-import functools
 import random
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
+import ray
 
+from piplay_ray.config import FaultConfig, SearchConfig
 from piplay_ray.records import Doc, Hop
+from piplay_ray.retrieval import make_retriever
 from piplay_ray.retrieval.base import Retriever
 from piplay_ray.retrieval.queries import check_topk, clean_query
 
@@ -198,51 +200,46 @@ class SearchService:
 # ------------------------------------------------------------------------------------------ Ray
 
 
-@functools.cache
-def _actor_class():
-    import ray
+class SearchEnvImpl:
+    """One replica (plain class; `SearchEnvActor` is its actor): builds its retriever from the `search` config
+    section (or a factory) and serves SearchService."""
 
-    @ray.remote
-    class SearchEnvActor:
-        """One replica: builds its retriever from the config (or a factory) and serves SearchService."""
+    def __init__(self, cfg, retriever_factory=None):
+        retriever = retriever_factory() if retriever_factory else make_retriever(cfg)
+        self.service = SearchService(retriever, cfg.topk, cfg.max_topk, cfg.max_query_chars,
+                                     cfg.doc_token_budget, cfg.batch_window_ms, cfg.cache_size)
 
-        def __init__(self, cfg, retriever_factory=None):
-            from piplay_ray.retrieval import make_retriever
+    async def search(self, queries: list[str], topk: int | None = None) -> list[SearchResult]:
+        return await self.service.search(queries, topk)
 
-            retriever = retriever_factory() if retriever_factory else make_retriever(cfg)
-            self.service = SearchService(retriever, cfg.topk, cfg.max_topk, cfg.max_query_chars,
-                                         cfg.doc_token_budget, cfg.batch_window_ms, cfg.cache_size)
+    async def metrics(self) -> dict:
+        return self.service.metrics()
 
-        async def search(self, queries: list[str], topk: int | None = None) -> list[SearchResult]:
-            return await self.service.search(queries, topk)
+    async def ready(self) -> bool:
+        return True
 
-        async def metrics(self) -> dict:
-            return self.service.metrics()
 
-        async def ready(self) -> bool:
-            return True
-
-    return SearchEnvActor
+SearchEnvActor = ray.remote(SearchEnvImpl)
 
 
 class SearchEnvPool:
-    """Handles to `cfg.replicas` search actors; picklable, so rollout workers can hold one.
+    """Handles to `cfg.replicas` search actors (the `search` config section; each restarted up to
+    `fault.max_actor_restarts` times); picklable, so rollout workers can hold one.
 
     Requests go round-robin over the replicas. :meth:`search` never raises: a dead or unreachable replica
     yields failed results for that request.
     """
 
-    def __init__(self, cfg, replicas: int | None = None, retriever_factory=None, max_restarts: int = 3):
-        actor = _actor_class()
+    def __init__(self, cfg: SearchConfig, fault: FaultConfig | None = None, replicas: int | None = None,
+                 retriever_factory=None):
         self.cfg = cfg
-        self.actors = [actor.options(num_cpus=cfg.num_cpus_per_replica, max_restarts=max_restarts,
+        restarts = (fault or FaultConfig()).max_actor_restarts
+        self.actors = [SearchEnvActor.options(num_cpus=cfg.num_cpus_per_replica, max_restarts=restarts,
                                      max_task_retries=0).remote(cfg, retriever_factory)
                        for _ in range(replicas or cfg.replicas)]
         self._next = random.randrange(len(self.actors))
 
     def wait_ready(self, timeout_s: float = 600) -> None:
-        import ray
-
         ray.get([a.ready.remote() for a in self.actors], timeout=timeout_s)
 
     def search_async(self, queries: list[str], topk: int | None = None):
@@ -251,8 +248,6 @@ class SearchEnvPool:
         return self.actors[self._next].search.remote(list(queries), topk)
 
     def search(self, queries: list[str], topk: int | None = None, timeout_s: float | None = None) -> list[SearchResult]:
-        import ray
-
         timeout_s = timeout_s or self.cfg.timeout_s * (self.cfg.retries + 2) + 30
         try:
             return ray.get(self.search_async(queries, topk), timeout=timeout_s)
@@ -261,8 +256,6 @@ class SearchEnvPool:
 
     def metrics(self) -> dict:
         """Summed counters over replicas, plus each replica's own figures under ``replicas``."""
-        import ray
-
         per = ray.get([a.metrics.remote() for a in self.actors])
         total = {k: sum(m[k] for m in per) for k in ("requests", "queries", "cache_hits", "cache_misses", "failed",
                                                      "batches", "batched_queries", "retriever_errors", "qps")}
@@ -276,8 +269,6 @@ class SearchEnvPool:
         return total
 
     def shutdown(self) -> None:
-        import ray
-
         for a in self.actors:
             ray.kill(a)
         self.actors = []

@@ -22,7 +22,9 @@ import torch
 from piplay_ray import privileged
 from piplay_ray import teacher as T
 from piplay_ray.config import Config
-from piplay_ray.engines import named_tensors
+from piplay_ray.engines import make_engine, named_tensors
+from piplay_ray.fault import describe, is_actor_failure, wait_alive
+from piplay_ray.learner.weight_sync.collective import Receiver
 from piplay_ray.records import Task, Trajectory
 
 log = logging.getLogger(__name__)
@@ -51,8 +53,6 @@ class TeacherImpl:
             self.alias[name] = canon.setdefault(id(p), name)
         self.engine = None
         if self.tcfg.backend == "vllm":
-            from piplay_ray.engines import make_engine
-
             self.master = {n: p.detach() for n, p in model.named_parameters()}
             self.model = None
             del model
@@ -125,7 +125,6 @@ class TeacherImpl:
     async def receive_weights(self, ticket: dict, mode: str = "skip") -> bool:
         """Take part in a collective sync of the student's group: `ema` blends the broadcast in (skipped,
         i.e. only drained, for a version already held), `load` sets psi to it, `skip` only drains it."""
-        from piplay_ray.learner.weight_sync.collective import Receiver
 
         if mode not in ("ema", "load", "skip"):
             raise ValueError(f"receive_weights mode must be ema, load or skip, got {mode!r}")
@@ -292,7 +291,6 @@ class TeacherClient:
 
     async def _take_snapshot(self) -> bool:
         """Snapshot the EMA of `self.version`; False when the teacher restarted meanwhile (EMA lost)."""
-        from piplay_ray.fault import is_actor_failure
 
         ref = self.actor.state.remote()
         try:
@@ -321,8 +319,6 @@ class TeacherClient:
         raise RuntimeError(f"teacher: {method} kept failing; the teacher restarts faster than it updates")
 
     async def _restore(self) -> None:
-        from piplay_ray.fault import wait_alive
-
         held = await wait_alive(lambda: self.actor.get_version.remote(), self.actor)
         if held == self.version:
             return
@@ -339,8 +335,6 @@ class TeacherClient:
             log.warning("teacher: EMA restored from %s (version %d)", folder, self.version)
 
     async def _call(self, method: str, *args):
-        from piplay_ray.fault import describe, is_actor_failure
-
         for attempt in range(self.retries + 1):
             try:
                 await self._restore()

@@ -2,7 +2,8 @@
 
 An engine owns one copy of a policy's weights and answers three questions: continue these tokens
 (`generate`), what are the top-K next-token logprobs at these positions of a fixed sequence
-(`prompt_topk`, the teacher's scoring call), and take these new weights (`update_weights`).
+(`prompt_topk`, the teacher's scoring call), and take these new weights (`update_weights`, or
+`aupdate_weights` from an event loop; `areceive_weights` in a collective sync). `shutdown` frees it.
 Everything is token ids in, token ids out: no engine ever re-tokenises text it produced.
 """
 
@@ -54,7 +55,14 @@ class Engine(abc.ABC):
     def update_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load new weights (Hugging Face parameter names); never reuse a prefix cached before."""
 
+    async def aupdate_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """`update_weights` for callers on an event loop; an engine whose load blocks overrides it."""
+        self.update_weights(version, weights)
+
     async def areceive_weights(self, ticket: dict) -> int:
         """Take part in a collective weight sync (weight_sync/collective.py) and load what arrives in place;
         returns the version received."""
         raise NotImplementedError(f"{type(self).__name__} cannot receive a collective weight sync")
+
+    def shutdown(self) -> None:  # noqa: B027  (an engine with nothing to free keeps this)
+        """Free what the engine holds (engine processes, accelerator memory); it serves nothing after."""

@@ -12,7 +12,9 @@ from collections.abc import Iterable
 
 import torch
 
+from piplay_ray.engines import named_tensors
 from piplay_ray.engines.base import Engine, Generation, SamplingSpec, TopK
+from piplay_ray.learner.weight_sync.collective import Receiver
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -99,8 +101,6 @@ class TransformersEngine(Engine):
 
     @torch.inference_mode()
     def update_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        from piplay_ray.engines import named_tensors
-
         state = self.model.state_dict()
         with self._lock:
             for name, tensor in named_tensors(weights):
@@ -118,7 +118,6 @@ class TransformersEngine(Engine):
 
     def receive_weights(self, ticket: dict) -> int:
         """Join the role's group (once per generation) and copy the broadcast straight into the parameters."""
-        from piplay_ray.learner.weight_sync.collective import Receiver
 
         if getattr(self, "_receiver", None) is None:
             self._receiver = Receiver(self.device)

@@ -22,7 +22,9 @@ from collections.abc import Iterable
 
 import torch
 
+from piplay_ray.engines import named_tensors
 from piplay_ray.engines.base import Engine, Generation, SamplingSpec, TopK
+from piplay_ray.learner.weight_sync.collective import Receiver
 
 GiB = 1 << 30
 
@@ -62,8 +64,6 @@ class WeightLoader:
         """Receive one collective sync as rank `ticket['rank'] + self.rank`; returns [version, tensors]."""
         import torch
         from vllm.platforms import current_platform
-
-        from piplay_ray.learner.weight_sync.collective import Receiver
 
         if getattr(self, "_piplay_receiver", None) is None:
             device = torch.device("cpu") if current_platform.is_cpu() else self.device
@@ -216,8 +216,6 @@ class VLLMEngine(Engine):
         return self.version
 
     def update_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        from piplay_ray.engines import named_tensors
-
         path = write_shared(named_tensors(weights))
         try:
             self._call(self._swap(path))
@@ -227,7 +225,6 @@ class VLLMEngine(Engine):
 
     async def aupdate_weights(self, version: int, weights) -> None:
         """`update_weights` for callers on an event loop (the file is written in a thread)."""
-        from piplay_ray.engines import named_tensors
 
         path = await asyncio.to_thread(write_shared, named_tensors(weights))
         try:

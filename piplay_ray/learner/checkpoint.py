@@ -22,16 +22,12 @@ from pathlib import Path
 
 import torch
 
+from piplay_ray.rundir import checkpoints_root
+
 COMPLETE = "COMPLETE"
 DRIVER_STATE = "driver_state.json"
 LEARNER_STATE = "learner_state.json"
 _STEP = re.compile(r"^step-(\d+)$")
-
-
-def checkpoints_root(run_dir: str | os.PathLike) -> Path:
-    """`run_dir/checkpoints`; a path already named `checkpoints` is taken as the root itself."""
-    path = Path(run_dir)
-    return path if path.name == "checkpoints" else path / "checkpoints"
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:

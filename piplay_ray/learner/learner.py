@@ -23,17 +23,22 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import ray
 import torch
 
+from piplay_ray import assets
 from piplay_ray.config import Config, LearnerConfig
 from piplay_ray.learner import batching, checkpoint, offload
 from piplay_ray.learner.hidden import HiddenForward
 from piplay_ray.learner.rank_env import rank_env
+from piplay_ray.learner.reference import Reference
 from piplay_ray.learner.schedule import make_scheduler
+from piplay_ray.learner.weight_sync import make_transport
+from piplay_ray.losses import collate, compute_loss, sft_loss, step_normalizers
 from piplay_ray.records import Experience
+from piplay_ray.roles import TRAINED
 
 log = logging.getLogger(__name__)
-ROLES = ("examiner", "student")
 _ADDITIVE = {"loss", "pg_loss", "tokens"}  # summed over micro-batches; every other metric is a token mean
 _MAXED = {"logp_mismatch_max"}  # the max over micro-batches and ranks
 
@@ -124,7 +129,6 @@ class _Policy:
         self.offloaded = False
         self.reference = None
         if lc.loss.kl_beta > 0:  # beta * KL to the frozen initial policy; beta = 0 loads nothing
-            from piplay_ray.learner.reference import Reference
 
             self.reference = Reference(path, device, torch.bfloat16 if self.bf16 else torch.float32)
 
@@ -149,8 +153,8 @@ class _Policy:
                 yield name, p.data.detach()
 
 
-class LearnerWorker:
-    """One data-parallel rank. Plain class: `LearnerGroup` wraps it with `ray.remote`."""
+class LearnerWorkerImpl:
+    """One data-parallel rank (plain class; `LearnerWorker` is its actor)."""
 
     def __init__(self, cfg: dict, roles: Sequence[str], rank: int, world_size: int):
         self.cfg = Config.model_validate(cfg)
@@ -160,8 +164,6 @@ class LearnerWorker:
         self.active: str | None = None
 
     def node_info(self) -> tuple[str, int, list]:
-        import ray
-
         return ray.util.get_node_ip_address(), _free_port(), ray.get_gpu_ids()
 
     def setup(self, master_addr: str, master_port: int, local_rank: int, local_size: int,
@@ -174,8 +176,6 @@ class LearnerWorker:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
         from deepspeed.accelerator import get_accelerator
-
-        from piplay_ray import assets
 
         if torch.cuda.is_available() and cuda_index is not None:
             torch.cuda.set_device(cuda_index)
@@ -245,7 +245,6 @@ class LearnerWorker:
     def train_step(self, role: str, experiences: list[Experience], lam: float = 0.0,
                    objective: str = "rl") -> dict[str, float]:
         """One optimizer step; `objective` "rl" (the π-Play loss) or "sft" (the warm start's NLL)."""
-        from piplay_ray.losses import collate, compute_loss, sft_loss, step_normalizers
 
         pol = self._policy(role)
         if self.active != role:
@@ -322,8 +321,6 @@ class LearnerWorker:
         return self._policy(role).reference is not None
 
     def _transport(self, role: str, kind: str):
-        from piplay_ray.learner.weight_sync import make_transport
-
         if (role, kind) not in self.transports:
             self.transports[(role, kind)] = make_transport(kind, self.cfg.weight_sync.bucket_mb, device=self.device)
         return self.transports[(role, kind)]
@@ -345,8 +342,6 @@ class LearnerWorker:
     def open_sync_group(self, role: str, world: int, generation: int) -> dict:
         """Collective transport, rank 0: start a new generation of the role's group, hosted here."""
         import dataclasses
-
-        import ray
 
         ws = self.cfg.weight_sync
         rdv = self._transport(role, "collective").open(ray.util.get_node_ip_address(), world, generation,
@@ -406,17 +401,19 @@ class LearnerWorker:
         return {role: pol.version for role, pol in self.policies.items()}
 
 
+LearnerWorker = ray.remote(LearnerWorkerImpl)
+
+
 class LearnerGroup:
     """Driver-side handle over the learner ranks; every method fans out to all ranks and waits."""
 
-    def __init__(self, cfg: Config, roles: Sequence[str] = ROLES):
-        import ray
+    def __init__(self, cfg: Config, roles: Sequence[str] = TRAINED):
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        bad = [r for r in roles if r not in ROLES]
+        bad = [r for r in roles if r not in TRAINED]
         if bad or not roles:
-            raise ValueError(f"LearnerGroup roles must be a non-empty subset of {ROLES}, got {list(roles)}")
+            raise ValueError(f"LearnerGroup roles must be a non-empty subset of {TRAINED}, got {list(roles)}")
         self.cfg, self.roles = cfg, tuple(roles)
         self._order = threading.Lock()
         lc = cfg.learner
@@ -427,9 +424,8 @@ class LearnerGroup:
         env = {"OMP_NUM_THREADS": str(max(1, int(lc.num_cpus_per_rank)))}
         if not lc.num_gpus_per_rank:
             env["DS_ACCELERATOR"] = "cpu"
-        actor = ray.remote(LearnerWorker)
         self.workers = [
-            actor.options(num_cpus=lc.num_cpus_per_rank, num_gpus=lc.num_gpus_per_rank,
+            LearnerWorker.options(num_cpus=lc.num_cpus_per_rank, num_gpus=lc.num_gpus_per_rank,
                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
                           runtime_env={"env_vars": env})
             .remote(cfg.model_dump(mode="json"), self.roles, r, ws)
@@ -449,14 +445,11 @@ class LearnerGroup:
             return [getattr(w, method).remote(*args) for w in self.workers]
 
     def _all(self, method: str, *args):
-        import ray
-
         return ray.get(self._submit(method, *args))
 
     def train_step(self, role: str, experiences: list[Experience], lam: float = 0.0,
                    objective: str = "rl") -> dict[str, float]:
         """One optimizer step of `role` on this global batch; returns loss terms, grad norm, tokens/s, timing."""
-        import ray
 
         ref = ray.put(list(experiences))
         return self._all("train_step", role, ref, lam, objective)[0]
@@ -479,7 +472,6 @@ class LearnerGroup:
 
     def open_sync_group(self, role: str, world: int, generation: int) -> dict:
         """A new generation of the role's collective group on rank 0: its rendezvous as a dict."""
-        import ray
 
         return ray.get(self.workers[0].open_sync_group.remote(role, world, generation))
 
@@ -491,7 +483,6 @@ class LearnerGroup:
         """Atomically write a complete checkpoint to `path`: all ranks, then `extra[name](folder)` for other
         state that belongs in it (e.g. the teacher), then the driver state, then the rename. A `step-N`
         folder also prunes its siblings down to the newest `checkpoint.keep`."""
-        import ray
 
         path = Path(path)
         with checkpoint.atomic_dir(path) as tmp:
@@ -534,7 +525,6 @@ class LearnerGroup:
         return None if path is None else self.load(path)
 
     def shutdown(self) -> None:
-        import ray
         from ray.util.placement_group import remove_placement_group
 
         try:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from piplay_ray.learner.hidden import HiddenForward
+from piplay_ray.losses import masked_logprobs
 
 
 class Reference:
@@ -25,7 +26,6 @@ class Reference:
     @torch.no_grad()
     def logprobs(self, batch: dict[str, Tensor], chunk_tokens: int) -> Tensor:
         """log ref(sampled token) [B, T-1] at the trained positions (0 elsewhere)."""
-        from piplay_ray.losses import masked_logprobs
 
         hidden = self.forward(self.model, batch)
         return masked_logprobs(hidden, batch, self.forward.head, chunk_tokens).float()

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from piplay_ray.assets import encoder_path
 from piplay_ray.records import Doc
 from piplay_ray.retrieval.base import Retriever
 from piplay_ray.retrieval.corpus import Corpus, build_once, index_folder
@@ -52,8 +53,6 @@ def load_encoder(encoder: str, device: str | None = None):
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from piplay_ray.assets import encoder_path
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return SentenceTransformer(encoder_path(encoder), device=device)
 
@@ -87,8 +86,6 @@ def build_dense_index(corpus: Corpus, encoder: str = "builtin:minilm", passage_p
     """Encode every document and write ``index.faiss``; returns the (cached) index folder. A flat index is
     built in resumable shards (shards.py); hnsw and ivf need every vector in memory to build."""
     import faiss
-
-    from piplay_ray.assets import encoder_path
 
     params = {"v": VERSION, "encoder": encoder_path(encoder), "passage_prefix": passage_prefix,
               "faiss_index": faiss_index}

@@ -22,6 +22,7 @@ import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+from piplay_ray.retrieval import make_retriever
 from piplay_ray.retrieval.base import Retriever
 from piplay_ray.retrieval.corpus import doc_to_wire
 from piplay_ray.retrieval.queries import MAX_QUERIES
@@ -230,7 +231,6 @@ class RetrievalServer(HTTPServer):
 
 def serve(cfg, host: str = "127.0.0.1", port: int = 8000) -> None:
     """`piplay retriever serve`: build or load the configured retriever and serve it until interrupted."""
-    from piplay_ray.retrieval import make_retriever
 
     if cfg.retriever == "http":
         raise ValueError("search.retriever=http would proxy to another server; serve bm25 or dense instead")

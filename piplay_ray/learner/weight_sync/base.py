@@ -5,7 +5,7 @@ a small picklable object that travels to every receiver (rollout workers, the te
 `(name, tensor)` pairs there through `named_tensors()` (object store), or a *receipt* saying the weights were
 already broadcast to every member of the role's group (collective). Parameters are packed into a few
 contiguous byte buckets so a sync costs a handful of transfers, not one per tensor. This module never
-imports a transport: each registers itself, and the package's `make_transport` imports them.
+imports a transport; the package's `TRANSPORTS` names them.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def unpack_bucket(buf: torch.Tensor, specs: Iterable[TensorSpec]) -> Iterator[tu
 
 
 class Transport(abc.ABC):
-    """Publishes one version of a policy's weights as a bundle; one subclass per file, registered by name."""
+    """Publishes one version of a policy's weights as a bundle; one subclass per file, named in `TRANSPORTS`."""
 
     name: ClassVar[str]
 
@@ -111,17 +111,3 @@ class Transport(abc.ABC):
     def publish(self, version: int, named: Iterable[tuple[str, torch.Tensor]]) -> WeightBundle:
         """Called on the learner's rank 0 with full parameters; the bundle it returns is sent to receivers."""
 
-
-_REGISTRY: dict[str, type[Transport]] = {}
-
-
-def register(cls: type[Transport]) -> type[Transport]:
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def registered(kind: str) -> type[Transport]:
-    """The class registered under `kind`; the caller has imported the transport modules."""
-    if kind not in _REGISTRY:
-        raise ValueError(f"unknown weight_sync.transport {kind!r}; allowed: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[kind]

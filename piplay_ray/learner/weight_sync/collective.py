@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import TensorSpec, Transport, pack_buckets, register, unpack_bucket
+from .base import TensorSpec, Transport, pack_buckets, unpack_bucket
 from .group import Rendezvous, host_store, make_group
 
 END = -1
@@ -106,7 +106,6 @@ class CollectiveReceipt:
                            "members receive them with weight_sync.collective.Receiver")
 
 
-@register
 class CollectiveTransport(Transport):
     name = "collective"
 

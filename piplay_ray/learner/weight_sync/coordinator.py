@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+from piplay_ray.fault import is_actor_failure, wait_alive
+
 from .group import Rendezvous
 
 
@@ -32,7 +34,6 @@ class GroupSync:
 
     async def _members(self) -> list[tuple[object, str, int, int]]:
         """(handle, incarnation, ranks, version) of every receiver, waiting for restarting actors."""
-        from piplay_ray.fault import wait_alive
 
         handles = list(self.pool.workers) + ([self.teacher] if self.teacher is not None else [])
         states = await asyncio.gather(*[wait_alive(lambda h=h: h.sync_member.remote(), h) for h in handles])
@@ -55,7 +56,6 @@ class GroupSync:
         version None and nothing for the teacher, a sync that would change nothing (every worker at the
         pool's version, at least `minimum`, nobody restarted) is skipped. Returns {version, seconds, bytes,
         generation}."""
-        from piplay_ray.fault import is_actor_failure
 
         async with self._lock:
             for attempt in range(self.retries + 1):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import TensorSpec, Transport, pack_buckets, register, unpack_bucket
+from .base import TensorSpec, Transport, pack_buckets, unpack_bucket
 
 
 @dataclass
@@ -42,7 +42,6 @@ class ObjectStoreBundle:
             yield from unpack_bucket(buf, specs)
 
 
-@register
 class ObjectStoreTransport(Transport):
     name = "object_store"
 

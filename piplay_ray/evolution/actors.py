@@ -1,0 +1,74 @@
+"""The loop's actors: what `start_actors` launches on Ray, handed to the loop through its constructor.
+
+Tests hand the loop fakes (or keep a reference to the real actors) the same way; nothing in the loop starts
+an actor itself except through the two factories kept here, which a learner failure calls to rebuild the
+learner group and a fresh replay store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from piplay_ray import assets
+from piplay_ray.actors.replay import ReplayStore
+from piplay_ray.actors.rollout import RolloutPool
+from piplay_ray.actors.search_env import SearchEnvPool
+from piplay_ray.actors.teacher import TeacherClient, create_teacher
+from piplay_ray.config import Config
+from piplay_ray.learner.checkpoint import latest_checkpoint
+from piplay_ray.learner.learner import LearnerGroup
+from piplay_ray.learner.weight_sync.coordinator import GroupSync
+from piplay_ray.roles import MODELS, TRAINED
+
+
+@dataclass
+class Actors:
+    search: object  # SearchEnvPool
+    pools: dict[str, object]  # role -> RolloutPool
+    teacher: object  # the Teacher actor
+    teacher_client: object  # TeacherClient on `teacher`
+    learner: object  # LearnerGroup
+    replay: object  # ReplayStore actor
+    syncs: dict[str, object] | None = None  # role -> GroupSync with weight_sync.transport=collective
+    new_learner: Callable[[], object] | None = None
+    new_replay: Callable[[str | None], object] | None = None  # from a spill file, or empty
+
+    def named(self) -> dict[str, object]:
+        """Every actor by its name in health.json and the accounting."""
+        named = {f"search-{i}": a for i, a in enumerate(self.search.actors)}
+        for role, pool in self.pools.items():
+            named |= {f"rollout-{role}-{i}": w for i, w in enumerate(pool.workers)}
+        named |= {f"learner-{i}": w for i, w in enumerate(self.learner.workers)}
+        return named | {"teacher": self.teacher, "replay": self.replay}
+
+
+def model_paths(cfg: Config) -> dict[str, str]:
+    return {r: assets.resolve_model(cfg.model.path_for(r)) for r in MODELS}
+
+
+def start_actors(cfg: Config, run_path: Path) -> Actors:
+    """Search env, a rollout pool per trained role, the teacher, the learner group and the replay store.
+    The teacher client falls back on the newest checkpoint's teacher under `run_path`."""
+    paths = model_paths(cfg)
+    search = SearchEnvPool(cfg.search, fault=cfg.fault)
+    pools = {r: RolloutPool(r, paths[r], cfg, search) for r in TRAINED}
+    teacher = create_teacher(paths["teacher"], cfg)
+
+    def teacher_fallback() -> Path | None:
+        ckpt = latest_checkpoint(run_path)
+        return None if ckpt is None else ckpt / "teacher"
+
+    client = TeacherClient(teacher, cfg.fault.max_task_retries, teacher_fallback)
+    learner = LearnerGroup(cfg, TRAINED)
+    syncs = None
+    if cfg.weight_sync.transport == "collective":  # one group per role; the student's holds the teacher too
+        syncs = {r: GroupSync(r, learner, pools[r], teacher if r == "student" else None, cfg.fault.max_task_retries)
+                 for r in TRAINED}
+
+    def new_replay(spill: str | None = None):
+        return ReplayStore.remote(cfg.replay.capacity_groups, cfg.replay.max_staleness, spill)
+
+    return Actors(search, pools, teacher, client, learner, new_replay(), syncs,
+                  new_learner=lambda: LearnerGroup(cfg, TRAINED), new_replay=new_replay)

@@ -1,0 +1,110 @@
+"""One phase of the loop: W learner steps of one role, fed by a producer that runs ahead.
+
+The producer makes the groups of learner step j (the role's step recipe, through `EvolutionLoop.step_groups`)
+once the staleness rule allows it and puts them in the replay store; the learner samples them, trains, and
+publishes the new weights, which the next producer round loads into the rollout pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+from tqdm import tqdm
+
+from piplay_ray.evolution.steps import mean
+from piplay_ray.fault import describe, is_actor_failure
+from piplay_ray.metrics import learner_metrics
+
+
+class LearnerFailure(RuntimeError):
+    """A learner rank died during a step (or another actor failed past its retries); the loop rebuilds the
+    learner group and rolls everything back to the newest checkpoint."""
+
+
+class Phase:
+    """`loop`: the EvolutionLoop whose state, policies, actors and run book the phase advances."""
+
+    def __init__(self, loop, role: str):
+        self.loop, self.role = loop, role
+        self.policy = loop.policies[role]
+
+    async def run(self, steps: int) -> None:
+        """`steps` learner steps (fewer left when resumed mid-phase)."""
+        st = self.loop.state
+        first = self.policy.version - st.phase_steps  # the version this phase started at
+        producer = asyncio.create_task(self.produce(self.policy.version, first + steps))
+        bar = tqdm(total=steps, initial=st.phase_steps, desc=f"iter {st.iteration} {self.role}", unit="step",
+                   file=sys.stderr, dynamic_ncols=True)
+        try:
+            while st.phase_steps < steps and not self.loop.stopping:
+                await self.learner_step(producer, bar)
+        except Exception as e:  # a dead learner rank (or an actor past its retries): roll back, go on
+            if is_actor_failure(e):
+                raise LearnerFailure(describe(e)) from e
+            raise
+        finally:
+            bar.close()
+            producer.cancel()
+            try:
+                await producer
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def learner_step(self, producer: asyncio.Task, bar) -> None:
+        loop, role, policy = self.loop, self.role, self.policy
+        cfg, st, book, actors = loop.cfg, loop.state, loop.book, loop.actors
+        t_wait = time.monotonic()
+        groups = await self.sample(producer)
+        waited = time.monotonic() - t_wait
+        exps = [e for g in groups for e in g]
+        oldest = min(e.version for e in exps)
+        stale = policy.version - oldest
+        lam = policy.distill_weight(st.iteration)
+        t = time.monotonic()
+        m = await asyncio.to_thread(actors.learner.train_step, role, exps, lam)
+        step_s = time.monotonic() - t
+        st.versions[role] += 1
+        st.phase_steps += 1
+        st.global_step += 1
+        await actors.replay.set_version.remote(role, policy.version)
+        policy.publish()
+        await policy.after_step()  # the student's: the teacher's EMA step
+        book.record_step(role, groups)
+        book.log({**learner_metrics(m), "schedule/lambda": lam, "replay/staleness": stale,
+                  "learner/step_seconds": step_s, "learner/idle_frac": waited / (waited + step_s),
+                  "learner/groups": len(groups), "learner/version": policy.version,
+                  "learner/min_experience_version": oldest}, role)
+        await book.after_step()
+        bar.update(1)
+        bar.set_postfix(reward=f"{mean([e.reward for e in exps]):.3f}", staleness=stale)
+        if cfg.checkpoint.every and st.global_step % cfg.checkpoint.every == 0:
+            await book.checkpoint()
+
+    async def sample(self, producer: asyncio.Task) -> list:
+        while True:
+            groups = await self.loop.actors.replay.sample.remote(self.role, self.policy.groups_per_step, 5.0)
+            if groups:
+                return groups
+            if producer.done():
+                producer.result()  # re-raise a producer failure here
+                raise RuntimeError(f"the {self.role} producer stopped without filling the replay store")
+
+    async def produce(self, first: int, last: int) -> None:
+        """Fill the replay store for learner steps first..last-1, each started once the staleness rule allows."""
+        loop, policy, bound = self.loop, self.policy, self.loop.cfg.replay.max_staleness
+        for j in range(first, last):
+            while not loop.stopping:
+                await policy.wait_to_produce(j, bound, lambda: loop.stopping)
+                await policy.sync_pool()
+                t = time.monotonic()
+                groups = await loop.step_groups(self.role, j)
+                tokens = sum(sum(e.mask) for g in groups for e in g)
+                verdicts = [await loop.actors.replay.put.remote(g) for g in groups]
+                loop.book.log({"throughput/rollout_tokens_per_s": tokens / max(time.monotonic() - t, 1e-9),
+                               "replay/refused": sum(v == "stale" for v in verdicts)}, self.role)
+                if all(v in ("ok", "duplicate") for v in verdicts):
+                    break  # else some groups went stale while generating: make this step's groups again
+            if loop.stopping:
+                return

@@ -1,0 +1,123 @@
+"""A policy handle: one trained role as the loop sees it.
+
+It ties the learner's role to the rollout pool that serves it: the version the learner has reached (kept in
+the loop state, so it is checkpointed), the version and weights published for the pool, the version the
+pool holds, and the producer's staleness gate. The student's handle also drives the teacher, whose EMA
+follows every student step.
+
+Weights move one of two ways (`weight_sync.transport`): the object store, where `publish` fetches a bundle
+from the learner and `sync_pool` pushes it to the pool; or a collective group per role, where nothing moves
+at `publish` and `sync_pool` runs one broadcast from learner rank 0 to the pool (and, for the student, the
+teacher).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+from piplay_ray.replay import within_bound
+
+
+class Policy:
+    """`state()` returns the loop state (its `versions[role]` = learner steps done for the role); `log(values,
+    phase)` writes metrics; `sync` is the role's collective group, None for the object store;
+    `groups_per_step` is how many replay groups one learner step of the role consumes."""
+
+    def __init__(self, role: str, pool, learner, state: Callable, log: Callable, sync=None,
+                 groups_per_step: int = 1):
+        self.role, self.pool, self.learner, self.sync = role, pool, learner, sync
+        self.groups_per_step = groups_per_step
+        self._state, self._log = state, log
+        self.published: tuple[int, object] | None = None  # (version, weights bundle or None when collective)
+        self.pool_version = 0  # what the rollout pool holds; -1 after a rollback (it must reload)
+        self.changed = asyncio.Event()  # set on every publish (and on a stop request)
+        if sync is not None:  # a pool whose worker restarted rejoins the group and resyncs through it
+            pool.resync = sync.resync
+
+    @property
+    def version(self) -> int:
+        """Learner steps done for this role (the version of its newest weights)."""
+        return self._state().versions[self.role]
+
+    def publish(self) -> None:
+        """Publish the learner's current weights for the pool (the producer's `sync_pool` loads them)."""
+        weights = None if self.sync else self.learner.weights(self.role)
+        self.published = (self.version, weights)
+        self.changed.set()
+
+    def rebind(self, learner) -> None:
+        """A rebuilt learner group: publish from it, and the pool must reload whatever version it held."""
+        self.learner, self.pool_version = learner, -1
+        if self.sync is not None:
+            self.sync.reset(learner)
+
+    async def sync_pool(self) -> None:
+        """Bring the pool to the published version (nothing to do when it already holds it)."""
+        if self.published is None or self.pool_version >= self.published[0]:
+            return
+        version, bundle = self.published
+        t = time.monotonic()
+        if self.sync:  # the learner may have moved past `version` meanwhile: the pool takes what it holds
+            version = (await self.sync.sync(None, minimum=version))["version"]
+        else:
+            await self.pool.aupdate_weights(version, bundle)
+        self.pool_version = version
+        self._log({"weight_sync/seconds": time.monotonic() - t, "weight_sync/version": version}, self.role)
+
+    def may_produce(self, step: int, max_staleness: int) -> bool:
+        """May the rollouts of learner step `step` start now? They use the newest weights (this handle's
+        version), and the replay store keeps them only within the staleness bound (`replay.within_bound`)."""
+        return within_bound(step, self.version, max_staleness)
+
+    async def wait_to_produce(self, step: int, max_staleness: int, stopping: Callable[[], bool]) -> None:
+        while not self.may_produce(step, max_staleness) and not stopping():
+            self.changed.clear()
+            await self.changed.wait()
+
+    def distill_weight(self, iteration: int) -> float:
+        """λ of the learner's distillation term in `iteration` (no teacher, no term)."""
+        return 0.0
+
+    async def after_step(self) -> None:
+        """Called after each learner step of this role, once the new weights are published."""
+
+
+class StudentPolicy(Policy):
+    """The student's handle: its teacher (an EMA of the student, ψ ← (1−τ)ψ + τθ) follows every step, and
+    its loss distils from the teacher with weight `lam(iteration)` (`schedule.lam`) unless `teach` is off."""
+
+    def __init__(self, pool, learner, state: Callable, log: Callable, teacher, teach: bool,
+                 lam: Callable[[int], float], sync=None, groups_per_step: int = 1):
+        super().__init__("student", pool, learner, state, log, sync, groups_per_step)
+        self.teacher = teacher  # actors.teacher.TeacherClient
+        self.teach = teach  # False with teacher.privileged = none: nothing reads the teacher
+        self.lam = lam
+
+    def distill_weight(self, iteration: int) -> float:
+        return self.lam(iteration) if self.teach else 0.0
+
+    async def after_step(self) -> None:
+        version, bundle = self.published
+        if self.sync:  # the pool and the teacher in one broadcast
+            await self._broadcast(version, "ema")
+        elif self.teach:
+            await self.teacher.ema_update(version, bundle)
+
+    async def reset_teacher(self) -> None:
+        """teacher.init = iteration: the teacher starts the student phase as a copy of the current student."""
+        if self.sync:
+            await self._broadcast(self.version, "load")
+        else:
+            await self.teacher.load(self.version, (self.published or (0, None))[1])
+
+    async def _broadcast(self, version: int, teacher_mode: str) -> None:
+        """Collective: one broadcast to the student pool and the teacher (`ema` or `load` of `version`)."""
+        await self.teacher.ensure()  # a restarted teacher gets its EMA back before it blends
+        t = time.monotonic()
+        done = await self.sync.sync(version, teacher_mode)
+        await self.teacher.updated(version)
+        self.pool_version = version
+        self._log({"weight_sync/seconds": time.monotonic() - t, "weight_sync/version": version,
+                   "weight_sync/gb_per_s": done["bytes"] / max(done["seconds"], 1e-9) / 1e9}, "student")

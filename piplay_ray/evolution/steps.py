@@ -1,0 +1,145 @@
+"""The step recipes: the groups of one examiner or one student learner step (no Ray, no logging).
+
+A recipe asks rollout pools (anything with `examiner_rollouts` / `student_rollouts`), scores what comes
+back and returns a :class:`StepResult`; the loop logs its metrics, records its failures and puts its groups
+in the replay store. A pool that lost some shares after its retries raises `fault.RolloutFailed` carrying
+the shares that succeeded: the recipe goes on with those and reports the rest as failures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+from piplay_ray import privileged
+from piplay_ray.config import Config
+from piplay_ray.diagnostics import StepDiagnostics, sample_row
+from piplay_ray.examiner import ExaminerSampler, build_task, examiner_rewards
+from piplay_ray.fault import RolloutFailed
+from piplay_ray.losses import group_advantages
+from piplay_ray.records import Experience, Task
+from piplay_ray.rewards import exact_match, f1
+
+
+@dataclass
+class StepResult:
+    groups: list[list[Experience]]
+    metrics: dict
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (task id, why its group was lost)
+    samples: list[dict] = field(default_factory=list)  # dashboard rows of sampled trajectories
+    candidates: list[Task] = field(default_factory=list)  # gate-passing examiner tasks of this step
+
+
+async def partial(request: Awaitable[list]) -> tuple[list, str | None]:
+    """A pool request whose lost shares come back as None items, with the reason they were lost."""
+    try:
+        return await request, None
+    except RolloutFailed as e:
+        return e.partial, e.reason
+
+
+def mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else 0.0
+
+
+async def examiner_step(step: int, cfg: Config, iteration: int, sampler: ExaminerSampler, examiner_pool,
+                        student_pool, student_ready: Callable[[], Awaitable[None]]) -> StepResult:
+    """One examiner step: `examiner.tasks_per_step` attempts, `examiner.attempts` student tries per valid task
+    (after `student_ready()` brought the student pool to the newest weights), difficulty rewards, one group."""
+    ecfg = cfg.examiner
+    docs, hops = sampler.sample(ecfg.tasks_per_step)
+    trajs, reason = await partial(examiner_pool.examiner_rollouts(docs, hops))
+    keep = [i for i, t in enumerate(trajs) if t is not None]
+    if not keep:
+        raise RuntimeError(f"examiner step {step}: no rollout could be produced: {reason}")
+    trajs, docs, hops = [trajs[i] for i in keep], [docs[i] for i in keep], [hops[i] for i in keep]
+    tasks = [build_task(t, d, h, ecfg, iteration) for t, d, h in zip(trajs, docs, hops, strict=True)]
+    valid = [i for i, t in enumerate(tasks) if t.valid]
+    correct: list[int | None] = [None] * len(tasks)
+    n, failures = ecfg.attempts, []
+    if valid:
+        await student_ready()  # r_d from the newest student, never a stale one
+        attempts, reason = await partial(student_pool.student_rollouts([tasks[i].question for i in valid], n))
+        lost = {i for i, group in zip(valid, attempts, strict=True) if group is None}
+        for i, group in zip(valid, attempts, strict=True):
+            if group is not None:
+                correct[i] = int(sum(exact_match(t.answer, tasks[i].answer) for t in group))
+        if lost:  # no difficulty signal without attempts: those tasks leave this step's group, reported
+            failures = [(tasks[i].id, reason) for i in sorted(lost)]
+            kept = [i for i in range(len(tasks)) if i not in lost]
+            trajs, tasks = [trajs[i] for i in kept], [tasks[i] for i in kept]
+            correct = [correct[i] for i in kept]
+            valid = [i for i, t in enumerate(tasks) if t.valid]
+    rewards, advantages = examiner_rewards(tasks, correct, n, ecfg.format_weight,
+                                           std_normalize=cfg.learner.loss.std_normalize)
+    by_hop = {h: [t.valid for t in tasks if t.hops == h] for h in range(1, len(ecfg.hop_weights) + 1)}
+    metrics = {
+        "examiner/difficulty_reward": mean(rewards),
+        "examiner/format_reward": mean([t.format_reward for t in tasks]),
+        "examiner/gate_pass_rate": len(valid) / len(tasks),
+        **{f"examiner/gate_pass_rate_h{h}": mean(v) for h, v in by_hop.items() if v},
+        "examiner/solve_rate_hist": [correct[i] / n for i in valid],
+        **_rollout_metrics(trajs),
+    }
+    group = [Experience(group_id=f"examiner-{step}", role="examiner", prompt_ids=t.prompt_ids,
+                        response_ids=t.response_ids, mask=t.mask, logprobs=t.logprobs, reward=r,
+                        advantage=a, version=t.version, info={"task": task.id, "hops": task.hops})
+             for t, task, r, a in zip(trajs, tasks, rewards, advantages, strict=True)]
+    return StepResult([group], metrics, failures, candidates=[tasks[i] for i in valid])
+
+
+def step_tasks(task_set: Sequence[Task], step: int, k: int) -> list[Task]:
+    """The `k` tasks of student learner step `step`: the task set in order, cycled."""
+    return [task_set[(step * k + i) % len(task_set)] for i in range(k)]
+
+
+async def student_step(step: int, cfg: Config, task_set: Sequence[Task], student_pool, teacher,
+                       tokenizer) -> StepResult:
+    """One student step: `student.group_size` rollouts per task, exact match, group advantages, and the
+    teacher's top-K over the student's tokens with the privileged context (`teacher.privileged`); one group
+    per task. `teacher` needs `score(trajs, tasks, with_stats=True)`; unused with `teacher.privileged=none`."""
+    g, tcfg = cfg.student.group_size, cfg.teacher
+    tasks = step_tasks(task_set, step, cfg.student.tasks_per_step)
+    groups, reason = await partial(student_pool.student_rollouts([t.question for t in tasks], g))
+    failures = [(t.id, reason) for t, group in zip(tasks, groups, strict=True) if group is None]
+    if len(failures) == len(tasks):
+        raise RuntimeError(f"student step {step}: no group could be produced: {reason}")
+    tasks, groups = zip(*[(t, gr) for t, gr in zip(tasks, groups, strict=True) if gr is not None], strict=True)
+    flat = [(task, traj) for task, group in zip(tasks, groups, strict=True) for traj in group]
+    rewards = [exact_match(traj.answer, task.answer) for task, traj in flat]
+    advantages = group_advantages(rewards, g, cfg.learner.loss.std_normalize).tolist()
+    if tcfg.privileged != "none":
+        scores, tstats = await teacher.score([tr for _, tr in flat], [t for t, _ in flat], with_stats=True)
+    else:  # no teacher: the learner gets no teacher fields
+        scores, tstats = [(None, None, None)] * len(flat), {}
+    texts = {t.id: privileged.render(t, tcfg.privileged, tcfg.doc_token_budget, seed=cfg.run.seed) for t in tasks}
+    diag, exps, rows = StepDiagnostics(), [], []
+    for i, ((task, traj), r, a, (t_ids, t_lps, t_tail)) in enumerate(
+            zip(flat, rewards, advantages, scores, strict=True)):
+        exps.append(Experience(group_id=f"student-{step}-{task.id}", role="student", prompt_ids=traj.prompt_ids,
+                               response_ids=traj.response_ids, mask=traj.mask, logprobs=traj.logprobs,
+                               reward=r, advantage=a, version=traj.version, teacher_ids=t_ids,
+                               teacher_logprobs=t_lps, teacher_tail=t_tail, info={"task": task.id}))
+        tokens = [tokenizer.convert_tokens_to_string([t]) for t in tokenizer.convert_ids_to_tokens(traj.response_ids)]
+        diag.add(traj, tokens, task.answer, task.question, texts[task.id], t_ids, t_lps, t_tail)
+        if i < cfg.logging.sample_trajectories:
+            rows.append(sample_row(task, traj, r, tokens, t_ids, t_lps, t_tail))
+    trajs = [tr for _, tr in flat]
+    metrics = {
+        "student/reward": mean(rewards), "student/em": mean(rewards),
+        "student/answer_rate": mean([t.finish_reason == "answer" for t in trajs]),
+        "student/groups_with_signal": mean([max(rewards[i : i + g]) > min(rewards[i : i + g])
+                                            for i in range(0, len(rewards), g)]),
+        "student/f1": mean([f1(tr.answer, t.answer) for t, tr in flat]),
+        **_rollout_metrics(trajs),
+        "rollout/answer_len": mean([len((t.answer or "").split()) for t in trajs]),
+        "rollout/tokens": sum(sum(t.mask) for t in trajs),
+        **diag.metrics(), **{f"teacher/{k}": v for k, v in tstats.items()},
+    }
+    return StepResult([exps[i : i + g] for i in range(0, len(exps), g)], metrics, failures, rows)
+
+
+def _rollout_metrics(trajs) -> dict:
+    return {"rollout/searches_per_traj": mean([t.num_searches for t in trajs]),
+            "search/tool_failures": sum(not h.ok for t in trajs for h in t.hops)}

@@ -1,0 +1,194 @@
+"""The step recipes on fake pools and a fake teacher (no Ray): what one examiner or student learner step
+hands the learner, with rewards and advantages recomputed here from the paper's formulas."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+
+import pytest
+
+from piplay_ray.config import load_config
+from piplay_ray.evolution.steps import examiner_step, step_tasks, student_step
+from piplay_ray.examiner import ExaminerSampler
+from piplay_ray.fault import RolloutFailed
+from piplay_ray.records import Doc, Hop, Task, Trajectory
+
+DOCS = [Doc(str(i), f"Town{i}", f"Town{i} lies on the river R{i}.") for i in range(40)]
+
+
+def cfg_with(*overrides):
+    return load_config("configs/tiny.yaml", ["examiner.hop_weights=[1]", *overrides])
+
+
+def traj(answer, version=0, role="student", response=(2, 3), **kw) -> Trajectory:
+    return Trajectory(prompt_ids=[1], response_ids=list(response), mask=[1] * len(response),
+                      logprobs=[-1.0] * len(response), answer=answer, finish_reason=kw.pop("finish", "answer"),
+                      turns=1, version=version, role=role, **kw)
+
+
+class ExaminerPool:
+    """Asks which river flows through the document's town; every `invalid_every`-th answer is not in the
+    document, so that task fails the integrity gate."""
+
+    def __init__(self, invalid_every=0, version=4):
+        self.invalid_every, self.version, self.n = invalid_every, version, 0
+
+    async def examiner_rollouts(self, docs, hops):
+        out = []
+        for d in docs:
+            self.n += 1
+            bad = self.invalid_every and self.n % self.invalid_every == 0
+            out.append(traj("nowhere at all" if bad else f"R{d.id}", self.version, "examiner", finish="question",
+                            text="ok</think><question>q</question>",
+                            extra={"question": f"Which river flows through {d.title}?"}))
+        return out
+
+
+class StudentPool:
+    """`right(question)` of the `n` attempts are correct; questions in `lose` are lost after retries."""
+
+    def __init__(self, right, lose=(), version=3):
+        self.right, self.lose, self.version = right, set(lose), version
+        self.asked: list[list[str]] = []
+        self.ready = False
+
+    async def student_rollouts(self, questions, n):
+        assert self.ready, "attempts asked before the student pool was brought to the newest weights"
+        self.asked.append(list(questions))
+        out = []
+        for q in questions:
+            gold = "R" + q.removeprefix("Which river flows through Town").rstrip("?")
+            k = self.right(q)
+            out.append(None if q in self.lose else
+                       [traj(gold if j < k else "no idea", self.version) for j in range(n)])
+        if any(g is None for g in out):
+            raise RolloutFailed("1 of 2 shares lost after 3 retries: ActorDiedError", out)
+        return out
+
+
+def examiner_run(cfg, student, examiner=None):
+    async def ready():
+        student.ready = True
+
+    sampler = ExaminerSampler(DOCS, cfg.examiner.hop_weights, seed=0)
+    return asyncio.run(examiner_step(7, cfg, 0, sampler, examiner or ExaminerPool(invalid_every=4), student, ready))
+
+
+def test_examiner_step_rewards_difficulty_within_hop_groups():
+    cfg = cfg_with("examiner.tasks_per_step=4", "examiner.attempts=4", "examiner.format_weight=0")
+    k_of = lambda q: int(q.removeprefix("Which river flows through Town").rstrip("?")) % 5  # noqa: E731
+    student = StudentPool(lambda q: min(k_of(q), 4))
+    res = examiner_run(cfg, student)
+
+    (group,) = res.groups
+    assert len(group) == 4 and {e.group_id for e in group} == {"examiner-7"} and not res.failures
+    assert all(e.role == "examiner" and e.version == 4 for e in group)
+    (asked,) = student.asked  # one request: the 3 gate-passing questions only
+    assert len(asked) == 3 and len(res.candidates) == 3
+    assert sorted(asked) == sorted(t.question for t in res.candidates)
+    n = 4  # r_d = 1(0 < k < n)(n - k)/(n - 1); a task that failed the gate earns 0 (w_f = 0)
+    want = {t.id: (n - k) / (n - 1) if 0 < (k := min(k_of(t.question), 4)) < n else 0.0 for t in res.candidates}
+    rewards = [e.reward for e in group]
+    assert rewards == pytest.approx([want.get(e.info["task"], 0.0) for e in group])
+    mu, sd = statistics.mean(rewards), statistics.stdev(rewards)
+    want_adv = [0.0] * 4 if sd == 0 else [(r - mu) / (sd + 1e-6) for r in rewards]
+    assert [e.advantage for e in group] == pytest.approx(want_adv, abs=1e-5)
+    assert res.metrics["examiner/gate_pass_rate"] == 0.75
+    assert res.metrics["examiner/difficulty_reward"] == pytest.approx(statistics.mean(rewards))
+
+
+def test_examiner_step_drops_tasks_whose_attempts_were_lost():
+    cfg = cfg_with("examiner.tasks_per_step=4", "examiner.attempts=2")
+    sampler = ExaminerSampler(DOCS, [1], seed=0)
+    docs, _ = sampler.sample(4)
+    lost = f"Which river flows through {docs[1].title}?"
+    res = examiner_run(cfg, StudentPool(lambda q: 1, lose={lost}), ExaminerPool())
+    (group,) = res.groups
+    assert len(group) == 3 and len(res.failures) == 1
+    task_id, reason = res.failures[0]
+    assert task_id not in {e.info["task"] for e in group} and "ActorDiedError" in reason
+    assert all(t.question != lost for t in res.candidates)
+
+
+def test_examiner_step_without_any_rollout_raises():
+    class Dead:
+        async def examiner_rollouts(self, docs, hops):
+            raise RolloutFailed("every share lost", [None] * len(docs))
+
+    with pytest.raises(RuntimeError, match="no rollout could be produced: every share lost"):
+        examiner_run(cfg_with(), StudentPool(lambda q: 0), Dead())
+
+
+TASKS = [Task(id=f"t{i}", question=f"Which river flows through Town{i}?", answer=f"R{i}", hops=1, source=DOCS[i],
+              qcp=[Hop(f"Town{i}", [DOCS[i]])]) for i in range(3)]
+
+
+class Teacher:
+    """Top-2 over each response token: the sampled token first at logprob -0.5, a tail of -3."""
+
+    def __init__(self):
+        self.calls = 0
+
+    async def score(self, trajs, tasks, with_stats=False):
+        self.calls += 1
+        rows = [([[t, 99] for t in tr.response_ids], [[-0.5, -2.0] for _ in tr.response_ids],
+                 [-3.0] * len(tr.response_ids)) for tr in trajs]
+        return rows, {"context_tokens": 12.0}
+
+
+class Tokenizer:
+    def convert_ids_to_tokens(self, ids):
+        return [f"w{i}" for i in ids]
+
+    def convert_tokens_to_string(self, tokens):
+        return " ".join(tokens)
+
+
+class Pool:
+    """Student rollouts where the first `right` of the `n` answers to each question are correct."""
+
+    def __init__(self, right=2, lose=()):
+        self.right, self.lose, self.asked = right, set(lose), []
+
+    async def student_rollouts(self, questions, n):
+        self.asked.append(list(questions))
+        gold = {t.question: t.answer for t in TASKS}
+        out = [None if q in self.lose else [traj(gold[q] if j < self.right else "x", 5) for j in range(n)]
+               for q in questions]
+        if any(g is None for g in out):
+            raise RolloutFailed("lost after retries", out)
+        return out
+
+
+def test_student_step_cycles_the_task_set_and_carries_the_teacher():
+    cfg = cfg_with("student.tasks_per_step=2", "student.group_size=4", "logging.sample_trajectories=3")
+    pool, teacher = Pool(right=2), Teacher()
+    res = asyncio.run(student_step(1, cfg, TASKS, pool, teacher, Tokenizer()))
+    assert [t.id for t in step_tasks(TASKS, 1, 2)] == ["t2", "t0"]
+    assert pool.asked == [[TASKS[2].question, TASKS[0].question]] and teacher.calls == 1
+    assert [[e.group_id for e in g][0] for g in res.groups] == ["student-1-t2", "student-1-t0"]
+    for g in res.groups:
+        assert [e.reward for e in g] == [1.0, 1.0, 0.0, 0.0]
+        sd = statistics.stdev([1, 1, 0, 0])
+        assert [e.advantage for e in g] == pytest.approx([0.5 / (sd + 1e-6)] * 2 + [-0.5 / (sd + 1e-6)] * 2)
+        assert all(e.teacher_ids == [[2, 99], [3, 99]] and e.teacher_tail == [-3.0, -3.0] and e.version == 5
+                   for e in g)
+    assert res.metrics["student/reward"] == 0.5 and res.metrics["student/groups_with_signal"] == 1.0
+    assert res.metrics["teacher/context_tokens"] == 12.0
+    assert res.metrics["diag/teacher_top1_agreement"] == 1.0
+    assert len(res.samples) == 3 and res.samples[0]["tokens"] == ["w2", "w3"]
+    assert res.samples[0]["token_kl"] == [-0.5, -0.5]  # log p_student(-1) - log p_teacher(-0.5)
+    assert not res.failures
+
+
+def test_student_step_reports_a_lost_group_and_trains_the_rest():
+    cfg = cfg_with("student.tasks_per_step=2", "student.group_size=2", "teacher.privileged=none")
+    teacher = Teacher()
+    res = asyncio.run(student_step(0, cfg, TASKS, Pool(right=1, lose={TASKS[1].question}), teacher, Tokenizer()))
+    assert res.failures == [("t1", "lost after retries")]
+    (group,) = res.groups
+    assert [e.info["task"] for e in group] == ["t0", "t0"] and teacher.calls == 0  # privileged=none: no teacher
+    assert all(e.teacher_ids is None for e in group)
+    with pytest.raises(RuntimeError, match="no group could be produced"):
+        asyncio.run(student_step(0, cfg, TASKS, Pool(lose={t.question for t in TASKS}), teacher, Tokenizer()))
