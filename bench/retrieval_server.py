@@ -31,7 +31,9 @@ def tiny_retriever(root: Path) -> BM25Retriever:
     return BM25Retriever(root / "c.jsonl", index_dir=str(root / "index"), max_topk=10)
 
 
-def load(srv, want, clients: int, rounds: int) -> dict:
+def load(srv, want, clients: int, rounds: int, timeout_s: float = 60.0) -> dict:
+    """`clients` threads connect at once and send `rounds` keep-alive requests each; `want` maps each topic
+    to the ids the in-process retriever returns. Counts answers, wrong answers, resets, errors, stuck clients."""
     barrier, lock = threading.Barrier(clients), threading.Lock()
     out = {"requests_ok": 0, "wrong": 0, "resets": 0, "errors": 0}
 
@@ -51,18 +53,20 @@ def load(srv, want, clients: int, rounds: int) -> dict:
         except ConnectionResetError:
             with lock:
                 out["resets"] += 1
-        except Exception:  # noqa: BLE001 - counted
+        except Exception as e:  # noqa: BLE001 - counted, the first kept
             with lock:
                 out["errors"] += 1
+                out.setdefault("first_error", f"{type(e).__name__}: {e}")
         finally:
             conn.close()
 
     t = time.perf_counter()
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     for th in threads:
         th.start()
     for th in threads:
-        th.join()
+        th.join(timeout=max(0.0, t + timeout_s - time.perf_counter()))
+    out["stuck"] = sum(th.is_alive() for th in threads)  # clients not done within timeout_s
     out["seconds"] = round(time.perf_counter() - t, 3)
     out["requests_per_s"] = round(out["requests_ok"] / out["seconds"], 1)
     return out

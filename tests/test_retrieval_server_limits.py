@@ -5,13 +5,16 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 
 from piplay_ray.retrieval.server import RetrievalServer
 
-TOPICS = ["river", "mountain", "comet", "violin", "glacier", "harbor", "orchid", "falcon"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from retrieval_server import TOPICS, load  # noqa: E402 - the bench's load driver, asserted on here
 
 
 @pytest.fixture(scope="module")
@@ -115,34 +118,8 @@ def test_200_parallel_clients_no_resets_all_correct_bounded_pool(served, tiny_bm
     srv = served(workers=16)
     clients, rounds = 200, 3
     want = {t: [d.id for d in docs] for t, docs in zip(TOPICS, tiny_bm25.search(TOPICS, 3), strict=True)}
-    barrier, lock = threading.Barrier(clients), threading.Lock()
-    results = {"ok": 0, "wrong": 0, "errors": []}
-
-    def client(i):
-        conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=30)
-        barrier.wait()
-        try:
-            for r in range(rounds):
-                q = TOPICS[(i + r) % len(TOPICS)]
-                conn.request("POST", "/retrieve", body=json.dumps({"queries": [q], "topk": 3}))
-                resp = conn.getresponse()
-                got = [d["id"] for d in json.loads(resp.read())["result"][0]]
-                with lock:
-                    results["ok" if resp.status == 200 and got == want[q] else "wrong"] += 1
-                if resp.getheader("Connection") == "close":  # the server asked us to make room
-                    conn.close()
-        except Exception as e:  # noqa: BLE001 - counted and reported below
-            with lock:
-                results["errors"].append(f"{type(e).__name__}: {e}")
-        finally:
-            conn.close()
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads), "clients still running after 60 s"
-    assert results["errors"] == [] and results["wrong"] == 0
-    assert results["ok"] == clients * rounds
+    out = load(srv, want, clients, rounds, timeout_s=60)  # bench/retrieval_server.py's client swarm
+    assert out["stuck"] == 0, "clients still running after 60 s"
+    assert (out["resets"], out["errors"], out["wrong"]) == (0, 0, 0), out.get("first_error")
+    assert out["requests_ok"] == clients * rounds
     assert srv.retriever.threads <= {f"retrieval-worker-{i}" for i in range(16)}
