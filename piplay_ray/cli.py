@@ -38,6 +38,15 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_experiment(args) -> int:
+    from piplay_ray.experiment import Experiment, load_spec
+
+    paths = Experiment(load_spec(args.config), args.overrides).run()
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
 def cmd_warmup(args) -> int:
     from piplay_ray import warmup
     from piplay_ray.roles import MODELS
@@ -102,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verbose", "-v", action="store_true",
                    help="actor output (vLLM, Ray, DeepSpeed) on the terminal instead of RUN_DIR/logs/")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("experiment", help="run arms x seeds of a config on shared task sets; a table and a plot")
+    p.add_argument("--config", "-c", required=True, help="experiment file (configs/experiments/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for every run of the experiment")
+    p.set_defaults(fn=cmd_experiment)
 
     p = sub.add_parser("warmup", help="build the protocol warm start a config names (builtin:*-search), cached")
     _add_config(p)

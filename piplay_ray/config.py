@@ -110,6 +110,9 @@ class ExaminerConfig(Section):
     tasks_per_step: PosInt = 8
     task_set_size: PosInt = 64  # tasks the examiner writes for the student phase
     task_set_rounds: PosInt = 3  # rounds of task_set_size examiner attempts, until the set is full
+    # a run directory whose task sets (tasks/iter-N.jsonl) this run trains on instead of writing its own:
+    # arms of an experiment (`piplay experiment`) share one examiner's task sets
+    task_sets_from: str | None = None
 
     @model_validator(mode="after")
     def _hops(self) -> ExaminerConfig:
@@ -213,6 +216,7 @@ class CheckpointConfig(Section):
 
 class EvalConfig(Section):
     every: NonNegInt = 0  # iterations; 0 = never
+    every_student_steps: NonNegInt = 0  # also every k student steps (and before training); 0 = never
     data: list[str] = Field(default_factory=list)  # QA files; empty = the built-in set
     builtin_size: PosInt = 100
     max_examples: NonNegInt = 0  # 0 = all

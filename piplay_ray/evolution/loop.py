@@ -27,11 +27,11 @@ from piplay_ray.evolution.phase import LearnerFailure, Phase
 from piplay_ray.evolution.policy import Policy, StudentPolicy
 from piplay_ray.evolution.steps import examiner_step, step_tasks, student_step
 from piplay_ray.evolution.taskset import write_task_set
-from piplay_ray.examiner import ExaminerSampler, save_tasks
+from piplay_ray.examiner import ExaminerSampler, load_tasks, save_tasks
 from piplay_ray.fault import describe, is_actor_failure
 from piplay_ray.metrics import MetricsSink
 from piplay_ray.retrieval.corpus import Corpus
-from piplay_ray.rundir import eval_dir
+from piplay_ray.rundir import eval_dir, task_set_path
 
 
 class EvolutionLoop:
@@ -67,7 +67,7 @@ class EvolutionLoop:
         cfg, st = self.cfg, self.state
         sched = cfg.schedule
         self.examiner_candidates = []  # also after a learner rebuild: its steps are made again
-        if cfg.eval.every and st.global_step == 0 and st.phase == "examiner":
+        if (cfg.eval.every or cfg.eval.every_student_steps) and st.global_step == 0 and st.phase == "examiner":
             await self.evaluate("before-training")
         while st.iteration < sched.iterations and not self.stopping:
             say(f"iteration {st.iteration + 1}/{sched.iterations}, phase {st.phase}")
@@ -132,6 +132,13 @@ class EvolutionLoop:
     async def write_task_set(self) -> None:
         """The examiner at its final version writes the student's task set (saved, logged, accounted for)."""
         it, examiner = self.state.iteration, self.policies["examiner"]
+        shared = self.cfg.examiner.task_sets_from
+        if shared:  # an experiment's arm: the task set another run's examiner wrote
+            self.book.task_set = load_tasks(task_set_path(shared, it))
+            save_tasks(self.run.task_set(it), self.book.task_set)
+            self.state.accounting[f"iter-{it}-tasks"] = {"issued": len(self.book.task_set), "from": str(shared)}
+            say(f"iteration {it}: task set of {len(self.book.task_set)} from {task_set_path(shared, it)}")
+            return
         await examiner.sync_pool()
         ts = await write_task_set(self.cfg, it, self.actors.pools["examiner"], self.sampler,
                                   self.examiner_candidates, self.docs, self.rng)
@@ -166,7 +173,8 @@ class EvolutionLoop:
         scores = await evaluate_pool(self.actors.pools["student"], self.cfg, eval_dir(self.run.path, name))
         say(f"evaluation ({name}): " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()
                                                 if k.startswith("overall/")))
-        self.book.log({f"eval/{k}": v for k, v in scores.items()}, "eval")
+        self.book.log({f"eval/{k}": v for k, v in scores.items()} | {"student_step": self.policies["student"].version},
+                      "eval")
 
     def request_stop(self, signum, _frame) -> None:
         if self.stopping:  # a second signal: stop now

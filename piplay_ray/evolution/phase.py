@@ -77,6 +77,9 @@ class Phase:
                   "learner/groups": len(groups), "learner/version": policy.version,
                   "learner/min_experience_version": oldest}, role)
         await book.after_step()
+        every = cfg.eval.every_student_steps
+        if role == "student" and every and policy.version % every == 0:  # a learning curve (piplay experiment)
+            await loop.evaluate(f"student-step-{policy.version}")
         bar.update(1)
         bar.set_postfix(reward=f"{mean([e.reward for e in exps]):.3f}", staleness=stale)
         if cfg.checkpoint.every and st.global_step % cfg.checkpoint.every == 0:

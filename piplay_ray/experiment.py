@@ -1,0 +1,104 @@
+"""`piplay experiment`: arms x seeds of one run config on equal terms, then a table and a plot.
+
+Arms differ only in their overrides (e.g. `teacher.privileged: qcp | answer | none`). So that they differ in
+nothing else, the student task sets are written once: a *tasks* run (the config with no student steps) trains
+the examiner and writes every iteration's task set; each arm then starts from the same warm start, skips the
+examiner (`schedule.examiner_steps=0`), trains on those task sets (`examiner.task_sets_from`) and evaluates the
+student every `eval_every` student steps. Every run is an ordinary run directory under the experiment's
+folder, run as its own `piplay train` process; a finished run (its summary.json written) is never rerun and
+an unfinished one resumes from its checkpoint, so a second invocation picks up where the first stopped.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from pydantic import Field, ValidationError
+
+from piplay_ray.config import ConfigError, Section, load_config
+from piplay_ray.rundir import SUMMARY
+
+
+class ExperimentSpec(Section):
+    name: str
+    config: str  # the run config every arm starts from, relative to the experiment file
+    overrides: list[str] = Field(default_factory=list)  # for every run, tasks run included
+    arms: dict[str, list[str]]  # arm name -> its overrides
+    baseline: str  # the arm whose final EM the table measures the others against
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    eval_every: int = Field(2, ge=1)  # student steps between held-out evaluations
+    root: str = "runs/experiments"
+
+
+def load_spec(path: str | Path) -> ExperimentSpec:
+    """The experiment file, validated; its `config` made absolute. Errors name the key."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: an experiment file is a mapping (name, config, arms, baseline, ...)")
+    try:
+        spec = ExperimentSpec.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: " + "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                                                  for err in e.errors())) from None
+    if spec.baseline not in spec.arms:
+        raise ConfigError(f"{path}: baseline: {spec.baseline!r} is not an arm (arms: {', '.join(spec.arms)})")
+    spec.config = str((path.parent / spec.config).resolve())
+    for overrides in [[], *spec.arms.values()]:  # every run's config must load
+        load_config(spec.config, [*spec.overrides, *overrides])
+    return spec
+
+
+class Experiment:
+    """The runs of a spec under `root/name/`: `tasks/` first, then `arms/<arm>-seed<seed>/`."""
+
+    def __init__(self, spec: ExperimentSpec, extra: list[str] = ()):
+        self.spec, self.extra = spec, list(extra)
+        self.dir = Path(spec.root) / spec.name
+
+    @property
+    def tasks_dir(self) -> Path:
+        return self.dir / "tasks"
+
+    def arm_dir(self, arm: str, seed: int) -> Path:
+        return self.dir / "arms" / f"{arm}-seed{seed}"
+
+    def runs(self) -> list[tuple[str, int | None, Path, list[str]]]:
+        """(arm, seed, run dir, overrides) of every run, in the order they run."""
+        s = self.spec
+        out = [("tasks", None, self.tasks_dir, [*s.overrides, *self.extra, "schedule.student_steps=0",
+                                                 "eval.every=0", f"run.seed={s.seeds[0]}"])]
+        for arm, arm_overrides in s.arms.items():
+            for seed in s.seeds:
+                out.append((arm, seed, self.arm_dir(arm, seed), [
+                    *s.overrides, *arm_overrides, *self.extra, f"run.seed={seed}", "schedule.examiner_steps=0",
+                    f"examiner.task_sets_from={self.tasks_dir}", f"eval.every_student_steps={s.eval_every}"]))
+        return out
+
+    def run(self, python: str = sys.executable) -> dict[str, Path]:
+        """Run what is not finished yet, then write the report; returns its paths."""
+        from piplay_ray import experiment_report as report
+
+        for arm, seed, run_dir, overrides in self.runs():
+            label = arm if seed is None else f"{arm} (seed {seed})"
+            if (run_dir / SUMMARY).is_file():
+                print(f"[piplay experiment] {label}: finished before, kept ({run_dir})", flush=True)
+                continue
+            print(f"[piplay experiment] {label}: running in {run_dir}", flush=True)
+            cmd = [python, "-m", "piplay_ray", "train", "--config", self.spec.config, *overrides,
+                   f"run.dir={run_dir}"]
+            if subprocess.run(cmd).returncode != 0:
+                raise RuntimeError(f"{label}: `piplay train` failed; its run directory is {run_dir} "
+                                   "(run the experiment again to resume it)")
+        points = [p for arm, seed, run_dir, _ in self.runs() if seed is not None
+                  for p in report.curve(run_dir / "metrics.jsonl", arm, seed)]
+        header = (f"# Experiment {self.spec.name}\n\nconfig `{self.spec.config}`, overrides "
+                  f"`{' '.join(self.spec.overrides) or '-'}`, seeds {self.spec.seeds}, evaluation every "
+                  f"{self.spec.eval_every} student steps.\n\n")
+        return report.write(points, self.spec.baseline, self.dir, header)

@@ -1,0 +1,91 @@
+"""`piplay experiment`: the spec's errors, and the paper's ablation arms end to end on configs/tiny.yaml.
+
+The experiment runs the other values of `teacher.privileged` (the default `qcp` is test_train_tiny's run) on
+one shared task set, one seed: `none` must train without any teacher fields (no distillation term, λ logged
+as 0); the others must score the student's tokens with the teacher (distillation logged).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from test_train_tiny import ROOT
+
+from piplay_ray.config import ConfigError
+from piplay_ray.experiment import Experiment, load_spec
+
+ARMS = ("partial_qcp", "answer", "none")
+
+
+def _spec(tmp_path, **over) -> str:
+    spec = {"name": "arms", "config": str(ROOT / "configs" / "tiny.yaml"), "root": str(tmp_path / "exp"),
+            "overrides": ["eval.builtin_size=4", "schedule.examiner_steps=1", "schedule.student_steps=1",
+                          "checkpoint.every=0", "rollout.engine=transformers", "logging.tensorboard=false"],
+            "eval_every": 1, "seeds": [0], "baseline": "none",
+            "arms": {arm: [f"teacher.privileged={arm}"] for arm in ARMS}} | over
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return str(path)
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"baseline": "qcp"}, "baseline: 'qcp' is not an arm"),
+    ({"seeds": []}, "seeds"),
+    ({"arms": {"none": ["teacher.privileged=sometimes"]}}, "teacher.privileged"),
+    ({"eval_every": 0}, "eval_every"),
+])
+def test_a_bad_spec_names_the_key(tmp_path, over, message):
+    with pytest.raises(ConfigError, match=message):
+        load_spec(_spec(tmp_path, **over))
+
+
+def test_shipped_experiments_load():
+    for path in (ROOT / "configs" / "experiments").glob("*.yaml"):
+        assert load_spec(path).baseline in load_spec(path).arms
+
+
+def _rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_the_arms_share_the_task_set_train_as_their_arm_and_a_second_run_reuses_them(
+        tmp_path, tiny_model, corpus_path, capsys):
+    exp = Experiment(load_spec(_spec(tmp_path)))
+    paths = exp.run()
+    points = json.loads(paths["json"].read_text())["points"]
+    assert {(p["arm"], p["student_step"]) for p in points} == {(a, s) for a in ARMS for s in (0, 1)}
+    assert all(p["n"] == 4 and 0 <= p["em"] <= 1 for p in points)
+    assert "| answer |" in paths["md"].read_text() and paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+    def ids(path):
+        return [json.loads(line)["id"] for line in path.read_text().splitlines()]
+
+    written = ids(exp.tasks_dir / "tasks" / "iter-0.jsonl")
+    trained = {}
+    for arm in ARMS:
+        run = exp.arm_dir(arm, 0)
+        assert ids(run / "tasks" / "iter-0.jsonl") == written
+        trained[arm] = set(json.loads((run / "accounting.json").read_text())["tasks"]["iter-0-tasks"]["trained"])
+        rows = _rows(run)
+        assert not any(r["phase"] == "examiner" and "learner/version" in r for r in rows)  # no examiner steps
+        (student,) = [r for r in rows if r["phase"] == "student" and "learner/version" in r]
+        (diag,) = [r for r in rows if r["phase"] == "student" and "student/reward" in r]
+        assert "diag/answer_before_search" in diag
+        if arm == "none":
+            assert student["schedule/lambda"] == 0.0 and "loss/distill_kl" not in student
+            assert "diag/kl_reasoning" not in diag and "teacher/shortened_contexts" not in diag
+        else:
+            assert student["schedule/lambda"] > 0 and "loss/distill_kl" in student
+            assert diag["teacher/unscored"] == 0 and "diag/teacher_top1_agreement" in diag
+        if arm == "answer":  # the answer itself is the privileged text: never in the question (gate)
+            assert diag["diag/answer_only_in_teacher"] > 0
+    assert trained["answer"] == trained["partial_qcp"] == trained["none"] and trained["none"] <= set(written)
+    assert trained["none"]
+
+    stamps = {run: (run / "summary.json").stat().st_mtime_ns for _, _, run, _ in exp.runs()}
+    capsys.readouterr()
+    exp.run()
+    assert capsys.readouterr().out.count("finished before, kept") == 1 + len(ARMS)
+    assert stamps == {run: (run / "summary.json").stat().st_mtime_ns for _, _, run, _ in exp.runs()}
