@@ -239,11 +239,12 @@ def _resolve(spec: str, table: dict[str, Callable[[], Path]], what: str) -> str:
 
 def resolve_model(spec: str) -> str:
     """A model directory or hub id for `spec`, building a `builtin:` model on first use."""
-    from piplay_ray import warmup
+    if spec.startswith("builtin:") and spec.removeprefix("builtin:") not in BUILTIN_MODELS:
+        from piplay_ray import warmup  # only here: warmup needs Ray, a learner rank may run without it
 
-    if warmup.recipe_name(spec):
-        raise ValueError(f"{spec} is a warm start of both roles: `piplay train` builds and uses it; "
-                         "`piplay warmup --config F` builds it and prints each role's folder")
+        if warmup.recipe_name(spec):
+            raise ValueError(f"{spec} is a warm start of both roles: `piplay train` builds and uses it; "
+                             "`piplay warmup --config F` builds it and prints each role's folder")
     return _resolve(spec, BUILTIN_MODELS, "model")
 
 

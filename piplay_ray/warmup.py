@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from piplay_ray import assets, demos, protocol
-from piplay_ray.actors.search_env import format_docs
 from piplay_ray.config import Config
 from piplay_ray.evaluation import builtin_eval_set
+from piplay_ray.evidence import format_docs
 from piplay_ray.learner.learner import LearnerGroup
 from piplay_ray.retrieval import make_retriever
 from piplay_ray.retrieval.queries import clean_query

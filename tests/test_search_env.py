@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from piplay_ray.actors.search_env import SearchService, format_docs, truncate_words
+from piplay_ray.actors.search_env import SearchService
+from piplay_ray.evidence import format_docs, truncate_words
 from piplay_ray.records import Doc
 from piplay_ray.retrieval.base import RetrievalError, Retriever
 

@@ -24,6 +24,7 @@ import numpy as np
 import ray
 
 from piplay_ray.config import FaultConfig, SearchConfig
+from piplay_ray.evidence import format_docs
 from piplay_ray.records import Doc, Hop
 from piplay_ray.retrieval import make_retriever
 from piplay_ray.retrieval.base import Retriever
@@ -46,25 +47,6 @@ class SearchResult:
 
     def to_hop(self) -> Hop:
         return Hop(query=self.query, docs=list(self.docs), ok=self.ok, error=self.error)
-
-
-def body_of(doc: Doc) -> str:
-    """The document text without a leading title line (wiki JSONL repeats the title there)."""
-    head, _, rest = doc.contents.partition("\n")
-    return rest.strip() if rest and head.strip().strip('"') == doc.title else doc.contents.strip()
-
-
-def truncate_words(text: str, budget: int) -> str:
-    words = text.split()
-    return text if len(words) <= budget else " ".join(words[:budget]) + " ..."
-
-
-def format_docs(docs: list[Doc], budget: int) -> tuple[list[Doc], str]:
-    """Cut each document to `budget` words and number them: ``Doc 1 (Title: T) text``, one per line."""
-    cut = [Doc(d.id, d.title, truncate_words(body_of(d), budget), d.score) for d in docs]
-    if not cut:
-        return cut, "No results found."
-    return cut, "\n".join(f"Doc {i} (Title: {d.title}) {d.contents}" for i, d in enumerate(cut, 1))
 
 
 def failed(query, error: str) -> SearchResult:
