@@ -403,7 +403,8 @@ def test_page_updates_live(browser, tmp_path):
         browser.call("Page.navigate", url=url)
         points = "Number(document.getElementById('chart-rewards').dataset.points || 0)"
         before = browser.wait_for(points)
-        assert browser.eval("document.querySelectorAll('#health tr[data-actor]').length") == 3
+        # the health table comes from its own request: wait for it (it can land after the charts)
+        assert browser.wait_for("document.querySelectorAll('#health tr[data-actor]').length === 3", timeout=15)
         # the driver logs another student step and an actor dies: the open page picks both up by polling
         sink = MetricsSink(run, LoggingConfig(tensorboard=False))
         sink.log({"student/reward": 0.9, "student/em": 0.875}, iteration=1, phase="student", step=99)
