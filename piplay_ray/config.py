@@ -217,6 +217,7 @@ class CheckpointConfig(Section):
 class EvalConfig(Section):
     every: NonNegInt = 0  # iterations; 0 = never
     every_student_steps: NonNegInt = 0  # also every k student steps (and before training); 0 = never
+    before_training: bool = True  # evaluate the starting checkpoint when either schedule above is on
     data: list[str] = Field(default_factory=list)  # QA files; empty = the built-in set
     builtin_size: PosInt = 100
     max_examples: NonNegInt = 0  # 0 = all

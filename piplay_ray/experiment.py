@@ -2,9 +2,10 @@
 
 Arms differ only in their overrides (e.g. `teacher.privileged: qcp | answer | none`). So that they differ in
 nothing else, the student task sets are written once: a *tasks* run (the config with no student steps) trains
-the examiner and writes every iteration's task set; each arm then starts from the same warm start, skips the
-examiner (`schedule.examiner_steps=0`), trains on those task sets (`examiner.task_sets_from`) and evaluates the
-student every `eval_every` student steps. Every run is an ordinary run directory under the experiment's
+the examiner, writes every iteration's task set and evaluates the starting checkpoint; each arm then starts
+from that same checkpoint, skips the examiner (`schedule.examiner_steps=0`), trains on those task sets
+(`examiner.task_sets_from`) and evaluates the student every `eval_every` student steps. The evaluation is
+greedy, so the starting point is the same for every arm: it is measured once and is every arm's step 0. Every run is an ordinary run directory under the experiment's
 folder, run as its own `piplay train` process; a finished run (its summary.json written) is never rerun and
 an unfinished one resumes from its checkpoint, so a second invocation picks up where the first stopped.
 """
@@ -73,12 +74,14 @@ class Experiment:
         """(arm, seed, run dir, overrides) of every run, in the order they run."""
         s = self.spec
         out = [("tasks", None, self.tasks_dir, [*s.overrides, *self.extra, "schedule.student_steps=0",
-                                                 "eval.every=0", f"run.seed={s.seeds[0]}"])]
+                                                 "eval.every=0", f"eval.every_student_steps={s.eval_every}",
+                                                 f"run.seed={s.seeds[0]}"])]
         for arm, arm_overrides in s.arms.items():
             for seed in s.seeds:
                 out.append((arm, seed, self.arm_dir(arm, seed), [
                     *s.overrides, *arm_overrides, *self.extra, f"run.seed={seed}", "schedule.examiner_steps=0",
-                    f"examiner.task_sets_from={self.tasks_dir}", f"eval.every_student_steps={s.eval_every}"]))
+                    f"examiner.task_sets_from={self.tasks_dir}", f"eval.every_student_steps={s.eval_every}",
+                    "eval.before_training=false"]))
         return out
 
     def run(self, python: str = sys.executable) -> dict[str, Path]:
@@ -96,8 +99,10 @@ class Experiment:
             if subprocess.run(cmd).returncode != 0:
                 raise RuntimeError(f"{label}: `piplay train` failed; its run directory is {run_dir} "
                                    "(run the experiment again to resume it)")
+        start = report.curve(self.tasks_dir / "metrics.jsonl", "tasks", None)
         points = [p for arm, seed, run_dir, _ in self.runs() if seed is not None
-                  for p in report.curve(run_dir / "metrics.jsonl", arm, seed)]
+                  for p in [*({**q, "arm": arm, "seed": seed} for q in start),
+                            *report.curve(run_dir / "metrics.jsonl", arm, seed)]]
         header = (f"# Experiment {self.spec.name}\n\nconfig `{self.spec.config}`, overrides "
                   f"`{' '.join(self.spec.overrides) or '-'}`, seeds {self.spec.seeds}, evaluation every "
                   f"{self.spec.eval_every} student steps.\n\n")

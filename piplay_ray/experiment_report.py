@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def curve(metrics_path: str | Path, arm: str, seed: int) -> list[dict]:
+def curve(metrics_path: str | Path, arm: str, seed: int | None) -> list[dict]:
     """The evaluation points of one run, oldest first (a re-done step keeps its last evaluation)."""
     points: dict[int, dict] = {}
     with open(metrics_path, encoding="utf-8") as f:

@@ -15,6 +15,7 @@ from test_train_tiny import ROOT
 
 from piplay_ray.config import ConfigError
 from piplay_ray.experiment import Experiment, load_spec
+from piplay_ray.experiment_report import curve
 
 ARMS = ("partial_qcp", "answer", "none")
 
@@ -57,6 +58,10 @@ def test_the_arms_share_the_task_set_train_as_their_arm_and_a_second_run_reuses_
     points = json.loads(paths["json"].read_text())["points"]
     assert {(p["arm"], p["student_step"]) for p in points} == {(a, s) for a in ARMS for s in (0, 1)}
     assert all(p["n"] == 4 and 0 <= p["em"] <= 1 for p in points)
+    # the starting checkpoint is evaluated once, by the tasks run, and is every arm's step 0
+    assert len({(p["em"], p["f1"]) for p in points if p["student_step"] == 0}) == 1
+    assert [p["student_step"] for p in curve(exp.tasks_dir / "metrics.jsonl", "tasks", None)] == [0]
+    assert all(p["student_step"] > 0 for a in ARMS for p in curve(exp.arm_dir(a, 0) / "metrics.jsonl", a, 0))
     assert "| answer |" in paths["md"].read_text() and paths["png"].read_bytes()[:4] == b"\x89PNG"
 
     def ids(path):

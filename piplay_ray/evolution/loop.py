@@ -67,7 +67,8 @@ class EvolutionLoop:
         cfg, st = self.cfg, self.state
         sched = cfg.schedule
         self.examiner_candidates = []  # also after a learner rebuild: its steps are made again
-        if (cfg.eval.every or cfg.eval.every_student_steps) and st.global_step == 0 and st.phase == "examiner":
+        if (cfg.eval.before_training and (cfg.eval.every or cfg.eval.every_student_steps)
+                and st.global_step == 0 and st.phase == "examiner"):
             await self.evaluate("before-training")
         while st.iteration < sched.iterations and not self.stopping:
             say(f"iteration {st.iteration + 1}/{sched.iterations}, phase {st.phase}")
