@@ -37,6 +37,7 @@ class RunConfig(Section):
     seed: int = 0
     mode: Literal["local", "cluster"] = "local"
     resume: bool = True  # continue from the newest complete checkpoint in `dir` when there is one
+    accept_changed_config: bool = False  # resume even if what is trained differs from the run's config.yaml
 
 
 class ModelConfig(Section):

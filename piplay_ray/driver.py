@@ -10,16 +10,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import ray
+import yaml
 
 from piplay_ray import console, summary, warmup
 from piplay_ray.config import Config
 from piplay_ray.console import say
 from piplay_ray.dashboard.server import start_dashboard
+from piplay_ray.errors import UserInputError
 from piplay_ray.evolution.actors import start_actors
 from piplay_ray.evolution.loop import EvolutionLoop
 from piplay_ray.learner import checkpoint
 from piplay_ray.resources import check_cluster
-from piplay_ray.rundir import RunDir
+from piplay_ray.rundir import CONFIG, RunDir, run_path
 
 
 def start_loop(cfg: Config, run: RunDir) -> EvolutionLoop:
@@ -46,21 +48,46 @@ def init_ray(cfg: Config, run_dir: Path) -> None:
             say(console.where(run_dir))
 
 
-def refuse_if_complete(cfg: Config, run_path: Path) -> None:
-    """A finished run is refused from its newest checkpoint's driver state, before any actor starts."""
+# sections a resumed run may change: where and how it runs, not what it trains
+RESUMABLE_CHANGES = ("run", "logging", "dashboard", "ray", "fault")
+
+
+def check_resume(cfg: Config, run_path: Path) -> None:
+    """Before any actor starts: a finished run is refused, and so is resuming with a config that changes what
+    is trained (the diff is named; `run.accept_changed_config=true` resumes anyway)."""
     ckpt = checkpoint.latest_checkpoint(run_path) if cfg.run.resume else None
-    state = checkpoint.read_driver_state(ckpt) if ckpt is not None else {}
+    if ckpt is None:
+        return
+    state = checkpoint.read_driver_state(ckpt)
     if state.get("phase") == "done":
         raise SystemExit(f"piplay: the run in {run_path} is already complete ({state.get('global_step')} steps); "
                          "set run.dir to a new folder (or run.resume=false) to start another")
+    saved_path = run_path / CONFIG
+    if cfg.run.accept_changed_config or not saved_path.is_file():
+        return
+    saved, now = _flat(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}), _flat(cfg.model_dump(mode="json"))
+    changed = [k for k in sorted(saved.keys() | now.keys())
+               if saved.get(k) != now.get(k) and k.split(".")[0] not in RESUMABLE_CHANGES]
+    if changed:
+        diff = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
+        raise UserInputError(f"{run_path} was started with another config ({diff}{' ...' if len(changed) > 8 else ''}); "
+                             f"resuming would mix two runs. Resume with its {saved_path}, set run.dir to a new "
+                             "folder, or set run.accept_changed_config=true")
+
+
+def _flat(d: dict, head: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{head}{k}.") if isinstance(v, dict) else {f"{head}{k}": v})
+    return out
 
 
 def train(cfg: Config, make_loop: Callable[[Config, RunDir], EvolutionLoop] = start_loop) -> Path:
     """Run (or resume) the evolution loop for `cfg`; returns the run directory. `make_loop` builds the loop
     once Ray is up (tests hand in one that keeps a reference to it)."""
+    check_resume(cfg, run_path(cfg))
     run = RunDir.create(cfg)
     say(f"run directory: {run.path}")
-    refuse_if_complete(cfg, run.path)
     init_ray(cfg, run.path)
     check_cluster(cfg)  # too few CPUs/GPUs: fail now, naming them, not at a placement-group timeout
     cfg = warmup.prepare(cfg)  # a warm start named by the config: built once, then cached

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from piplay_ray.errors import UserInputError
+from piplay_ray.fault import partial
 from piplay_ray.records import Trajectory
 from piplay_ray.rewards import exact_match, f1, normalize_answer
 
@@ -215,10 +216,26 @@ def flat_metrics(summary: dict[str, dict[str, float]], prefix: str = "eval") -> 
 async def evaluate(pool, examples: Sequence[QAExample],
                    temperature: float | None = 0.0) -> tuple[dict[str, dict[str, float]], list[dict]]:
     """Run every question once through a student rollout pool (greedy by default); returns (summary,
-    per-example records)."""
-    trajs = await pool.student_rollouts([ex.question for ex in examples], 1, temperature=temperature)
-    records = [example_record(ex, group[0]) for ex, group in zip(examples, trajs, strict=True)]
+    per-example records). A question the pool lost after its retries is asked once more, then scored as
+    unanswered with the reason in its record (`finish_reason` "lost: ..."): an evaluation never fails a run."""
+    trajs, reason = await partial(pool.student_rollouts([ex.question for ex in examples], 1, temperature=temperature))
+    lost = [i for i, group in enumerate(trajs) if group is None]
+    if lost:
+        again, reason = await partial(pool.student_rollouts([examples[i].question for i in lost], 1,
+                                                            temperature=temperature))
+        for i, group in zip(lost, again, strict=True):
+            trajs[i] = group
+    records = [example_record(ex, group[0]) if group is not None else lost_record(ex, reason)
+               for ex, group in zip(examples, trajs, strict=True)]
     return summarize(records), records
+
+
+def lost_record(ex: QAExample, reason: str | None) -> dict:
+    """An example whose rollout was lost: no prediction, zero scores."""
+    return {"id": ex.id, "data_source": ex.data_source, "question": ex.question,
+            "golden_answers": ex.golden_answers, "prediction": None, "em": 0.0, "f1": 0.0, "searches": 0,
+            "turns": 0, "answer_words": 0, "invalid": 1.0, "finish_reason": f"lost: {reason}", "queries": [],
+            "text": ""}
 
 
 async def evaluate_pool(pool, cfg, out: str | os.PathLike | None = None) -> dict[str, float]:
@@ -227,9 +244,11 @@ async def evaluate_pool(pool, cfg, out: str | os.PathLike | None = None) -> dict
     examples = load_eval_examples(cfg)
     t0 = time.time()
     summary, records = await evaluate(pool, examples)
+    lost = sum(r["finish_reason"].startswith("lost") for r in records)
     if out is not None:
-        write_results(out, summary, records, {"examples": len(examples), "seconds": round(time.time() - t0, 1)})
-    return flat_metrics(summary, prefix="")
+        write_results(out, summary, records, {"examples": len(examples), "lost": lost,
+                                              "seconds": round(time.time() - t0, 1)})
+    return flat_metrics(summary, prefix="") | ({"overall/lost": lost} if lost else {})
 
 
 def format_table(summary: dict[str, dict[str, float]]) -> str:

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from piplay_ray import protocol
 from piplay_ray.config import ExaminerConfig
+from piplay_ray.fault import partial
 from piplay_ray.records import Doc, Task, Trajectory, to_json
 from piplay_ray.rewards import difficulty_reward, format_reward, hop_group_advantages, normalize_answer
 from piplay_ray.rundir import write_atomic
@@ -93,10 +94,11 @@ def build_task(traj: Trajectory, source: Doc, hop_target: int, cfg: ExaminerConf
 
 async def write_tasks(pool, sampler: ExaminerSampler, n: int, cfg: ExaminerConfig,
                       iteration: int = 0) -> list[Task]:
-    """Run `n` examiner attempts on the rollout pool and build their tasks (valid or not, in order)."""
+    """Run `n` examiner attempts on the rollout pool and build their tasks (valid or not, in order). An
+    attempt the pool lost after its retries is no attempt: the caller writes more rounds or tops up."""
     docs, hops = sampler.sample(n)
-    trajs = await pool.examiner_rollouts(docs, hops)
-    return [build_task(t, d, h, cfg, iteration) for t, d, h in zip(trajs, docs, hops, strict=True)]
+    trajs, _ = await partial(pool.examiner_rollouts(docs, hops))
+    return [build_task(t, d, h, cfg, iteration) for t, d, h in zip(trajs, docs, hops, strict=True) if t is not None]
 
 
 def examiner_rewards(tasks: Sequence[Task], correct: Sequence[int | None], n: int, w_f: float,

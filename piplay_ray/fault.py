@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 
 from ray.exceptions import (  # ActorDied/ActorUnavailable derive from the latter
     ObjectLostError,
@@ -27,6 +27,14 @@ class RolloutFailed(RuntimeError):
     def __init__(self, reason: str, partial: list):
         super().__init__(reason)
         self.reason, self.partial = reason, partial
+
+
+async def partial(request: Awaitable[list]) -> tuple[list, str | None]:
+    """A pool request whose lost shares come back as None items, with the reason they were lost."""
+    try:
+        return await request, None
+    except RolloutFailed as e:
+        return e.partial, e.reason
 
 
 def is_actor_failure(e: BaseException) -> bool:

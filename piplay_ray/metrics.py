@@ -164,6 +164,24 @@ class MetricsSink:
         except Exception as e:  # metrics export must never stop training
             log.warning("Ray metrics export failed: %s", e)
 
+    # ------------------------------------------------------------------------------------ rewinding
+
+    def position(self) -> int:
+        """How far metrics.jsonl is written (bytes): a checkpoint saves it, a restore rewinds to it."""
+        self._jsonl.flush()
+        return os.path.getsize(self._jsonl.name)
+
+    def rewind(self, position: int, versions: Mapping[str, int]) -> None:
+        """Forget what was recorded after a checkpoint that a run goes back to: metrics.jsonl is cut at
+        `position` and the sample files of learner steps at or past `versions` (they are made again) are
+        removed, so a re-done step has one record. TensorBoard and W&B keep both (they cannot be cut)."""
+        self._jsonl.flush()
+        os.truncate(self._jsonl.name, min(position, os.path.getsize(self._jsonl.name)))  # appends go on from there
+        for role, version in versions.items():
+            for path in rundir.samples_path(self.run_dir, role, 0).parent.glob(f"{role}-step-*.jsonl"):
+                if int(path.stem.rsplit("-", 1)[1]) >= version:
+                    path.unlink(missing_ok=True)
+
     # ------------------------------------------------------------------------------------ run files
 
     def write_health(self, actors: Mapping[str, Mapping[str, Any]]) -> None:

@@ -73,6 +73,7 @@ class ReplayBuffer:
         queue = self.groups.get(role, deque())
         keep = deque(g for g in queue if self._fresh(g))
         evicted = len(queue) - len(keep)
+        self.seen -= {g[0].group_id for g in queue if not self._fresh(g)}  # it may be produced again
         self.groups[role] = keep
         self.counts[f"evicted_stale/{role}"] += evicted
         return evicted

@@ -48,3 +48,78 @@ def test_accounting_of_steps_and_failures(tmp_path):
     assert rec["n_trained"] == 2 and set(rec["dropped"]) == {"t1", "t3"}
     assert "worker died" in rec["dropped"]["t1"] and "not scheduled" in rec["dropped"]["t3"]
     assert doc["rollout_retries"] == {"examiner": 0, "student": 2} and doc["teacher_restores"] == 1
+
+
+class FakeLearner:
+    def __init__(self):
+        self.saved = None
+
+    def save(self, path, driver_state, extra):
+        for name, write in extra.items():
+            (path / name).mkdir(parents=True, exist_ok=True)
+            write(path / name)
+        self.saved = driver_state
+
+
+class FakeTeacherClient:
+    restarts = 0
+
+    def __init__(self):
+        self.saved = []
+
+    async def save(self, folder):
+        self.saved.append(folder)
+        return folder
+
+
+def test_a_checkpoint_holds_counters_candidates_and_the_metrics_position_and_going_back_forgets_the_rest(tmp_path):
+    """What was recorded after the checkpoint is forgotten on the way back (metrics lines, sample files,
+    candidates of re-made examiner steps); the fault counters never go back."""
+    import asyncio
+
+    from piplay_ray.metrics import MetricsSink
+
+    cfg = load_config("configs/tiny.yaml", ["replay.spill=false"])
+    teacher = FakeTeacherClient()
+    actors = Actors(search=None, pools={}, teacher=None, teacher_client=teacher, learner=FakeLearner(), replay=None)
+    sink = MetricsSink(tmp_path, None)
+    book = RunBook(cfg, RunDir(tmp_path), sink, actors, docs=[])
+    book.write_accounting = lambda: None
+    st = book.state
+    st.global_step, st.versions = 3, {"examiner": 2, "student": 1}
+    st.candidates = {"0": [{"id": "a"}], "1": [{"id": "b"}]}
+    book.log({"x": 1}, "student")
+    sink.write_samples("student", 0, [{"a": 1}])
+    book.restarts, book.learner_restarts = {"search-0": 2}, 1
+    asyncio.run(book.checkpoint())
+
+    saved = actors.learner.saved
+    assert len(teacher.saved) == 1 and teacher.saved[0].endswith("teacher")  # through the client
+    assert saved["counters"] == {"restarts": {"search-0": 2}, "learner_restarts": 1, "probes": {"sent": 0, "failed": 0}}
+    lines = (tmp_path / "metrics.jsonl").read_bytes().splitlines(keepends=True)
+    assert b"checkpoint/seconds" in lines[1] and saved["metrics_position"] == len(lines[0])
+    st.accounting["late"] = {"changed": True}  # the live state goes on: the saved copy does not
+    assert "late" not in saved["accounting"]
+
+    # past the checkpoint: another examiner step's candidates, metrics and samples, then a restart seen
+    st.candidates["2"] = [{"id": "c"}]
+    book.log({"y": 2}, "student")
+    sink.write_samples("student", 1, [{"b": 2}])
+    book.restarts["search-0"] = 3
+    book.learner_restarts = 2
+
+    book.state = type(st).from_dict(json.loads(json.dumps(saved)))
+    book.went_back()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("x") for r in rows] == [1]  # the line after the checkpoint is gone
+    book.log({"z": 3}, "student")  # appends go on at the cut
+    assert [json.loads(line).get("z") for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [None, 3]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["student-step-000000.jsonl"]
+    assert book.state.candidates == {"0": [{"id": "a"}], "1": [{"id": "b"}]}  # step 2 will be made again
+    assert book.restarts == {"search-0": 3} and book.learner_restarts == 2  # counters never go back
+
+    fresh = RunBook(cfg, RunDir(tmp_path), sink, actors, docs=[])  # a resumed driver starts from the saved
+    fresh.state = type(st).from_dict(json.loads(json.dumps(saved)))
+    fresh.went_back()
+    assert fresh.restarts == {"search-0": 2} and fresh.learner_restarts == 1
+    sink.close()

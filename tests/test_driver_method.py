@@ -12,7 +12,7 @@ from piplay_ray.config import load_config
 from piplay_ray.evolution import taskset
 from piplay_ray.evolution.actors import Actors
 from piplay_ray.evolution.loop import EvolutionLoop
-from piplay_ray.records import Doc, Hop, Task, Trajectory
+from piplay_ray.records import Doc, Hop, Task, Trajectory, to_dict
 from piplay_ray.rundir import RunDir, task_set_path
 
 DOCS = [Doc(str(i), f"Town{i}", f"Town{i} lies on the river R{i}.") for i in range(40)]
@@ -89,7 +89,7 @@ def test_task_set_comes_from_the_final_examiner(tmp_path, monkeypatch, fallback)
     loop.policies["examiner"].pool_version = 2  # the pool lags until the task set is written
     candidate = Task(id="cand", question="Which river flows through Old Town?", answer="R0", hops=1,
                      source=DOCS[0], flags={"ok": True}, version=1)
-    loop.examiner_candidates = [candidate]
+    loop.state.candidates = {"1": [to_dict(candidate)]}
     rule = Task(id="rule", question="Rule question?", answer="x", hops=1, source=DOCS[1],
                 qcp=[Hop("q", [DOCS[1]])], flags={"rule_built": True})
     monkeypatch.setattr(taskset, "rule_tasks", lambda docs, n, *a: [rule][:n])

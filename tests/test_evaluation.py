@@ -8,6 +8,7 @@ import json
 import pytest
 
 from piplay_ray import evaluation as E
+from piplay_ray.fault import RolloutFailed
 from piplay_ray.records import Hop, Trajectory
 
 
@@ -163,6 +164,41 @@ def test_scores_exactly_known():
     flat = E.flat_metrics(summary)
     assert flat["eval/overall/em"] == 0.5 and flat["eval/b/invalid"] == 0.5
     assert "overall" in E.format_table(summary)
+
+
+class LosingPool(ScriptedPool):
+    """Loses `lose` questions after its retries (RolloutFailed with the rest), `times` requests in a row."""
+
+    def __init__(self, script, lose, times):
+        super().__init__(script)
+        self.lose, self.times = set(lose), times
+
+    async def student_rollouts(self, questions, n, temperature=None):
+        out = await super().student_rollouts(questions, n, temperature)
+        if self.times:
+            self.times -= 1
+            out = [None if q in self.lose else g for q, g in zip(questions, out, strict=True)]
+            raise RolloutFailed("worker died", out)
+        return out
+
+
+@pytest.mark.parametrize("times", [1, 2])
+def test_a_lost_question_is_asked_again_then_scored_unanswered(tmp_path, monkeypatch, times):
+    from piplay_ray.config import load_config
+
+    pool = LosingPool({q: _traj("Paris", 0) for q in ("q1", "q2", "q3", "q4")}, lose={"q1", "q3"}, times=times)
+    summary, records = asyncio.run(E.evaluate(pool, EXAMPLES))
+    assert pool.calls[1] == (["q1", "q3"], 1)  # once more, only those
+    if times == 1:
+        assert records[0]["em"] == 1.0 and records[0]["finish_reason"] == "answer"
+    else:
+        assert [r["finish_reason"] for r in records] == ["lost: worker died", "answer", "lost: worker died", "answer"]
+        assert [r["em"] for r in records] == [0.0, 0.0, 0.0, 0.0] and summary["overall"]["invalid"] == 0.5
+        pool.times = 2
+        cfg = load_config("configs/tiny.yaml")
+        monkeypatch.setattr(E, "load_eval_examples", lambda cfg: EXAMPLES)
+        scores = asyncio.run(E.evaluate_pool(pool, cfg, tmp_path))
+        assert scores["overall/lost"] == 2 and json.loads((tmp_path / "metrics.json").read_text())["lost"] == 2
 
 
 def test_write_results(tmp_path):

@@ -1,10 +1,10 @@
 """Chaos on configs/tiny.yaml: during the student phase a rollout worker, a search-env replica and the
 teacher are each killed once (`ray.kill(..., no_restart=False)`, seeded random moments; the teacher after
 its first EMA step, so that it has an EMA to lose), and the learner rank is killed for good (the driver
-rebuilds the learner group from the newest checkpoint). The run must complete with every learner step, account
-for every task (trained or dropped with a reason), count the restarts, never hand the learner the same
-group twice, and end with the teacher's EMA exactly as if it had never died (recomputed here from the
-student checkpoints).
+rebuilds the learner group from the newest checkpoint). The run must complete with every learner step recorded
+once, train every task exactly once (every actor came back, so nothing is dropped) — checked against the
+learner's own record of the groups it trained — count the restarts, and end with the teacher's EMA exactly as
+if it had never died (recomputed here from the student checkpoints).
 
 The driver runs in-process (`driver.train` with the loop handed in, see inprocess.py) so a thread can hold
 the real actor handles.
@@ -61,8 +61,8 @@ def test_chaos_run_completes_and_accounts_for_every_task(tmp_path, tiny_model, c
     assert all(k["phase"] == "student" for k in log), log
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     learner = [(r["phase"], r["step"]) for r in rows if "learner/version" in r]
-    # a step the rebuilt learner re-did after the rollback appears twice; none is missing
-    assert sorted(set(learner)) == [("examiner", 1), ("examiner", 2), ("student", 3), ("student", 4)]
+    # the step the rebuilt learner re-did after the rollback replaced the lost attempt's record
+    assert learner == [("examiner", 1), ("examiner", 2), ("student", 3), ("student", 4)]
     final = json.loads((run_dir / "checkpoints" / "step-000004" / "driver_state.json").read_text())
     assert final["phase"] == "done" and final["versions"] == {"examiner": 2, "student": 2}
 
@@ -70,10 +70,14 @@ def test_chaos_run_completes_and_accounts_for_every_task(tmp_path, tiny_model, c
     tasks = acct["tasks"]["iter-0-tasks"]
     task_ids = [json.loads(line)["id"] for line in open(run_dir / "tasks" / "iter-0.jsonl")]
     assert tasks["issued"] == len(task_ids) == tasks["n_trained"] + tasks["n_dropped"]
-    assert set(tasks["trained"]) | set(tasks["dropped"]) == set(task_ids)
-    assert all(reason for reason in tasks["dropped"].values())
+    assert tasks["n_dropped"] == 0 and tasks["trained"] == {t: 1 for t in task_ids}  # exactly once each
     consumed = [g for phase in acct["phases"].values() for ids in phase.get("steps", {}).values() for g in ids]
     assert consumed and len(consumed) == len(set(consumed)), "a group reached the learner twice"
+    for role in ("examiner", "student"):  # the ledger against the learner's own record (its checkpoint)
+        state = torch.load(run_dir / "checkpoints" / "step-000004" / role / "train_state" / "state" /
+                           "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        ledger = [g for ids in acct["phases"][f"iter-0-{role}"]["steps"].values() for g in ids]
+        assert state["trained"] == ledger, role
     assert sum(len(v) for v in acct["phases"]["iter-0-student"]["steps"].values()) == \
         acct["phases"]["iter-0-student"]["groups_trained"]
     for name in ("rollout-student-0", "search-0", "teacher"):

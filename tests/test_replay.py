@@ -43,6 +43,15 @@ def test_staleness_refusal_and_eviction_are_counted():
     assert s["refused_stale/student"] == 1 and s["evicted_stale/student"] == 1
 
 
+def test_an_evicted_group_can_be_produced_again():
+    buf = ReplayBuffer(capacity_groups=10, max_staleness=0)
+    assert buf.add(group("g", 0)) == "ok"
+    assert buf.add(group("g", 0)) == "duplicate"
+    assert buf.set_version("student", 1) == 1  # evicted, never trained
+    assert buf.add(group("g", 1)) == "ok"  # the same step's group, made again with the new weights
+    assert [g[0].version for g in buf.sample("student", 2)] == [1]
+
+
 def test_on_policy_means_same_version_only():
     buf = ReplayBuffer(capacity_groups=10, max_staleness=0)
     buf.set_version("examiner", 2)

@@ -167,7 +167,7 @@ def test_student_step_cycles_the_task_set_and_carries_the_teacher():
     res = asyncio.run(student_step(1, cfg, TASKS, pool, teacher, Tokenizer()))
     assert [t.id for t in step_tasks(TASKS, 1, 2)] == ["t2", "t0"]
     assert pool.asked == [[TASKS[2].question, TASKS[0].question]] and teacher.calls == 1
-    assert [[e.group_id for e in g][0] for g in res.groups] == ["student-1-t2", "student-1-t0"]
+    assert [[e.group_id for e in g][0] for g in res.groups] == ["student-1-0-t2", "student-1-1-t0"]
     for g in res.groups:
         assert [e.reward for e in g] == [1.0, 1.0, 0.0, 0.0]
         sd = statistics.stdev([1, 1, 0, 0])
@@ -182,6 +182,13 @@ def test_student_step_cycles_the_task_set_and_carries_the_teacher():
     assert not res.failures
 
 
+def test_a_task_used_twice_in_a_step_makes_two_groups():
+    cfg = cfg_with(f"student.tasks_per_step={len(TASKS) + 1}", "student.group_size=2", "teacher.privileged=none")
+    res = asyncio.run(student_step(0, cfg, TASKS, Pool(right=1), Teacher(), Tokenizer()))
+    ids = [g[0].group_id for g in res.groups]
+    assert len(ids) == len(TASKS) + 1 == len(set(ids)) and ids[0].endswith("-t0") and ids[-1].endswith("-t0")
+
+
 def test_student_step_reports_a_lost_group_and_trains_the_rest():
     cfg = cfg_with("student.tasks_per_step=2", "student.group_size=2", "teacher.privileged=none")
     teacher = Teacher()
@@ -192,3 +199,17 @@ def test_student_step_reports_a_lost_group_and_trains_the_rest():
     assert all(e.teacher_ids is None for e in group)
     with pytest.raises(RuntimeError, match="no group could be produced"):
         asyncio.run(student_step(0, cfg, TASKS, Pool(lose={t.question for t in TASKS}), teacher, Tokenizer()))
+
+
+def test_examiner_attempts_lost_after_retries_are_no_attempts():
+    """Writing the task set: the pool lost some attempts (RolloutFailed); the rest become tasks, no crash."""
+    from piplay_ray.examiner import write_tasks
+
+    class Losing(ExaminerPool):
+        async def examiner_rollouts(self, docs, hops):
+            out = await super().examiner_rollouts(docs, hops)
+            raise RolloutFailed("worker died", [None if i % 2 else t for i, t in enumerate(out)])
+
+    cfg = cfg_with()
+    tasks = asyncio.run(write_tasks(Losing(), ExaminerSampler(DOCS, [1], seed=0), 6, cfg.examiner))
+    assert len(tasks) == 3 and all(t.valid for t in tasks)

@@ -103,6 +103,7 @@ def test_a_finished_run_is_refused_before_ray_starts(tmp_path, monkeypatch):
     """The refusal reads the newest checkpoint's driver state; an unfinished one goes on to start Ray."""
     from piplay_ray import driver
     from piplay_ray.config import load_config
+    from piplay_ray.errors import UserInputError
     from piplay_ray.learner import checkpoint as ck
 
     def no_ray(cfg, run_dir):
@@ -117,7 +118,17 @@ def test_a_finished_run_is_refused_before_ray_starts(tmp_path, monkeypatch):
         driver.train(cfg)
     shutil.rmtree(ck.checkpoint_dir(tmp_path / "run", 4))  # newest is now the unfinished step 3
     with pytest.raises(RuntimeError, match="Ray started"):
-        driver.train(cfg)
+        driver.train(cfg)  # writes the run's config.yaml
+
+    # resuming with a config that trains something else is refused, naming the keys; where/how it runs may change
+    def with_(*overrides):
+        return load_config(str(ROOT / "configs" / "tiny.yaml"), [f"run.dir={tmp_path / 'run'}", *overrides])
+
+    with pytest.raises(UserInputError, match=r"learner\.lr: 0\.0001 -> 0\.001.*run\.accept_changed_config=true"):
+        driver.train(with_("learner.lr=0.001"))
+    for ok in (["logging.verbose=true", "fault.learner_restarts=5"], ["learner.lr=0.001", "run.accept_changed_config=true"]):
+        with pytest.raises(RuntimeError, match="Ray started"):
+            driver.train(with_(*ok))
 
 
 def test_dashboard_of_the_tiny_run(tiny_run, tmp_path):

@@ -10,6 +10,7 @@ the same step twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Sequence
@@ -279,7 +280,8 @@ class TeacherClient:
     actor) taken after every update, checks the teacher's version before and after each call, and on a
     mismatch or an actor error restores the snapshot with `load(version, snapshot)` and retries the call, up
     to `fault.max_task_retries` times. Without a snapshot it falls back to `fallback_folder()` (the latest
-    checkpoint's teacher folder), if any.
+    checkpoint's teacher folder), if any. Scoring runs beside EMA updates; the client's state (version,
+    snapshot) changes and is read only under one lock, so a score never restores an EMA an update is replacing.
     """
 
     def __init__(self, actor, retries: int = 3, fallback_folder=None):
@@ -288,6 +290,7 @@ class TeacherClient:
         self._snapshot = None  # (version, ObjectRef of state())
         self.restarts = 0
         self.last_error: str | None = None
+        self._lock = asyncio.Lock()
 
     async def _take_snapshot(self) -> bool:
         """Snapshot the EMA of `self.version`; False when the teacher restarted meanwhile (EMA lost)."""
@@ -308,15 +311,16 @@ class TeacherClient:
     async def _update(self, method: str, *args) -> int:
         """An EMA-changing call, then a verified snapshot; if the teacher restarted in between, start over
         from the previous snapshot (the call is deterministic given it)."""
-        base = (self.version, self._snapshot)
-        for _ in range(self.retries + 1):
-            self.version, self._snapshot = base
-            out = await self._call(method, *args)
-            self.version = out if method == "load_checkpoint" else args[0]
-            if await self._take_snapshot():
-                return self.version
-            self.restarts += 1
-        raise RuntimeError(f"teacher: {method} kept failing; the teacher restarts faster than it updates")
+        async with self._lock:
+            base = (self.version, self._snapshot)
+            for _ in range(self.retries + 1):
+                self.version, self._snapshot = base
+                out = await self._call(method, *args, locked=True)
+                self.version = out if method == "load_checkpoint" else args[0]
+                if await self._take_snapshot():
+                    return self.version
+                self.restarts += 1
+            raise RuntimeError(f"teacher: {method} kept failing; the teacher restarts faster than it updates")
 
     async def _restore(self) -> None:
         held = await wait_alive(lambda: self.actor.get_version.remote(), self.actor)
@@ -334,13 +338,20 @@ class TeacherClient:
             self.version = await self.actor.load_checkpoint.remote(str(folder))
             log.warning("teacher: EMA restored from %s (version %d)", folder, self.version)
 
-    async def _call(self, method: str, *args):
+    async def _call(self, method: str, *args, locked: bool = False):
+        """`method` on a teacher that holds `self.version`; a score or a save is checked afterwards to have
+        run on that EMA (a restart meanwhile would have put the base weights there). `locked`: the caller
+        holds the lock (an update)."""
+        guard = contextlib.nullcontext() if locked else self._lock
         for attempt in range(self.retries + 1):
             try:
-                await self._restore()
+                async with guard:
+                    await self._restore()
                 out = await getattr(self.actor, method).remote(*args)
-                if method == "score" and await self.actor.get_version.remote() != self.version:
-                    raise ray.exceptions.ActorUnavailableError("teacher restarted while scoring", None)
+                if method in ("score", "save"):
+                    async with guard:  # an update in flight finishes first: it changes the version legitimately
+                        if await self.actor.get_version.remote() != self.version:
+                            raise ray.exceptions.ActorUnavailableError(f"teacher restarted during {method}", None)
                 return out
             except Exception as e:
                 if not is_actor_failure(e) or attempt == self.retries:
@@ -355,11 +366,12 @@ class TeacherClient:
 
     async def updated(self, version: int) -> None:
         """The teacher took `version` in a collective sync the driver ran: record it and snapshot the EMA."""
-        base = self.version
-        self.version = version
-        if not await self._take_snapshot():  # it restarted meanwhile: the next call restores the old snapshot
-            self.version = base
-            self.restarts += 1
+        async with self._lock:
+            base = self.version
+            self.version = version
+            if not await self._take_snapshot():  # it restarted meanwhile: the next call restores the old snapshot
+                self.version = base
+                self.restarts += 1
 
     async def load(self, version: int, weights) -> None:
         await self._update("load", version, weights)

@@ -1,15 +1,18 @@
 """Run bookkeeping: the loop state, health, accounting, checkpoints, resume, and the learner rebuild.
 
 State that a resumed run needs — iteration, phase, steps done in the phase, policy versions, the task
-accounting — is saved with every checkpoint; re-running the same command resumes from the newest complete
-checkpoint. A failed learner group is rebuilt and everything rolled back to that checkpoint (up to
-`fault.learner_restarts` times). Every task of a task set ends up trained on or reported as dropped with its
-reason in `accounting.json`.
+accounting, the examiner's candidate tasks, the fault counters and how far metrics.jsonl was written — is
+saved with every checkpoint; re-running the same command resumes from the newest complete checkpoint. A
+failed learner group is rebuilt and everything rolled back to that checkpoint (up to `fault.learner_restarts`
+times). Going back to a checkpoint also rewinds the metrics and samples written since, so every learner step
+has one record. Every task of a task set ends up trained exactly once or reported as dropped with its reason
+in `accounting.json`; the learner keeps its own record of the groups it trained, to check that against.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -36,6 +39,9 @@ class LoopState:
     versions: dict[str, int] = field(default_factory=lambda: {r: 0 for r in TRAINED})
     global_step: int = 0
     accounting: dict[str, dict] = field(default_factory=dict)  # per task set: issued/trained/dropped
+    candidates: dict[str, list[dict]] = field(default_factory=dict)  # examiner step -> its gate-passing tasks
+    counters: dict[str, dict | int] = field(default_factory=dict)  # fault counters (RunBook.counters)
+    metrics_position: int = 0  # bytes of metrics.jsonl written when the state was saved
 
     @classmethod
     def from_dict(cls, d: dict) -> LoopState:
@@ -146,14 +152,28 @@ class RunBook:
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
+    def counters(self) -> dict:
+        return {"restarts": dict(self.restarts), "learner_restarts": self.learner_restarts,
+                "probes": dict(self.probes)}
+
+    def restore_counters(self, saved: dict) -> None:
+        """Counters only grow: a rollback keeps what this driver saw, a resumed driver starts from the saved."""
+        for name, n in saved.get("restarts", {}).items():
+            self.restarts[name] = max(self.restarts.get(name, 0), n)
+        self.learner_restarts = max(self.learner_restarts, saved.get("learner_restarts", 0))
+        for name, n in saved.get("probes", {}).items():
+            self.probes[name] = max(self.probes.get(name, 0), n)
+
     async def checkpoint(self) -> None:
-        t, a = time.monotonic(), self.actors
+        t, a, loop = time.monotonic(), self.actors, asyncio.get_running_loop()
         path = checkpoint_dir(self.run.path, self.state.global_step)
-        await a.teacher_client.ensure()  # never save a restarted teacher's base weights as the EMA
-        extra = {"teacher": lambda d: ray.get(a.teacher.save.remote(str(d)))}
+        self.state.counters, self.state.metrics_position = self.counters(), self.metrics.position()
+        state = copy.deepcopy(self.state.__dict__)  # as of now: the producer goes on changing the live one
+        # through the client, which restores a restarted teacher's EMA and checks the version it saved
+        extra = {"teacher": lambda d: asyncio.run_coroutine_threadsafe(a.teacher_client.save(str(d)), loop).result()}
         if self.cfg.replay.spill:  # buffered groups are part of the checkpoint, consistent with its versions
             extra["replay"] = lambda d: ray.get(a.replay.spill.remote(str(d / "replay.parquet")))
-        await asyncio.to_thread(a.learner.save, path, driver_state=self.state.__dict__, extra=extra)
+        await asyncio.to_thread(a.learner.save, path, driver_state=state, extra=extra)
         self.write_accounting()
         self.log({"checkpoint/seconds": time.monotonic() - t}, "system")
 
@@ -169,13 +189,22 @@ class RunBook:
         return True
 
     def restore(self, ckpt: Path) -> None:
-        """Learner, loop state and replay content as of checkpoint `ckpt` (the caller restores the teacher)."""
+        """Learner, loop state, counters, replay content and run records as of checkpoint `ckpt` (the caller
+        restores the teacher)."""
         self.state = LoopState.from_dict(self.actors.learner.load(ckpt))
         ray.get(self.actors.replay.restore.remote(str(Path(ckpt) / "replay" / "replay.parquet")))
-        for policy in self.policies.values():
-            policy.publish()
+        self.went_back()
         if self.state.phase == "student":
             self.task_set = load_tasks(self.run.task_set(self.state.iteration))
+
+    def went_back(self) -> None:
+        """After the state was set back (to a checkpoint or the start): what was made past it is forgotten."""
+        st = self.state
+        self.restore_counters(st.counters)
+        self.metrics.rewind(st.metrics_position, st.versions)
+        st.candidates = {k: v for k, v in st.candidates.items() if int(k) < st.versions["examiner"]}
+        for policy in self.policies.values():
+            policy.publish()
 
     async def rebuild_learner(self, error: str) -> None:
         """After a learner failure: a new learner group, then everything back to the newest checkpoint
@@ -202,10 +231,9 @@ class RunBook:
         if ckpt is not None:
             self.restore(ckpt)
             await a.teacher_client.load_checkpoint(str(ckpt / "teacher"))
-        else:
-            self.state = LoopState(accounting=self.state.accounting)
-            for policy in self.policies.values():
-                policy.publish()
+        else:  # back to the start: the failed attempt's accounting and records go too
+            self.state = LoopState()
+            self.went_back()
             ray.kill(a.teacher, no_restart=False)  # back to its initial weights
             a.teacher_client.reset()
         for role in TRAINED:

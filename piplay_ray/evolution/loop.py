@@ -30,6 +30,7 @@ from piplay_ray.evolution.taskset import write_task_set
 from piplay_ray.examiner import ExaminerSampler, load_tasks, save_tasks
 from piplay_ray.fault import describe, is_actor_failure
 from piplay_ray.metrics import MetricsSink
+from piplay_ray.records import Task, to_dict
 from piplay_ray.retrieval.corpus import Corpus
 from piplay_ray.rundir import eval_dir, task_set_path
 
@@ -54,7 +55,6 @@ class EvolutionLoop:
         self.book.policies = self.policies
         self.sampler = ExaminerSampler(self.docs, cfg.examiner.hop_weights, seed=cfg.run.seed)
         self.rng = random.Random(cfg.run.seed)
-        self.examiner_candidates: list = []  # gate-passing tasks of this examiner phase (task_set_fallback)
         self.stopping = False
 
     @property
@@ -66,7 +66,6 @@ class EvolutionLoop:
     async def run_loop(self) -> None:
         cfg, st = self.cfg, self.state
         sched = cfg.schedule
-        self.examiner_candidates = []  # also after a learner rebuild: its steps are made again
         if (cfg.eval.before_training and (cfg.eval.every or cfg.eval.every_student_steps)
                 and st.global_step == 0 and st.phase == "examiner"):
             await self.evaluate("before-training")
@@ -90,8 +89,7 @@ class EvolutionLoop:
                 self.close_task_set()
                 if cfg.eval.every and (st.iteration + 1) % cfg.eval.every == 0:
                     await self.evaluate(f"iter-{st.iteration}")
-                st.iteration, st.phase, st.phase_steps = st.iteration + 1, "examiner", 0
-                self.examiner_candidates = []
+                st.iteration, st.phase, st.phase_steps, st.candidates = st.iteration + 1, "examiner", 0, {}
         if not self.stopping:
             st.phase = "done"
         await asyncio.to_thread(self.book.write_health)  # restarts seen since the last step reach the accounting
@@ -117,8 +115,8 @@ class EvolutionLoop:
         if role == "examiner":
             res = await examiner_step(step, cfg, self.state.iteration, self.sampler, pools["examiner"],
                                       pools["student"], self.policies["student"].sync_pool)
-            if cfg.examiner.task_set_fallback:  # kept only when the task set may fall back on them
-                self.examiner_candidates.extend(res.candidates)
+            if cfg.examiner.task_set_fallback:  # kept (checkpointed) only when the task set may fall back on them
+                self.state.candidates[str(step)] = [to_dict(t) for t in res.candidates]  # a re-made step replaces
         else:
             res = await student_step(step, cfg, self.book.task_set, pools["student"], self.actors.teacher_client,
                                      self.tokenizer)
@@ -141,8 +139,10 @@ class EvolutionLoop:
             say(f"iteration {it}: task set of {len(self.book.task_set)} from {task_set_path(shared, it)}")
             return
         await examiner.sync_pool()
-        ts = await write_task_set(self.cfg, it, self.actors.pools["examiner"], self.sampler,
-                                  self.examiner_candidates, self.docs, self.rng)
+        found = self.state.candidates  # examiner step -> its gate-passing tasks, oldest step first
+        candidates = [Task.from_dict(t) for step in sorted(found, key=int) for t in found[step]]
+        ts = await write_task_set(self.cfg, it, self.actors.pools["examiner"], self.sampler, candidates, self.docs,
+                                  self.rng)
         self.book.log({"tasks/examiner_attempts": ts.attempts, "tasks/examiner_pass_rate": ts.pass_rate}, "examiner")
         path = save_tasks(self.run.task_set(it), ts.tasks)
         self.book.task_set = ts.tasks

@@ -15,7 +15,7 @@ from piplay_ray import privileged
 from piplay_ray.config import Config
 from piplay_ray.diagnostics import StepDiagnostics, sample_row
 from piplay_ray.examiner import ExaminerSampler, build_task, examiner_rewards
-from piplay_ray.fault import RolloutFailed
+from piplay_ray.fault import partial
 from piplay_ray.losses import group_advantages
 from piplay_ray.records import Experience, Task
 from piplay_ray.rewards import exact_match, f1
@@ -28,14 +28,6 @@ class StepResult:
     failures: list[tuple[str, str]] = field(default_factory=list)  # (task id, why its group was lost)
     samples: list[dict] = field(default_factory=list)  # dashboard rows of sampled trajectories
     candidates: list[Task] = field(default_factory=list)  # gate-passing examiner tasks of this step
-
-
-async def partial(request: Awaitable[list]) -> tuple[list, str | None]:
-    """A pool request whose lost shares come back as None items, with the reason they were lost."""
-    try:
-        return await request, None
-    except RolloutFailed as e:
-        return e.partial, e.reason
 
 
 def mean(xs) -> float:
@@ -105,7 +97,8 @@ async def student_step(step: int, cfg: Config, task_set: Sequence[Task], student
     failures = [(t.id, reason) for t, group in zip(tasks, groups, strict=True) if group is None]
     if len(failures) == len(tasks):
         raise RuntimeError(f"student step {step}: no group could be produced: {reason}")
-    tasks, groups = zip(*[(t, gr) for t, gr in zip(tasks, groups, strict=True) if gr is not None], strict=True)
+    slot, tasks, groups = zip(*[(i, t, gr) for i, (t, gr) in enumerate(zip(tasks, groups, strict=True))
+                                if gr is not None], strict=True)  # slot: a task used twice is two groups
     flat = [(task, traj) for task, group in zip(tasks, groups, strict=True) for traj in group]
     rewards = [exact_match(traj.answer, task.answer) for task, traj in flat]
     advantages = group_advantages(rewards, g, cfg.learner.loss.std_normalize).tolist()
@@ -117,7 +110,8 @@ async def student_step(step: int, cfg: Config, task_set: Sequence[Task], student
     diag, exps, rows = StepDiagnostics(), [], []
     for i, ((task, traj), r, a, (t_ids, t_lps, t_tail)) in enumerate(
             zip(flat, rewards, advantages, scores, strict=True)):
-        exps.append(Experience(group_id=f"student-{step}-{task.id}", role="student", prompt_ids=traj.prompt_ids,
+        exps.append(Experience(group_id=f"student-{step}-{slot[i // g]}-{task.id}", role="student",
+                               prompt_ids=traj.prompt_ids,
                                response_ids=traj.response_ids, mask=traj.mask, logprobs=traj.logprobs,
                                reward=r, advantage=a, version=traj.version, teacher_ids=t_ids,
                                teacher_logprobs=t_lps, teacher_tail=t_tail, info={"task": task.id}))

@@ -86,6 +86,11 @@ class LearnerGroup:
     def version(self, role: str) -> int:
         return self._all("version", role)[0]
 
+    def trained_groups(self, role: str) -> list[str]:
+        """Every group id the role's steps trained on, in order (restored with a checkpoint): what the
+        driver's ledger is checked against."""
+        return self._all("trained_groups", role)[0]
+
     def weights(self, role: str, transport: str | None = None):
         """The role's current weights as a versioned bundle (`named_tensors()`, `version`, `nbytes`); with
         the collective transport, broadcast to the role's group (its members receive concurrently) and a

@@ -109,6 +109,7 @@ class _Policy:
 
         lc = cfg.learner
         self.role, self.path, self.version = role, path, 0
+        self.trained: list[str] = []  # the group ids of every step, in order: the learner's own record
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
@@ -290,6 +291,7 @@ class LearnerWorkerImpl:
         engine.step()
         step_s = time.perf_counter() - t0
         pol.version += 1
+        pol.trained.extend(dict.fromkeys(e.group_id for e in experiences))
         grad_norm = engine.get_global_grad_norm()
         local = {"sums": sums, "tokens_seen": sum(experiences[i].num_tokens for mb in mine for i in mb)}
         gathered = [None] * self.world_size
@@ -311,6 +313,9 @@ class LearnerWorkerImpl:
 
     def version(self, role: str) -> int:
         return self._policy(role).version
+
+    def trained_groups(self, role: str) -> list[str]:
+        return list(self._policy(role).trained)
 
     def offloaded_states(self, role: str) -> list[str]:
         return offload.offloaded_states(self._policy(role).engine)
@@ -379,7 +384,8 @@ class LearnerWorkerImpl:
                 if self.rank == 0:
                     checkpoint.save_hf(pol.engine.module, pol.tokenizer, sd, path / role)
                 pol.engine.save_checkpoint(str(path / role / "train_state"), tag="state",
-                                           client_state={"version": pol.version}, save_latest=False)
+                                           client_state={"version": pol.version, "trained": pol.trained},
+                                           save_latest=False)
         (path / "rng").mkdir(exist_ok=True)
         torch.save(checkpoint.rng_state(), path / "rng" / f"rank-{self.rank}.pt")
         torch.distributed.barrier()
@@ -394,7 +400,7 @@ class LearnerWorkerImpl:
                                                        load_optimizer_states=True, load_lr_scheduler_states=True)
             if client is None:
                 raise RuntimeError(f"{path}: DeepSpeed could not load the {role} state")
-            pol.version = int(client["version"])
+            pol.version, pol.trained = int(client["version"]), list(client.get("trained", []))
         rng = path / "rng" / f"rank-{self.rank}.pt"
         if rng.is_file():
             checkpoint.set_rng_state(torch.load(rng, weights_only=False))
