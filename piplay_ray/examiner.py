@@ -101,6 +101,12 @@ async def write_tasks(pool, sampler: ExaminerSampler, n: int, cfg: ExaminerConfi
     return [build_task(t, d, h, cfg, iteration) for t, d, h in zip(trajs, docs, hops, strict=True) if t is not None]
 
 
+def gate_failures(tasks: Sequence[Task]) -> dict[str, float]:
+    """Per gate flag, the share of `tasks` failing it (a task may fail several): why the gate pass rate is low."""
+    flags = sorted({k for t in tasks for k in t.flags})
+    return {k: sum(not t.flags.get(k, False) for t in tasks) / len(tasks) for k in flags} if tasks else {}
+
+
 def examiner_rewards(tasks: Sequence[Task], correct: Sequence[int | None], n: int, w_f: float,
                      eps: float = 1e-6, std_normalize: bool = True) -> tuple[list[float], list[float]]:
     """Difficulty rewards and hop-grouped advantages for a batch of examiner tasks.

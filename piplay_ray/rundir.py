@@ -31,6 +31,11 @@ def task_set_path(run_dir: str | os.PathLike, iteration: int) -> Path:
     return Path(run_dir) / "tasks" / f"iter-{iteration}.jsonl"
 
 
+def attempts_path(run_dir: str | os.PathLike, iteration: int) -> Path:
+    """Every task the final examiner wrote for the task set of `iteration`, with its gate flags."""
+    return Path(run_dir) / "tasks" / f"iter-{iteration}-attempts.jsonl"
+
+
 def samples_path(run_dir: str | os.PathLike, role: str, step: int) -> Path:
     return Path(run_dir) / "samples" / f"{role}-step-{step:06d}.jsonl"
 

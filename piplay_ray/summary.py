@@ -88,6 +88,8 @@ def compute(run_dir: str | Path) -> dict:
            "groups_with_signal": _mean(series("student/groups_with_signal")),
            "student_reward": _mean(series("student/reward")),
            "answer_rate": None, "searches_per_question": None}
+    fails = {k.removeprefix("examiner/gate_fail/") for r in rows for k in r if k.startswith("examiner/gate_fail/")}
+    out["gate_failures"] = {k: _mean(series(f"examiner/gate_fail/{k}")) for k in sorted(fails)}
     evals = _evals(run)
     before = evals[0] if evals and evals[0][0] == "before-training" else None
     after = evals[-1] if evals and evals[-1] is not before else None
@@ -123,6 +125,9 @@ def lines(s: dict) -> list[str]:
     for k, t in s["targets"].items():
         if k != "em_gain":
             out.append(f"{t['what']}: {f(t['value'])} (target ≥ {t['target']}) {'ok' if t['met'] else 'MISSED'}")
+    worst = sorted(((v, k) for k, v in s.get("gate_failures", {}).items() if v), reverse=True)[:3]
+    if worst:
+        out.append("examiner tasks failing each gate check: " + ", ".join(f"{k} {v:.2f}" for v, k in worst))
     out.append(f"student training reward {f(s['student_reward'])}, answer rate {f(s['train_answer_rate'])}, "
                f"searches per trajectory {f(s['train_searches_per_traj'])}")
     return out

@@ -13,7 +13,7 @@ from piplay_ray.evolution import taskset
 from piplay_ray.evolution.actors import Actors
 from piplay_ray.evolution.loop import EvolutionLoop
 from piplay_ray.records import Doc, Hop, Task, Trajectory, to_dict
-from piplay_ray.rundir import RunDir, task_set_path
+from piplay_ray.rundir import RunDir, attempts_path, task_set_path
 
 DOCS = [Doc(str(i), f"Town{i}", f"Town{i} lies on the river R{i}.") for i in range(40)]
 
@@ -115,3 +115,6 @@ def test_final_examiner_writes_in_rounds_until_the_set_is_full(tmp_path):
     assert len(records) == 4 and all(r["version"] == 5 for r in records)
     assert loop.state.accounting["iter-0-tasks"]["rule_built"] == 0
     assert loop.metrics.rows[-2]["tasks/examiner_attempts"] == 8  # two rounds of 4, then full
+    assert loop.metrics.rows[-2]["tasks/gate_fail/answer_supported"] == 0.25
+    attempts = [json.loads(line) for line in open(attempts_path(tmp_path, 0))]  # all 8 kept, with their flags
+    assert len(attempts) == 8 and sum(all(a["flags"].values()) for a in attempts) == 6

@@ -98,6 +98,13 @@ def test_examiner_step_rewards_difficulty_within_hop_groups():
     assert res.metrics["examiner/difficulty_reward"] == pytest.approx(statistics.mean(rewards))
 
 
+def test_examiner_step_reports_why_tasks_fail_the_gate():
+    res = examiner_run(cfg_with("examiner.tasks_per_step=8"), StudentPool(right=lambda q: 1))
+    fails = {k.removeprefix("examiner/gate_fail/"): v for k, v in res.metrics.items() if "gate_fail" in k}
+    assert fails["answer_supported"] == 0.25 and fails["has_question"] == 0.0  # every 4th answer is made up
+    assert res.metrics["examiner/gate_pass_rate"] == 1 - 0.25
+
+
 def test_examiner_step_drops_tasks_whose_attempts_were_lost():
     cfg = cfg_with("examiner.tasks_per_step=4", "examiner.attempts=2")
     sampler = ExaminerSampler(DOCS, [1], seed=0)

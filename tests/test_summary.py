@@ -26,8 +26,11 @@ def write_metrics(run, rows, tail=""):
 
 
 ROWS = [
-    {"step": 1, "phase": "examiner", "examiner/gate_pass_rate": 0.25, "rollout/searches_per_traj": 4.0},
-    {"step": 2, "phase": "examiner", "examiner/gate_pass_rate": 0.5, "rollout/searches_per_traj": 4.0},
+    {"step": 1, "phase": "examiner", "examiner/gate_pass_rate": 0.25, "rollout/searches_per_traj": 4.0,
+     "examiner/gate_fail/answer_supported": 0.75, "examiner/gate_fail/has_answer": 0.0},
+    {"step": 2, "phase": "examiner", "examiner/gate_pass_rate": 0.5, "rollout/searches_per_traj": 4.0,
+     "examiner/gate_fail/answer_supported": 0.25, "examiner/gate_fail/has_answer": 0.0,
+     "examiner/gate_fail/well_formed": 0.5},
     {"step": 2, "phase": "examiner", "examiner/gate_pass_rate": None},  # NaN, as the sink writes it
     {"step": 2, "phase": "examiner", "tasks/size": 10, "tasks/examiner_written": 1},
     {"step": 3, "phase": "student", "student/answer_rate": 0.5, "student/groups_with_signal": 0.25,
@@ -65,6 +68,8 @@ def test_summary_of_a_run(tmp_path):
     text = "\n".join(summary.lines(s))
     assert "before 0.250 ± 0.108, after 0.562 ± 0.124" in text and "n=16" in text
     assert "(target ≥ 0.5) MISSED" in text
+    assert s["gate_failures"] == {"answer_supported": 0.5, "has_answer": 0.0, "well_formed": 0.5}
+    assert "failing each gate check: well_formed 0.50, answer_supported 0.50\n" in text + "\n"  # zeros left out
     written = summary.write(tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text()) == written == s
 

@@ -27,12 +27,12 @@ from piplay_ray.evolution.phase import LearnerFailure, Phase
 from piplay_ray.evolution.policy import Policy, StudentPolicy
 from piplay_ray.evolution.steps import examiner_step, step_tasks, student_step
 from piplay_ray.evolution.taskset import write_task_set
-from piplay_ray.examiner import ExaminerSampler, load_tasks, save_tasks
+from piplay_ray.examiner import ExaminerSampler, gate_failures, load_tasks, save_tasks
 from piplay_ray.fault import describe, is_actor_failure
 from piplay_ray.metrics import MetricsSink
 from piplay_ray.records import Task, to_dict
 from piplay_ray.retrieval.corpus import Corpus
-from piplay_ray.rundir import eval_dir, task_set_path
+from piplay_ray.rundir import attempts_path, eval_dir, task_set_path
 
 
 class EvolutionLoop:
@@ -143,8 +143,10 @@ class EvolutionLoop:
         candidates = [Task.from_dict(t) for step in sorted(found, key=int) for t in found[step]]
         ts = await write_task_set(self.cfg, it, self.actors.pools["examiner"], self.sampler, candidates, self.docs,
                                   self.rng)
-        self.book.log({"tasks/examiner_attempts": ts.attempts, "tasks/examiner_pass_rate": ts.pass_rate}, "examiner")
+        self.book.log({"tasks/examiner_attempts": len(ts.attempts), "tasks/examiner_pass_rate": ts.pass_rate,
+                       **{f"tasks/gate_fail/{k}": v for k, v in gate_failures(ts.attempts).items()}}, "examiner")
         path = save_tasks(self.run.task_set(it), ts.tasks)
+        save_tasks(attempts_path(self.run.path, it), ts.attempts)  # every attempt with its gate flags, to read
         self.book.task_set = ts.tasks
         self.state.accounting[f"iter-{it}-tasks"] = {
             "issued": len(ts.tasks), "examiner_written": ts.examiner_written,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from piplay_ray import privileged
 from piplay_ray.config import Config
 from piplay_ray.diagnostics import StepDiagnostics, sample_row
-from piplay_ray.examiner import ExaminerSampler, build_task, examiner_rewards
+from piplay_ray.examiner import ExaminerSampler, build_task, examiner_rewards, gate_failures
 from piplay_ray.fault import partial
 from piplay_ray.losses import group_advantages
 from piplay_ray.records import Experience, Task
@@ -70,6 +70,7 @@ async def examiner_step(step: int, cfg: Config, iteration: int, sampler: Examine
         "examiner/difficulty_reward": mean(rewards),
         "examiner/format_reward": mean([t.format_reward for t in tasks]),
         "examiner/gate_pass_rate": len(valid) / len(tasks),
+        **{f"examiner/gate_fail/{k}": v for k, v in gate_failures(tasks).items()},
         **{f"examiner/gate_pass_rate_h{h}": mean(v) for h, v in by_hop.items() if v},
         "examiner/solve_rate_hist": [correct[i] / n for i in valid],
         **_rollout_metrics(trajs),

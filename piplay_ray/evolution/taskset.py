@@ -16,7 +16,7 @@ from piplay_ray.records import Hop, Task
 @dataclass
 class TaskSet:
     tasks: list[Task]
-    attempts: int  # examiner attempts made to write it
+    attempts: list[Task]  # every task the examiner wrote for it, passing the gate or not
     pass_rate: float  # share of those attempts that passed the integrity gate
     examiner_written: int  # by the final examiner
     training_candidates: int  # gate-passing tasks kept from the examiner phase (examiner.task_set_fallback)
@@ -66,4 +66,4 @@ async def write_task_set(cfg: Config, iteration: int, examiner_pool, sampler: Ex
                            "gate and this corpus has no titles/descriptions for rule-built tasks")
     rng.shuffle(tasks)
     pass_rate = sum(t.valid for t in written) / len(written) if written else 0.0
-    return TaskSet(tasks, len(written), pass_rate, n_examiner - n_fallback, n_fallback, len(tasks) - n_examiner)
+    return TaskSet(tasks, written, pass_rate, n_examiner - n_fallback, n_fallback, len(tasks) - n_examiner)
