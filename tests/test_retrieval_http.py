@@ -112,7 +112,7 @@ def test_client_retries_5xx_then_reports(fails, ok):
         srv.server_close()
 
 
-def _serve_on_any_port(cfg_path, timeout: float = 60) -> tuple[subprocess.Popen, str]:
+def serve_on_any_port(cfg_path, timeout: float = 60) -> tuple[subprocess.Popen, str]:
     """`piplay retriever serve --port 0`: the server binds a free port itself and prints its URL (no race
     between picking a port and binding it)."""
     proc = subprocess.Popen([sys.executable, "-m", "piplay_ray.cli", "retriever", "serve", "--config", str(cfg_path),
@@ -140,7 +140,7 @@ def test_killed_server_gives_reported_failures_not_crashes(corpus_path, tmp_path
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"search:\n  retriever: bm25\n  corpus: {corpus_path}\n")
-    proc, url = _serve_on_any_port(cfg)
+    proc, url = serve_on_any_port(cfg)
     try:
         client = HttpRetriever(url, timeout_s=5, retries=2, backoff_s=0.05)
         assert client.health()["status"] == "ok"
