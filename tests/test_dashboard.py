@@ -76,6 +76,12 @@ def test_metrics_reads_are_incremental_and_tolerant(tmp_path):
     path.write_text('{"step": 9}\n')  # a new file, shorter than our offset
     third = reader.metrics(second["next"])
     assert third["reset"] and third["rows"] == [{"step": 9}]
+    # a run rewound to a checkpoint (cut back) and then wrote past the page's offset: mid-line, start over
+    path.write_text('{"step": 1}\n{"step": 2}\n')
+    at = reader.metrics(0)["next"]
+    path.write_text('{"step": 1}\n{"step": 22, "x": 1}\n')  # the rewound step 2, longer, re-done
+    fourth = reader.metrics(at)
+    assert fourth["reset"] and [r["step"] for r in fourth["rows"]] == [1, 22]
 
 
 def test_tasks_and_task_detail(run, server):

@@ -160,10 +160,13 @@ class RunReader:
         if not path.is_file() or not self._inside(path):
             return {"rows": [], "next": 0, "reset": offset != 0, "more": False}
         size = path.stat().st_size
-        reset = offset > size  # the file was replaced: start over
-        if reset or offset < 0:
-            offset = 0
         with open(path, "rb") as f:
+            if 0 < offset <= size:
+                f.seek(offset - 1)  # a line ends there, unless the run rewound the file (a re-done step)
+            # start over if the file was replaced or cut back (a resume or rollback rewinds it)
+            reset = offset > size or (offset > 0 and f.read(1) != b"\n")
+            if reset or offset < 0:
+                offset = 0
             f.seek(offset)
             chunk = f.read(METRICS_CHUNK)
         end = chunk.rfind(b"\n") + 1  # an unfinished last line waits for the next poll
