@@ -20,7 +20,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from piplay_ray.config import ConfigError, Section, load_config
-from piplay_ray.rundir import SUMMARY
+from piplay_ray.rundir import SUMMARY, eval_dir, step_eval_name
 
 
 class ExperimentSpec(Section):
@@ -103,7 +103,13 @@ class Experiment:
         points = [p for arm, seed, run_dir, _ in self.runs() if seed is not None
                   for p in [*({**q, "arm": arm, "seed": seed} for q in start),
                             *report.curve(run_dir / "metrics.jsonl", arm, seed)]]
+        finals = {}  # (arm, seed) -> the final evaluation's EM per question, for the paired differences
+        for arm, seed, run_dir, _ in self.runs()[1:]:
+            last = max(p["student_step"] for p in points if (p["arm"], p["seed"]) == (arm, seed))
+            path = eval_dir(run_dir, step_eval_name(last)) / "examples.jsonl"
+            if path.is_file():
+                finals[(arm, seed)] = report.answers(path)
         header = (f"# Experiment {self.spec.name}\n\nconfig `{self.spec.config}`, overrides "
                   f"`{' '.join(self.spec.overrides) or '-'}`, seeds {self.spec.seeds}, evaluation every "
                   f"{self.spec.eval_every} student steps.\n\n")
-        return report.write(points, self.spec.baseline, self.dir, header)
+        return report.write(points, self.spec.baseline, self.dir, header, report.paired(finals, self.spec.baseline))

@@ -50,6 +50,11 @@ def log_dir(run_dir: str | os.PathLike) -> Path:
     return Path(run_dir) / "logs"
 
 
+def step_eval_name(student_step: int) -> str:
+    """The name of the held-out evaluation after `student_step` student steps (eval.every_student_steps)."""
+    return f"student-step-{student_step}"
+
+
 def eval_dir(run_dir: str | os.PathLike, name: str | None = None) -> Path:
     """`eval/` (every evaluation's outputs) or `eval/<name>/` (one evaluation's)."""
     return Path(run_dir) / "eval" / (name or "")

@@ -63,6 +63,7 @@ def test_the_arms_share_the_task_set_train_as_their_arm_and_a_second_run_reuses_
     assert [p["student_step"] for p in curve(exp.tasks_dir / "metrics.jsonl", "tasks", None)] == [0]
     assert all(p["student_step"] > 0 for a in ARMS for p in curve(exp.arm_dir(a, 0) / "metrics.jsonl", a, 0))
     assert "| answer |" in paths["md"].read_text() and paths["png"].read_bytes()[:4] == b"\x89PNG"
+    assert paths["md"].read_text().count("(4 pairs)") == len(ARMS) - 1  # paired by question against `none`
 
     def ids(path):
         return [json.loads(line)["id"] for line in path.read_text().splitlines()]

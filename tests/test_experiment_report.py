@@ -51,7 +51,25 @@ def test_outputs(points, tmp_path):
     saved = json.loads(paths["json"].read_text())
     assert len(saved["points"]) == 12 and {p["arm"] for p in saved["points"]} == {"qcp", "none"}
     md = paths["md"].read_text()
-    assert md.startswith("# ablation") and "| qcp | 0.510 ± 0.014 | 2 | 100 | 2 |" in md
+    assert md.startswith("# ablation") and "| qcp | 0.510 ± 0.014 | 2 | 100 | 2 | — |" in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     one_seed = [p for p in points if p["seed"] == 0]
-    assert "| qcp | 0.500 | 1 | 100 | 2 |" in R.markdown(R.summary(one_seed, "none"), "none")
+    assert "| qcp | 0.500 | 1 | 100 | 2 | — |" in R.markdown(R.summary(one_seed, "none"), "none")
+
+
+def test_paired_differences_by_hand(points, tmp_path):
+    """Same questions, same seed: the difference per question; mean and standard error over the pairs."""
+    def examples(name, ems):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"id": q, "em": em}) + "\n" for q, em in ems.items()))
+        return R.answers(path)
+
+    finals = {("qcp", 0): examples("q0", {"a": 1, "b": 1, "c": 0}), ("none", 0): examples("n0", {"a": 0, "b": 1, "c": 0}),
+              ("qcp", 1): examples("q1", {"a": 1, "b": 0, "c": 1}), ("none", 1): examples("n1", {"a": 1, "b": 0, "c": 0})}
+    d = R.paired(finals, "none")
+    # qcp - none per (seed, question): seed 0: 1, 0, 0; seed 1: 0, 0, 1 -> mean 1/3, sd sqrt(4/15), n 6
+    assert d["qcp"]["pairs"] == 6 and d["qcp"]["delta"] == pytest.approx(1 / 3)
+    assert d["qcp"]["se"] == pytest.approx((4 / 15) ** 0.5 / 6 ** 0.5)
+    assert d["none"] == {"delta": 0.0, "se": 0.0, "pairs": 6}
+    md = R.markdown(R.summary(points, "none", d), "none")
+    assert "| qcp | 0.510 ± 0.014 | 2 | 100 | 2 | +0.333 ± 0.211 (6 pairs) |" in md and "| none | 0.440 ± 0.014 | 2 | 100 | 4 | — |" in md

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from piplay_ray.evolution.steps import mean
 from piplay_ray.fault import describe, is_actor_failure
 from piplay_ray.metrics import learner_metrics
+from piplay_ray.rundir import step_eval_name
 
 
 class LearnerFailure(RuntimeError):
@@ -79,7 +80,7 @@ class Phase:
         await book.after_step()
         every = cfg.eval.every_student_steps
         if role == "student" and every and policy.version % every == 0:  # a learning curve (piplay experiment)
-            await loop.evaluate(f"student-step-{policy.version}")
+            await loop.evaluate(step_eval_name(policy.version))
         bar.update(1)
         bar.set_postfix(reward=f"{mean([e.reward for e in exps]):.3f}", staleness=stale)
         if cfg.checkpoint.every and st.global_step % cfg.checkpoint.every == 0:
