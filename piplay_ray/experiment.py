@@ -1,8 +1,10 @@
 """`piplay experiment`: arms x seeds of one run config on equal terms, then a table and a plot.
 
 Arms differ only in their overrides (e.g. `teacher.privileged: qcp | answer | none`). So that they differ in
-nothing else, the student task sets are written once: a *tasks* run (the config with no student steps) trains
-the examiner, writes every iteration's task set and evaluates the starting checkpoint; each arm then starts
+nothing else, the student task sets are written once: a *tasks* run trains the examiner, writes every
+iteration's task set and evaluates the starting checkpoint (with one iteration it trains no student: nothing
+after the task set depends on it; with more it is a full run of the config, so that each later examiner is
+trained against a student that has learned, as in the paper's loop); each arm then starts
 from that same checkpoint, skips the examiner (`schedule.examiner_steps=0`), trains on those task sets
 (`examiner.task_sets_from`) and evaluates the student every `eval_every` student steps. The evaluation is
 greedy, so the starting point is the same for every arm: it is measured once and is every arm's step 0. Every run is an ordinary run directory under the experiment's
@@ -73,9 +75,10 @@ class Experiment:
     def runs(self) -> list[tuple[str, int | None, Path, list[str]]]:
         """(arm, seed, run dir, overrides) of every run, in the order they run."""
         s = self.spec
-        out = [("tasks", None, self.tasks_dir, [*s.overrides, *self.extra, "schedule.student_steps=0",
-                                                 "eval.every=0", f"eval.every_student_steps={s.eval_every}",
-                                                 f"run.seed={s.seeds[0]}"])]
+        one_iteration = load_config(s.config, [*s.overrides, *self.extra]).schedule.iterations == 1
+        out = [("tasks", None, self.tasks_dir, [*s.overrides, *self.extra, "eval.every=0",
+                                                 *(["schedule.student_steps=0"] if one_iteration else []),
+                                                 f"eval.every_student_steps={s.eval_every}", f"run.seed={s.seeds[0]}"])]
         for arm, arm_overrides in s.arms.items():
             for seed in s.seeds:
                 out.append((arm, seed, self.arm_dir(arm, seed), [

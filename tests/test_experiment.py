@@ -47,6 +47,14 @@ def test_shipped_experiments_load():
         assert load_spec(path).baseline in load_spec(path).arms
 
 
+@pytest.mark.parametrize("iterations, trains_student", [(1, False), (2, True)])
+def test_the_tasks_run_trains_a_student_only_when_a_later_examiner_faces_it(tmp_path, iterations, trains_student):
+    exp = Experiment(load_spec(_spec(tmp_path, overrides=[f"schedule.iterations={iterations}"])))
+    (tasks, _, _, overrides), *arms = exp.runs()
+    assert tasks == "tasks" and ("schedule.student_steps=0" in overrides) is not trains_student
+    assert all("schedule.examiner_steps=0" in o and "eval.before_training=false" in o for *_, o in arms)
+
+
 def _rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
