@@ -2,13 +2,14 @@
 
 Arms differ only in their overrides (e.g. `teacher.privileged: qcp | answer | none`). So that they differ in
 nothing else, the student task sets are written once: a *tasks* run trains the examiner, writes every
-iteration's task set and evaluates the starting checkpoint (with one iteration it trains no student: nothing
-after the task set depends on it; with more it is a full run of the config, so that each later examiner is
-trained against a student that has learned, as in the paper's loop); each arm then starts
-from that same checkpoint, skips the examiner (`schedule.examiner_steps=0`), trains on those task sets
-(`examiner.task_sets_from`) and evaluates the student every `eval_every` student steps. The evaluation is
-greedy, so the starting point is the same for every arm: it is measured once and is every arm's step 0. Every run is an ordinary run directory under the experiment's
-folder, run as its own `piplay train` process; a finished run (its summary.json written) is never rerun and
+iteration's task set (with one iteration it trains no student: nothing after the task set depends on it;
+with more it is a full run of the config, so that each later examiner is trained against a student that has
+learned, as in the paper's loop); each arm then starts from its seed's warm start, skips the examiner
+(`schedule.examiner_steps=0`), trains on those task sets (`examiner.task_sets_from`) and evaluates the student
+every `eval_every` student steps. The starting checkpoint and the held-out set depend on the seed only (arms
+may not override `model`, `search`, `eval`, `rollout` or `run`), and evaluation is greedy, so each seed's
+start is evaluated once — by the tasks run for the first seed, by its first arm for the others — and is step
+0 of every arm of that seed. Every run is an ordinary run directory under the experiment's folder, run as its own `piplay train` process; a finished run (its summary.json written) is never rerun and
 an unfinished one resumes from its checkpoint, so a second invocation picks up where the first stopped.
 """
 
@@ -22,7 +23,9 @@ import yaml
 from pydantic import Field, ValidationError
 
 from piplay_ray.config import ConfigError, Section, load_config
-from piplay_ray.rundir import SUMMARY, eval_dir, step_eval_name
+from piplay_ray.rundir import METRICS, SUMMARY, eval_dir, step_eval_name
+
+SHARED_START = ("model", "search", "eval", "rollout", "run")  # config sections the start depends on
 
 
 class ExperimentSpec(Section):
@@ -52,6 +55,11 @@ def load_spec(path: str | Path) -> ExperimentSpec:
                                                   for err in e.errors())) from None
     if spec.baseline not in spec.arms:
         raise ConfigError(f"{path}: baseline: {spec.baseline!r} is not an arm (arms: {', '.join(spec.arms)})")
+    for arm, overrides in spec.arms.items():
+        for o in overrides:
+            if o.split("=", 1)[0].split(".", 1)[0] in SHARED_START:
+                raise ConfigError(f"{path}: arms.{arm}: {o.split('=', 1)[0]} may not differ between arms (an arm "
+                                  f"shares its seed's starting checkpoint and evaluation; not: {', '.join(SHARED_START)})")
     spec.config = str((path.parent / spec.config).resolve())
     for overrides in [[], *spec.arms.values()]:  # every run's config must load
         load_config(spec.config, [*spec.overrides, *overrides])
@@ -84,8 +92,12 @@ class Experiment:
                 out.append((arm, seed, self.arm_dir(arm, seed), [
                     *s.overrides, *arm_overrides, *self.extra, f"run.seed={seed}", "schedule.examiner_steps=0",
                     f"examiner.task_sets_from={self.tasks_dir}", f"eval.every_student_steps={s.eval_every}",
-                    "eval.before_training=false"]))
+                    f"eval.before_training={str(self.start_dir(seed) == self.arm_dir(arm, seed)).lower()}"]))
         return out
+
+    def start_dir(self, seed: int) -> Path:
+        """The run that evaluates `seed`'s starting checkpoint: the tasks run, or the seed's first arm."""
+        return self.tasks_dir if seed == self.spec.seeds[0] else self.arm_dir(next(iter(self.spec.arms)), seed)
 
     def run(self, python: str = sys.executable) -> dict[str, Path]:
         """Run what is not finished yet, then write the report; returns its paths."""
@@ -102,12 +114,12 @@ class Experiment:
             if subprocess.run(cmd).returncode != 0:
                 raise RuntimeError(f"{label}: `piplay train` failed; its run directory is {run_dir} "
                                    "(run the experiment again to resume it)")
-        start = report.curve(self.tasks_dir / "metrics.jsonl", "tasks", None)
-        points = [p for arm, seed, run_dir, _ in self.runs() if seed is not None
-                  for p in [*({**q, "arm": arm, "seed": seed} for q in start),
-                            *report.curve(run_dir / "metrics.jsonl", arm, seed)]]
-        finals = {}  # (arm, seed) -> the final evaluation's EM per question, for the paired differences
+        points, finals = [], {}  # finals: (arm, seed) -> its final evaluation's EM per question
         for arm, seed, run_dir, _ in self.runs()[1:]:
+            own = report.curve(run_dir / METRICS, arm, seed)
+            if self.start_dir(seed) != run_dir:  # step 0: the seed's start, evaluated once
+                own = [p for p in report.curve(self.start_dir(seed) / METRICS, arm, seed) if p["student_step"] == 0] + own
+            points += own
             last = max(p["student_step"] for p in points if (p["arm"], p["seed"]) == (arm, seed))
             path = eval_dir(run_dir, step_eval_name(last)) / "examples.jsonl"
             if path.is_file():

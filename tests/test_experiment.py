@@ -36,6 +36,8 @@ def _spec(tmp_path, **over) -> str:
     ({"seeds": []}, "seeds"),
     ({"arms": {"none": ["teacher.privileged=sometimes"]}}, "teacher.privileged"),
     ({"eval_every": 0}, "eval_every"),
+    ({"arms": {"none": ["teacher.privileged=none"], "big": ["model.base=builtin:smollm2"]}},
+     "arms.big: model.base may not differ between arms"),
 ])
 def test_a_bad_spec_names_the_key(tmp_path, over, message):
     with pytest.raises(ConfigError, match=message):
@@ -52,7 +54,17 @@ def test_the_tasks_run_trains_a_student_only_when_a_later_examiner_faces_it(tmp_
     exp = Experiment(load_spec(_spec(tmp_path, overrides=[f"schedule.iterations={iterations}"])))
     (tasks, _, _, overrides), *arms = exp.runs()
     assert tasks == "tasks" and ("schedule.student_steps=0" in overrides) is not trains_student
-    assert all("schedule.examiner_steps=0" in o and "eval.before_training=false" in o for *_, o in arms)
+    assert all("schedule.examiner_steps=0" in o for *_, o in arms)
+
+
+def test_each_seed_start_is_evaluated_once_by_its_first_run(tmp_path):
+    """The seed sets the warm start and the held-out set: seed 0's start is the tasks run's evaluation, seed
+    1's is its first arm's; every other arm takes its seed's start as step 0."""
+    exp = Experiment(load_spec(_spec(tmp_path, seeds=[0, 1])))
+    first = next(iter(exp.spec.arms))
+    before = {(arm, seed): "eval.before_training=true" in o for arm, seed, _, o in exp.runs()[1:]}
+    assert before == {(a, s): (a, s) == (first, 1) for a in ARMS for s in (0, 1)}
+    assert exp.start_dir(0) == exp.tasks_dir and exp.start_dir(1) == exp.arm_dir(first, 1)
 
 
 def _rows(run):
