@@ -26,17 +26,29 @@ SCALE = ALPHA / RANK
 
 
 @pytest.fixture(scope="module")
-def worker(tiny_model):
-    """A learner rank training the student with LoRA; the process's environment and group are restored after."""
+def process():
+    """The ranks below join a one-rank gloo group in this process; its environment and group are restored after."""
     env = dict(os.environ)
-    cfg = _cfg(tiny_model, **{"learner.lora.rank": RANK, "learner.lora.alpha": ALPHA, "learner.lr": 1e-2})
-    w = LearnerWorkerImpl(cfg.model_dump(mode="json"), ("student",), rank=0, world_size=1)
-    w.info = w.setup("127.0.0.1", _free_port(), 0, 1, [])
-    yield w
-    w.close()
-    torch.distributed.destroy_process_group()
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     os.environ.clear()
     os.environ.update(env)
+
+
+def _worker(tiny_model, **over) -> LearnerWorkerImpl:
+    cfg = _cfg(tiny_model, **{"learner.lora.rank": RANK, "learner.lora.alpha": ALPHA, "learner.lr": 1e-2, **over})
+    w = LearnerWorkerImpl(cfg.model_dump(mode="json"), ("student",), rank=0, world_size=1)
+    w.info = w.setup("127.0.0.1", _free_port(), 0, 1, [])
+    return w
+
+
+@pytest.fixture(scope="module")
+def worker(process, tiny_model):
+    """A ZeRO-2 learner rank training the student with LoRA."""
+    w = _worker(tiny_model)
+    yield w
+    w.close()
 
 
 @pytest.fixture(scope="module")
@@ -185,3 +197,19 @@ def test_hf_export_is_the_merged_model(worker, stepped, tiny_model, tmp_path):
         module.train()
     assert (want - untrained).abs().max() > 1e-4  # the adapter moved the logits: the comparison is not trivial
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_zero3_gathers_each_layer_to_merge_it(process, tiny_model, base):
+    """ZeRO-3 keeps only partitions in the module: the merge must gather W, A and B of each layer."""
+    w = _worker(tiny_model, **{"learner.zero_stage": 3})
+    try:
+        pol = w.policies["student"]
+        assert pol.zero3 and all(p.numel() == 0 for p in pol.engine.module.parameters())  # partitioned
+        assert [n for n, _, _ in pol.param_metadata()] == list(base)
+        _close(w.state_dict("student"), base)  # B = 0: the merge is the base, bit for bit
+        w.train_step("student", _batch("student", seed=3, n=4))
+        adapter = {k.replace(".default.", "."): v for k, v in w.adapter_state("student").items()}
+        assert all(v.abs().max() > 0 for k, v in adapter.items() if ".lora_B." in k)  # the merge is not W
+        _close(w.state_dict("student"), _merged_here(base, adapter), exact=False)
+    finally:
+        w.close()
