@@ -85,6 +85,20 @@ def test_config_lora_off_by_default_and_bad_keys_named(tiny_model):
             _cfg(tiny_model, **{key: value})
 
 
+def test_merge_rounds_once_and_follows_the_weight_layout():
+    g = torch.Generator().manual_seed(0)
+    w, a, b = (torch.randn(*s, generator=g) for s in ((6, 5), (3, 5), (6, 3)))
+    want = w.double() + 0.5 * b.double() @ a.double()
+    torch.testing.assert_close(lora.merge(w, a, b, 0.5).double(), want, atol=1e-6, rtol=0)
+    half = lora.merge(w.bfloat16(), a.bfloat16(), b.bfloat16(), 0.5)  # fp32 sum, one rounding to bf16
+    ref = (w.bfloat16().float() + 0.5 * b.bfloat16().float() @ a.bfloat16().float()).bfloat16()
+    assert half.dtype == torch.bfloat16 and torch.equal(half, ref)
+    torch.testing.assert_close(lora.merge(w.T.contiguous(), a, b, 0.5, fan_in_fan_out=True).double(), want.T,
+                               atol=1e-6, rtol=0)  # GPT-2's Conv1D stores W as [in, out]
+    assert lora.base_name("base_model.model.model.layers.0.mlp.up_proj.base_layer.weight") == \
+        "model.layers.0.mlp.up_proj.weight"
+
+
 def test_start_up_says_engines_get_merged_weights(worker):
     assert worker.info["lora_sync"] == "merged" and "not built yet" in lora.MERGED_NOTE
 
