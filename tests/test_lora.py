@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterable
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -151,27 +152,18 @@ def test_merged_weights_are_w_plus_scaled_ba_under_base_names(worker, stepped, b
     worker.transports[("student", "recording")] = _Recording(bucket_mb=1)
     published = worker.publish("student", "recording")  # what a transport packs and a receiver unpacks
     assert published.version == 1
-    _close(dict(published.named_tensors()), merged)
+    _close(dict(published.tensors), merged)
 
 
 class _Recording(Transport):
-    """The real bucket packing without Ray: the bundle hands back what a receiver would unpack."""
+    """The real bucket packing without Ray: the bundle holds what a receiver would unpack."""
 
     name = "recording"
 
-    def publish(self, version: int, named: Iterable[tuple[str, torch.Tensor]]):
+    def publish(self, version: int, named: Iterable[tuple[str, torch.Tensor]]) -> SimpleNamespace:
         buckets = [(buf.clone(), specs) for buf, specs in pack_buckets(named, self.bucket_bytes)]
-
-        class Bundle:
-            meta: dict = {}
-
-            def named_tensors(self):
-                for buf, specs in buckets:
-                    yield from unpack_bucket(buf, specs)
-
-        bundle = Bundle()
-        bundle.version, bundle.nbytes = version, sum(b.numel() for b, _ in buckets)
-        return bundle
+        return SimpleNamespace(version=version, meta={},
+                               tensors=[nt for buf, specs in buckets for nt in unpack_bucket(buf, specs)])
 
 
 def test_checkpoint_keeps_the_peft_adapter_and_resume_is_exact(worker, stepped, tiny_model, tmp_path):
@@ -184,6 +176,8 @@ def test_checkpoint_keeps_the_peft_adapter_and_resume_is_exact(worker, stepped, 
     _close(lora.adapter_state(peft, lambda ps: contextlib.nullcontext()), saved)  # PEFT itself reads the format
     train_state = tmp_path / "student" / "train_state" / "state"
     assert sum(f.stat().st_size for f in train_state.iterdir()) < 2e6  # adapter + Adam moments, no frozen base
+    with pytest.raises(ValueError, match="written with learner.lora"):  # a full run cannot resume it
+        lora.check_checkpoint(tmp_path / "student", on=False)
     nxt = _batch("student", seed=4, n=4)
     worker.train_step("student", nxt)
     once = worker.adapter_state("student")

@@ -126,3 +126,13 @@ def save_adapter(module: torch.nn.Module, state: dict[str, torch.Tensor], out: s
     """The adapter in PEFT's format (adapter_model.safetensors + adapter_config.json): `PeftModel.from_pretrained`
     over the base model loads it."""
     module.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+
+
+def check_checkpoint(role_dir: str | Path, on: bool) -> None:
+    """A LoRA run resumes only a LoRA checkpoint and a full run only a full one: DeepSpeed's state of one
+    does not fit the other's parameters."""
+    has = (Path(role_dir) / ADAPTER_DIR).is_dir()
+    if has != on:
+        raise ValueError(f"{role_dir} was written {'with' if has else 'without'} learner.lora, but this run has "
+                         f"learner.lora.rank={'0' if not on else '> 0'}; resume it with the setting it was written "
+                         "with (or start a new run directory)")

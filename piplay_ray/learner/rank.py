@@ -414,6 +414,7 @@ class LearnerWorkerImpl:
         for role, pol in self.policies.items():
             if not (path / role / "train_state").is_dir():
                 raise FileNotFoundError(f"{path}: no training state for role {role!r}")
+            lora.check_checkpoint(path / role, pol.lora)
             with self._resident(role):  # DeepSpeed loads into resident buffers only
                 _, client = pol.engine.load_checkpoint(str(path / role / "train_state"), tag="state",
                                                        load_module_strict=not pol.lora,  # no frozen base
