@@ -37,9 +37,9 @@ def process():
     os.environ.update(env)
 
 
-def _worker(tiny_model, **over) -> LearnerWorkerImpl:
+def _worker(tiny_model, roles=("student",), **over) -> LearnerWorkerImpl:
     cfg = _cfg(tiny_model, **{"learner.lora.rank": RANK, "learner.lora.alpha": ALPHA, "learner.lr": 1e-2, **over})
-    w = LearnerWorkerImpl(cfg.model_dump(mode="json"), ("student",), rank=0, world_size=1)
+    w = LearnerWorkerImpl(cfg.model_dump(mode="json"), roles, rank=0, world_size=1)
     w.info = w.setup("127.0.0.1", _free_port(), 0, 1, [])
     return w
 
@@ -207,17 +207,29 @@ def test_hf_export_is_the_merged_model(worker, stepped, tiny_model, tmp_path):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_zero3_gathers_each_layer_to_merge_it(process, tiny_model, base):
-    """ZeRO-3 keeps only partitions in the module: the merge must gather W, A and B of each layer."""
-    w = _worker(tiny_model, **{"learner.zero_stage": 3})
+# what DeepSpeed offloads of an idle LoRA role: ZeRO-2 all of the adapter's states; ZeRO-3 (with torch's AdamW)
+# its gradients, and never the frozen base (see offload.include)
+OFFLOADED = {2: ["hp_params", "lp_grads", "lp_params", "optim_states"], 3: ["contiguous_grad_buffer", "lp_grads"]}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_roles_offload_and_merge(process, tiny_model, base, stage):
+    """Both roles on one rank, the idle one offloaded; ZeRO-3 keeps only partitions in the module, so the merge
+    gathers W, A and B of each layer (on CPU DeepSpeed's offload bookkeeping runs, with no copies)."""
+    w = _worker(tiny_model, ("examiner", "student"), **{"learner.zero_stage": stage, "learner.offload_inactive": True})
     try:
         pol = w.policies["student"]
-        assert pol.zero3 and all(p.numel() == 0 for p in pol.engine.module.parameters())  # partitioned
+        assert pol.zero3 == (stage == 3) == all(p.numel() == 0 for p in pol.engine.module.parameters())
         assert [n for n, _, _ in pol.param_metadata()] == list(base)
-        _close(w.state_dict("student"), base)  # B = 0: the merge is the base, bit for bit
         w.train_step("student", _batch("student", seed=3, n=4))
+        assert w.offloaded_states("examiner") == OFFLOADED[stage]
+        _close(w.state_dict("examiner"), base)  # idle, untrained: B = 0, so the merge is the base bit for bit
         adapter = {k.replace(".default.", "."): v for k, v in w.adapter_state("student").items()}
         assert all(v.abs().max() > 0 for k, v in adapter.items() if ".lora_B." in k)  # the merge is not W
         _close(w.state_dict("student"), _merged_here(base, adapter), exact=False)
+        w.train_step("examiner", _batch("examiner", seed=5, n=4))  # the examiner comes back and trains
+        assert w.offloaded_states("student") == OFFLOADED[stage]
+        assert not torch.equal(w.state_dict("examiner")["model.layers.0.mlp.up_proj.weight"],
+                               base["model.layers.0.mlp.up_proj.weight"])
     finally:
         w.close()
