@@ -165,6 +165,17 @@ class LossConfig(Section):
     is_cap: Annotated[float, Field(gt=0)] = 2.0  # w = min(pi_learner / pi_engine, is_cap)
 
 
+class LoraConfig(Section):
+    """PEFT LoRA adapters on each trained role: only they train, so optimizer state is megabytes."""
+
+    rank: NonNegInt = 0  # r; 0 = off (full fine-tuning)
+    alpha: Annotated[float, Field(gt=0)] = 16.0  # the update is (alpha / rank) * B @ A
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # module names (suffixes) to adapt; ["all-linear"]: every linear layer but the output head (PEFT's shorthand)
+    target_modules: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)] = Field(
+        default_factory=lambda: ["all-linear"])
+
+
 class LearnerConfig(Section):
     world_size: PosInt = 1
     num_cpus_per_rank: Annotated[float, Field(gt=0)] = 1.0
@@ -179,6 +190,7 @@ class LearnerConfig(Section):
     micro_batch_tokens: PosInt = 4096
     offload_inactive: bool = True
     loss: LossConfig = Field(default_factory=LossConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
 
 class WeightSyncConfig(Section):

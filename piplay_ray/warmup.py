@@ -127,6 +127,7 @@ def _train(name: str, cfg: Config, corpus: str, held_out: set[str], out: Path) -
     lcfg = cfg.model_copy(deep=True)
     lcfg.model.examiner = lcfg.model.student = lcfg.model.teacher = base
     lcfg.learner.lr, lcfg.learner.offload_inactive = r.lr, False
+    lcfg.learner.lora.rank = 0  # the recipe (and its cache key) is full fine-tuning, whatever the run's LoRA
     lcfg.learner.num_cpus_per_rank = max(lcfg.learner.num_cpus_per_rank, os.cpu_count() or 1)  # nothing else runs
     started = not ray.is_initialized()
     if started:

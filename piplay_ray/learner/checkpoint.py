@@ -1,8 +1,9 @@
 """Checkpoint layout, atomic writes, retention and discovery.
 
 A checkpoint is `run_dir/checkpoints/step-{n:06d}/` holding, per trained role, a Hugging Face model folder
-(safetensors, config, tokenizer, chat template: loadable by transformers and vLLM as is) and the
-DeepSpeed training state (optimizer shards, scheduler), plus RNG states per rank, the learner's policy
+(safetensors, config, tokenizer, chat template: loadable by transformers and vLLM as is; with LoRA the merged
+model, and the adapter in PEFT format under `adapter/`) and the DeepSpeed training state (optimizer shards,
+scheduler), plus RNG states per rank, the learner's policy
 versions and the driver's own state. It is written under a hidden temporary name and renamed into place
 once everything is on disk, then marked complete, so a crash never leaves a checkpoint that resume
 would pick up half-written.

@@ -17,7 +17,7 @@ import ray
 import torch
 
 from piplay_ray.config import Config
-from piplay_ray.learner import checkpoint
+from piplay_ray.learner import checkpoint, lora
 from piplay_ray.learner.rank import LearnerWorkerImpl
 from piplay_ray.records import Experience
 from piplay_ray.roles import TRAINED
@@ -59,6 +59,8 @@ class LearnerGroup:
         local = [ips[:r].count(ips[r]) for r in range(ws)]
         self.info = ray.get([w.setup.remote(master_ip, master_port, local[r], ips.count(ips[r]), infos[r][2])
                              for r, w in enumerate(self.workers)])
+        if self.info[0].get("lora_sync") == "merged":
+            log.warning(lora.MERGED_NOTE)
 
     def _submit(self, method: str, *args) -> list:
         """One call per rank, submitted under a lock: calls from several driver threads (a train step and a

@@ -16,14 +16,19 @@ log = logging.getLogger(__name__)
 
 def include(engine) -> list | None:
     """What `offload_states` may move (None: all). DeepSpeed's ZeRO-3 moves the fp32 master weights and the
-    Adam moments only for its own FusedAdam; with torch's AdamW those two stay resident."""
+    Adam moments only for its own FusedAdam; with torch's AdamW those two stay resident. With frozen
+    parameters (LoRA's base) the trained weights' partitions stay too: DeepSpeed 0.19 re-binds every module
+    parameter into the trained ones' buffer on offload and fails; the frozen base is never offloaded."""
     from deepspeed.ops.adam import FusedAdam
     from deepspeed.runtime.zero.offload_config import OffloadStateTypeEnum as S
 
-    inner = getattr(engine.optimizer, "optimizer", None)
-    if engine.zero_optimization_stage() != 3 or isinstance(inner, FusedAdam):
+    if engine.zero_optimization_stage() != 3:
         return None
-    return [s for s in S if s not in (S.hp_params, S.optim_states)]
+    fused = isinstance(getattr(engine.optimizer, "optimizer", None), FusedAdam)
+    keep = set() if fused else {S.hp_params, S.optim_states}
+    if any(not p.requires_grad for p in engine.module.parameters()):
+        keep.add(S.lp_params)
+    return [s for s in S if s not in keep] if keep else None
 
 
 def offload(engine, pin: bool) -> bool:

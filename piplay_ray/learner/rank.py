@@ -25,7 +25,7 @@ import torch
 
 from piplay_ray import assets
 from piplay_ray.config import Config, LearnerConfig
-from piplay_ray.learner import batching, checkpoint, offload
+from piplay_ray.learner import batching, checkpoint, lora, offload
 from piplay_ray.learner.hidden import HiddenForward
 from piplay_ray.learner.rank_env import rank_env
 from piplay_ray.learner.reference import Reference
@@ -117,7 +117,10 @@ class _Policy:
         if lc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
-        opt = make_optimizer(model.parameters(), lc, device)
+        self.lora = lc.lora.rank > 0
+        if self.lora:
+            model = lora.wrap(model, lc.lora)
+        opt = make_optimizer([p for p in model.parameters() if p.requires_grad], lc, device)
         sched = make_scheduler(opt, lc.lr_warmup_steps)
         self.bf16 = use_bf16(lc.bf16, device)
         self.forward = HiddenForward(model)  # hooks the module before DeepSpeed wraps it
@@ -135,19 +138,27 @@ class _Policy:
 
     def param_metadata(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         """(name, dtype, full shape) without gathering (ZeRO-3 keeps the full shape in `ds_shape`)."""
-        return [(n, p.dtype, tuple(getattr(p, "ds_shape", p.shape))) for n, p in self.engine.module.named_parameters()]
+        module = self.engine.module
+        named = lora.base_parameters(module) if self.lora else module.named_parameters()
+        return [(n, p.dtype, tuple(getattr(p, "ds_shape", p.shape))) for n, p in named]
+
+    def gathered(self, params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
+        """Full `params` inside the context (ZeRO-3 gathers them; otherwise they already are)."""
+        if not self.zero3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params)
 
     def full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, full tensor) for every parameter; under ZeRO-3 all ranks must iterate together."""
+        """(HF name, full tensor) for every parameter, LoRA merged in; under ZeRO-3 all ranks iterate together."""
         module = self.engine.module
+        if self.lora:
+            yield from lora.merged_parameters(module, self.gathered, copy=self.zero3)
+            return
         for name, p in module.named_parameters():
-            if self.zero3:
-                import deepspeed
-
-                with deepspeed.zero.GatheredParameters([p]):
-                    yield name, p.data.detach().clone()
-            else:
-                yield name, p.data.detach()
+            with self.gathered([p]):
+                yield name, p.data.detach().clone() if self.zero3 else p.data.detach()
 
 
 class LearnerWorkerImpl:
@@ -191,7 +202,10 @@ class LearnerWorkerImpl:
             path = assets.resolve_model(self.cfg.model.path_for(role))
             self.policies[role] = _Policy(role, path, self.cfg, self.world_size, self.device)
         self.activate(self.roles[0])
-        return {"rank": self.rank, "device": str(self.device), "bf16": self.policies[self.roles[0]].bf16}
+        info = {"rank": self.rank, "device": str(self.device), "bf16": self.policies[self.roles[0]].bf16}
+        if self.cfg.learner.lora.rank:
+            info["lora_sync"] = "merged"  # the group says so once, at start-up (lora.MERGED_NOTE)
+        return info
 
     # ------------------------------------------------------------------------------------------ phases
 
@@ -358,12 +372,18 @@ class LearnerWorkerImpl:
         with self._resident(role) as pol:
             sd = self.state_dict(role)
             if self.rank == 0:
-                checkpoint.save_hf(pol.engine.module, pol.tokenizer, sd, path)
+                checkpoint.save_hf(lora.hf_module(pol.engine.module), pol.tokenizer, sd, path)
 
     def state_dict(self, role: str) -> dict[str, torch.Tensor] | None:
         """Full CPU parameters (rank 0; None elsewhere): for tests and the HF export."""
         with self._resident(role) as pol:
             sd = {n: t.to("cpu", copy=True) for n, t in pol.full_parameters()}
+        return sd if self.rank == 0 else None
+
+    def adapter_state(self, role: str) -> dict[str, torch.Tensor] | None:
+        """The role's LoRA matrices as CPU tensors under PEFT names (rank 0; None elsewhere)."""
+        with self._resident(role) as pol:
+            sd = lora.adapter_state(pol.engine.module, pol.gathered)
         return sd if self.rank == 0 else None
 
     def optimizer_state(self, role: str) -> dict:
@@ -382,10 +402,15 @@ class LearnerWorkerImpl:
             with self._resident(role):
                 sd = self.state_dict(role)
                 if self.rank == 0:
-                    checkpoint.save_hf(pol.engine.module, pol.tokenizer, sd, path / role)
-                pol.engine.save_checkpoint(str(path / role / "train_state"), tag="state",
+                    checkpoint.save_hf(lora.hf_module(pol.engine.module), pol.tokenizer, sd, path / role)
+                if pol.lora:
+                    adapter = self.adapter_state(role)
+                    if self.rank == 0:
+                        lora.save_adapter(pol.engine.module, adapter, path / role / lora.ADAPTER_DIR)
+                # with LoRA the frozen base is the model path's own weights: only the adapter is state
+                pol.engine.save_checkpoint(str(path / role / "train_state"), tag="state", save_latest=False,
                                            client_state={"version": pol.version, "trained": pol.trained},
-                                           save_latest=False)
+                                           exclude_frozen_parameters=pol.lora)
         (path / "rng").mkdir(exist_ok=True)
         torch.save(checkpoint.rng_state(), path / "rng" / f"rank-{self.rank}.pt")
         torch.distributed.barrier()
@@ -395,8 +420,10 @@ class LearnerWorkerImpl:
         for role, pol in self.policies.items():
             if not (path / role / "train_state").is_dir():
                 raise FileNotFoundError(f"{path}: no training state for role {role!r}")
+            lora.check_checkpoint(path / role, pol.lora)
             with self._resident(role):  # DeepSpeed loads into resident buffers only
                 _, client = pol.engine.load_checkpoint(str(path / role / "train_state"), tag="state",
+                                                       load_module_strict=not pol.lora,  # no frozen base
                                                        load_optimizer_states=True, load_lr_scheduler_states=True)
             if client is None:
                 raise RuntimeError(f"{path}: DeepSpeed could not load the {role} state")
