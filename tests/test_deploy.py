@@ -124,6 +124,23 @@ def test_qwen3_8b_uses_tensor_parallel_engines():
     assert lay.total_gpus == 15
 
 
+def test_qwen3_8b_lora_fits_one_node_with_the_schedule_of_qwen3_8b():
+    """The LoRA config changes the layout and turns LoRA on; every other setting is qwen3-8b.yaml's."""
+    lora = load_config(ROOT / "configs/cluster/qwen3-8b-lora.yaml")
+    full = load_config(ROOT / "configs/cluster/qwen3-8b.yaml")
+    lay = L.layout(lora)
+    assert lora.learner.lora.rank > 0 and full.learner.lora.rank == 0
+    assert (lay.learner_gpus, lay.rollout_gpus, lay.teacher_gpus) == (2, {"examiner": 2.0, "student": 2.0}, 1)
+    assert lay.total_gpus == 7 and L.fits(lay, [7]) and not L.fits(lay, [6])
+    changed = {"run": {"name"}, "rollout": {"workers_per_role", "tensor_parallel_size"},
+               "learner": {"world_size", "lora"}}
+    a, b = lora.model_dump(), full.model_dump()
+    for section in a:
+        skip = changed.get(section, set())
+        assert {k: v for k, v in a[section].items() if k not in skip} == \
+            {k: v for k, v in b[section].items() if k not in skip}, section
+
+
 # ------------------------------------------------------------------------------------------------- manifests
 
 
@@ -360,12 +377,13 @@ def test_the_schedule_table_in_the_docs_is_what_the_cluster_configs_say():
     """docs/cluster.md compares the paper, Dr. Zero and the configs; its config columns must be the truth."""
     text = (ROOT / "docs" / "cluster.md").read_text()
     section = text.split("## Schedules:", 1)[1].split("\n## ", 1)[0]
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
-            if line.startswith("| ") and "`" in line.split("|")[4]]
+    table = [[c.strip() for c in line.strip("|").split("|")] for line in section.splitlines()
+             if line.startswith("| ")]
+    names, rows = table[0][4:], [r for r in table[1:] if "`" in r[3]]  # header: setting, paper, Dr. Zero, key
     configs = {p.stem: load_config(p) for p in CLUSTER_CONFIGS}
-    assert len(rows) >= 15 and set(configs) == {"qwen3-4b", "qwen3-8b"}
+    assert len(rows) >= 15 and sorted(names) == sorted(configs)  # a column per shipped cluster config
     for setting, _paper, _drzero, key, *values in rows:
-        for name, shown in zip(("qwen3-4b", "qwen3-8b"), values, strict=True):
+        for name, shown in zip(names, values, strict=True):
             value = configs[name]
             for part in key.strip("`").split("."):
                 value = getattr(value, part)
