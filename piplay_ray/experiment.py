@@ -91,6 +91,7 @@ class Experiment:
             for seed in s.seeds:
                 out.append((arm, seed, self.arm_dir(arm, seed), [
                     *s.overrides, *arm_overrides, *self.extra, f"run.seed={seed}", "schedule.examiner_steps=0",
+                    "eval.every=0",  # the curve's evaluations only (an end-of-iteration one would repeat the last)
                     f"examiner.task_sets_from={self.tasks_dir}", f"eval.every_student_steps={s.eval_every}",
                     f"eval.before_training={str(self.start_dir(seed) == self.arm_dir(arm, seed)).lower()}"]))
         return out

@@ -55,7 +55,7 @@ def test_the_tasks_run_trains_a_student_only_when_a_later_examiner_faces_it(tmp_
     exp = Experiment(load_spec(_spec(tmp_path, overrides=[f"schedule.iterations={iterations}"])))
     (tasks, _, _, overrides), *arms = exp.runs()
     assert tasks == "tasks" and ("schedule.student_steps=0" in overrides) is not trains_student
-    assert all("schedule.examiner_steps=0" in o for *_, o in arms)
+    assert all("schedule.examiner_steps=0" in o and "eval.every=0" in o for *_, o in arms)
 
 
 def test_each_seed_start_is_evaluated_once_by_its_first_run(tmp_path):
