@@ -136,6 +136,18 @@ class Experience:
         return cls(**d)
 
 
+def group_id(role: str, step: int, *parts: Any) -> str:
+    """`role-step[-parts]`: a group's id names the learner step it was made for (the replay store asks it)."""
+    return "-".join([role, str(step), *map(str, parts)])
+
+
+def group_step(gid: str) -> tuple[str, int] | None:
+    """(role, step) of a `group_id`, None for an id of another shape."""
+    role, _, rest = gid.partition("-")
+    step = rest.partition("-")[0]
+    return (role, int(step)) if step.isdigit() else None
+
+
 def to_dict(record: Any) -> dict:
     return dataclasses.asdict(record)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter, deque
 from pathlib import Path
 
-from piplay_ray.records import Experience
+from piplay_ray.records import Experience, group_step
 from piplay_ray.rundir import write_atomic
 
 Group = list[Experience]
@@ -77,6 +77,12 @@ class ReplayBuffer:
         self.groups[role] = keep
         self.counts[f"evicted_stale/{role}"] += evicted
         return evicted
+
+    def produced(self, role: str, step: int) -> bool:
+        """Whether groups of learner step `step` were accepted and not evicted: after a restore from a spill,
+        the producer goes on from the first step it has none of (a step made again would be refused as a
+        duplicate, its rollouts wasted and its records written twice)."""
+        return any(group_step(g) == (role, step) for g in self.seen)
 
     def sample(self, role: str, n_groups: int) -> list[Group]:
         """Pop up to `n_groups` oldest groups of `role` (FIFO keeps staleness low)."""

@@ -52,6 +52,21 @@ def test_an_evicted_group_can_be_produced_again():
     assert [g[0].version for g in buf.sample("student", 2)] == [1]
 
 
+def test_a_step_counts_as_produced_while_its_groups_are_held_or_trained():
+    from piplay_ray.records import group_id, group_step
+
+    assert group_step(group_id("student", 12, 0, "it0-rule-7")) == ("student", 12)
+    assert group_step("examiner-3") == ("examiner", 3) and group_step("warmup-student-1") is None
+    buf = ReplayBuffer(capacity_groups=10, max_staleness=0)
+    buf.add(group(group_id("student", 0, 0, "t"), 0))
+    assert buf.produced("student", 0) and not buf.produced("student", 1) and not buf.produced("examiner", 0)
+    buf.sample("student", 1)
+    assert buf.produced("student", 0)  # trained: still produced
+    buf.add(group(group_id("student", 1, 0, "t"), 0))
+    buf.set_version("student", 1)  # evicted as stale: to be made again
+    assert not buf.produced("student", 1)
+
+
 def test_on_policy_means_same_version_only():
     buf = ReplayBuffer(capacity_groups=10, max_staleness=0)
     buf.set_version("examiner", 2)

@@ -67,6 +67,9 @@ class ReplayStoreImpl:
             self.changed.notify_all()
             return evicted
 
+    def produced(self, role: str, step: int) -> bool:
+        return self.buffer.produced(role, step)
+
     def stats(self) -> dict:
         return self.buffer.stats() | {"backpressure_wait_s": self.waited_s}
 

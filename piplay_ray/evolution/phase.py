@@ -99,6 +99,8 @@ class Phase:
         """Fill the replay store for learner steps first..last-1, each started once the staleness rule allows."""
         loop, policy, bound = self.loop, self.policy, self.loop.cfg.replay.max_staleness
         for j in range(first, last):
+            if await loop.actors.replay.produced.remote(self.role, j):  # buffered, restored with a checkpoint
+                continue
             while not loop.stopping:
                 await policy.wait_to_produce(j, bound, lambda: loop.stopping)
                 await policy.sync_pool()

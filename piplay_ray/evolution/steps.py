@@ -17,7 +17,7 @@ from piplay_ray.diagnostics import StepDiagnostics, sample_row
 from piplay_ray.examiner import ExaminerSampler, build_task, examiner_rewards, gate_failures
 from piplay_ray.fault import partial
 from piplay_ray.losses import group_advantages
-from piplay_ray.records import Experience, Task
+from piplay_ray.records import Experience, Task, group_id
 from piplay_ray.rewards import exact_match, f1
 
 
@@ -75,7 +75,7 @@ async def examiner_step(step: int, cfg: Config, iteration: int, sampler: Examine
         "examiner/solve_rate_hist": [correct[i] / n for i in valid],
         **_rollout_metrics(trajs),
     }
-    group = [Experience(group_id=f"examiner-{step}", role="examiner", prompt_ids=t.prompt_ids,
+    group = [Experience(group_id=group_id("examiner", step), role="examiner", prompt_ids=t.prompt_ids,
                         response_ids=t.response_ids, mask=t.mask, logprobs=t.logprobs, reward=r,
                         advantage=a, version=t.version, info={"task": task.id, "hops": task.hops})
              for t, task, r, a in zip(trajs, tasks, rewards, advantages, strict=True)]
@@ -111,7 +111,7 @@ async def student_step(step: int, cfg: Config, task_set: Sequence[Task], student
     diag, exps, rows = StepDiagnostics(), [], []
     for i, ((task, traj), r, a, (t_ids, t_lps, t_tail)) in enumerate(
             zip(flat, rewards, advantages, scores, strict=True)):
-        exps.append(Experience(group_id=f"student-{step}-{slot[i // g]}-{task.id}", role="student",
+        exps.append(Experience(group_id=group_id("student", step, slot[i // g], task.id), role="student",
                                prompt_ids=traj.prompt_ids,
                                response_ids=traj.response_ids, mask=traj.mask, logprobs=traj.logprobs,
                                reward=r, advantage=a, version=traj.version, teacher_ids=t_ids,
