@@ -231,11 +231,8 @@ async def evaluate(pool, examples: Sequence[QAExample],
 
 
 def lost_record(ex: QAExample, reason: str | None) -> dict:
-    """An example whose rollout was lost: no prediction, zero scores."""
-    return {"id": ex.id, "data_source": ex.data_source, "question": ex.question,
-            "golden_answers": ex.golden_answers, "prediction": None, "em": 0.0, "f1": 0.0, "searches": 0,
-            "turns": 0, "answer_words": 0, "invalid": 1.0, "finish_reason": f"lost: {reason}", "queries": [],
-            "text": ""}
+    """An example whose rollout was lost: scored as an empty trajectory (no prediction), the reason kept."""
+    return example_record(ex, Trajectory(prompt_ids=[])) | {"finish_reason": f"lost: {reason}"}
 
 
 async def evaluate_pool(pool, cfg, out: str | os.PathLike | None = None) -> dict[str, float]:

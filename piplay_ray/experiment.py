@@ -121,8 +121,7 @@ class Experiment:
             if self.start_dir(seed) != run_dir:  # step 0: the seed's start, evaluated once
                 own = [p for p in report.curve(self.start_dir(seed) / METRICS, arm, seed) if p["student_step"] == 0] + own
             points += own
-            last = max(p["student_step"] for p in points if (p["arm"], p["seed"]) == (arm, seed))
-            path = eval_dir(run_dir, step_eval_name(last)) / "examples.jsonl"
+            path = eval_dir(run_dir, step_eval_name(max(p["student_step"] for p in own))) / "examples.jsonl"
             if path.is_file():
                 finals[(arm, seed)] = report.answers(path)
         header = (f"# Experiment {self.spec.name}\n\nconfig `{self.spec.config}`, overrides "

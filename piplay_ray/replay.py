@@ -70,10 +70,11 @@ class ReplayBuffer:
     def set_version(self, role: str, version: int) -> int:
         """The learner reached `version`; evict groups now beyond the bound. Returns how many."""
         self.learner_version[role] = version
-        queue = self.groups.get(role, deque())
-        keep = deque(g for g in queue if self._fresh(g))
-        evicted = len(queue) - len(keep)
-        self.seen -= {g[0].group_id for g in queue if not self._fresh(g)}  # it may be produced again
+        keep, gone = deque(), []
+        for g in self.groups.get(role, deque()):
+            (keep if self._fresh(g) else gone).append(g)
+        evicted = len(gone)
+        self.seen -= {g[0].group_id for g in gone}  # it may be produced again
         self.groups[role] = keep
         self.counts[f"evicted_stale/{role}"] += evicted
         return evicted

@@ -167,8 +167,9 @@ class RunBook:
     async def checkpoint(self) -> None:
         t, a, loop = time.monotonic(), self.actors, asyncio.get_running_loop()
         path = checkpoint_dir(self.run.path, self.state.global_step)
-        self.state.counters, self.state.metrics_position = self.counters(), self.metrics.position()
-        state = copy.deepcopy(self.state.__dict__)  # as of now: the producer goes on changing the live one
+        # as of now (the producer goes on changing the live state), with the counters and the metrics position
+        state = copy.deepcopy(self.state.__dict__) | {"counters": self.counters(),
+                                                      "metrics_position": self.metrics.position()}
         # through the client, which restores a restarted teacher's EMA and checks the version it saved
         extra = {"teacher": lambda d: asyncio.run_coroutine_threadsafe(a.teacher_client.save(str(d)), loop).result()}
         if self.cfg.replay.spill:  # buffered groups are part of the checkpoint, consistent with its versions
