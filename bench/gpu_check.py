@@ -5,8 +5,10 @@ transport (gloo over the GPU's tensors: NCCL refuses two ranks on one device) an
 actor shares the one device.
 Exits non-zero on any failure, and first of all when there is no CUDA GPU (this check cannot run on CPU);
 on success prints one JSON line: learner step seconds, sync seconds and sync GB/s (means over the run).
+`--engine transformers` runs the same loop with the transformers engine for rollouts and teacher, for a GPU
+machine where vLLM for CUDA cannot be installed (Ray, DeepSpeed and the sync are the same).
 
-    python bench/gpu_check.py [--timeout 1800] [extra section.key=value overrides ...]
+    python bench/gpu_check.py [--timeout 1800] [--engine vllm|transformers] [extra section.key=value ...]
 """
 
 from __future__ import annotations
@@ -19,8 +21,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = [
-    "rollout.engine=vllm", "rollout.num_gpus_per_worker=0.2", "rollout.gpu_memory_utilization=0.15",
-    "rollout.enforce_eager=false", "teacher.backend=vllm", "teacher.num_gpus=0.2",
+    "rollout.num_gpus_per_worker=0.2", "rollout.gpu_memory_utilization=0.15",
+    "rollout.enforce_eager=false", "teacher.num_gpus=0.2",
     "teacher.gpu_memory_utilization=0.15", "learner.num_gpus_per_rank=0.2", "learner.zero_stage=3",
     # every member shares the one GPU, and NCCL refuses two ranks on one device ("Duplicate GPU detected",
     # seen on an H200): gloo carries the CUDA tensors here; a cluster keeps the NCCL default
@@ -39,9 +41,15 @@ def _mean(xs: list[float]) -> float | None:
 
 
 def main(argv: list[str]) -> int:
-    timeout = 1800
-    if argv[:1] == ["--timeout"]:
-        timeout, argv = int(argv[1]), argv[2:]
+    timeout, engine = 1800, "vllm"
+    while argv[:1] in (["--timeout"], ["--engine"]):
+        if argv[0] == "--timeout":
+            timeout = int(argv[1])
+        else:
+            engine = argv[1]
+        argv = argv[2:]
+    if engine not in ("vllm", "transformers"):
+        return fail(f"--engine must be vllm or transformers, got {engine!r}", 2)
     import torch
 
     if not torch.cuda.is_available():
@@ -49,7 +57,7 @@ def main(argv: list[str]) -> int:
                     "(pip install -e '.[gpu]'); nothing was run", 2)
     run_dir = Path(tempfile.mkdtemp(prefix="piplay-gpu-check-")) / "run"
     cmd = [sys.executable, "-m", "piplay_ray", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
-           f"run.dir={run_dir}", *OVERRIDES, *argv]
+           f"run.dir={run_dir}", *OVERRIDES, f"rollout.engine={engine}", f"teacher.backend={engine}", *argv]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, timeout=timeout, capture_output=True, text=True)
     except subprocess.TimeoutExpired:
@@ -63,7 +71,7 @@ def main(argv: list[str]) -> int:
     rates = [r["weight_sync/gb_per_s"] for r in rows if "weight_sync/gb_per_s" in r]
     if not steps or not syncs:
         return fail(f"the run logged no learner steps or no weight syncs (run directory {run_dir})")
-    print(json.dumps({"bench": "gpu_check", "ok": True, "device": torch.cuda.get_device_name(0),
+    print(json.dumps({"bench": "gpu_check", "ok": True, "device": torch.cuda.get_device_name(0), "engine": engine,
                       "steps": len(steps), "step_seconds": _mean(steps), "syncs": len(syncs),
                       "sync_seconds": _mean(syncs), "sync_gb_per_s": _mean(rates), "run_dir": str(run_dir)}))
     return 0

@@ -148,7 +148,8 @@ class TeacherConfig(Section):
 
     @model_validator(mode="after")
     def _fits_its_gpus(self) -> TeacherConfig:
-        if self.num_gpus > 0 and self.tensor_parallel_size > self.num_gpus:
+        # one engine may take a fraction of a GPU (the GPUs shared, as gpu-check does); tensor parallelism may not
+        if self.num_gpus > 0 and self.tensor_parallel_size > max(1.0, self.num_gpus):
             raise ValueError(f"teacher.tensor_parallel_size={self.tensor_parallel_size} needs that many GPUs but "
                              f"teacher.num_gpus={self.num_gpus:g}; raise teacher.num_gpus or lower the parallelism")
         return self

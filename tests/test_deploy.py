@@ -341,6 +341,10 @@ def test_teacher_parallelism_beyond_its_gpus_is_refused_naming_both_keys():
         load_config(ROOT / "configs/cluster/qwen3-8b.yaml", ["teacher.tensor_parallel_size=2"])
     assert "teacher.tensor_parallel_size" in str(e.value) and "teacher.num_gpus" in str(e.value)
     ok = load_config(ROOT / "configs/cluster/qwen3-8b.yaml", ["teacher.tensor_parallel_size=2", "teacher.num_gpus=2"])
+    # a one-GPU engine may take a fraction of a shared GPU (make gpu-check), a tensor-parallel one may not
+    assert load_config(ROOT / "configs/tiny.yaml", ["teacher.num_gpus=0.2"]).teacher.num_gpus == 0.2
+    with pytest.raises(ConfigError):
+        load_config(ROOT / "configs/tiny.yaml", ["teacher.num_gpus=1.5", "teacher.tensor_parallel_size=2"])
     assert L.layout(ok).teacher_gpus == 2 and 2.0 in L.layout(ok).placements
 
 
