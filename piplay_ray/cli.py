@@ -41,7 +41,9 @@ def cmd_train(args) -> int:
 def cmd_experiment(args) -> int:
     from piplay_ray.experiment import Experiment, load_spec
 
-    paths = Experiment(load_spec(args.config), args.overrides).run()
+    spec = load_spec(args.config)
+    spec.parallel = spec.parallel or args.parallel
+    paths = Experiment(spec, args.overrides).run()
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
@@ -114,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("experiment", help="run arms x seeds of a config on shared task sets; a table and a plot")
     p.add_argument("--config", "-c", required=True, help="experiment file (configs/experiments/*.yaml)")
+    p.add_argument("--parallel", action="store_true",
+                   help="runs side by side as Ray tasks on one cluster (add run.mode=cluster to join a running one)")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every run of the experiment")
     p.set_defaults(fn=cmd_experiment)
 

@@ -9,8 +9,13 @@ learned, as in the paper's loop); each arm then starts from its seed's warm star
 every `eval_every` student steps. The starting checkpoint and the held-out set depend on the seed only (arms
 may not override `model`, `search`, `eval`, `rollout` or `run`), and evaluation is greedy, so each seed's
 start is evaluated once — by the tasks run for the first seed, by its first arm for the others — and is step
-0 of every arm of that seed. Every run is an ordinary run directory under the experiment's folder, run as its own `piplay train` process; a finished run (its summary.json written) is never rerun and
-an unfinished one resumes from its checkpoint, so a second invocation picks up where the first stopped.
+0 of every arm of that seed. Every run is an ordinary run directory under the experiment's folder, run as its
+own `piplay train` process; a finished run (its summary.json written) is never rerun and an unfinished one
+resumes from its checkpoint, so a second invocation picks up where the first stopped.
+
+Runs go one after another, or with `parallel` (`--parallel`) as Ray tasks side by side on one cluster
+(:mod:`piplay_ray.experiment_tasks`), in waves that respect what each run reads: the tasks run; then every
+run whose seed's start is already built or that builds it; then the rest.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError
 
+from piplay_ray import experiment_tasks
 from piplay_ray.config import ConfigError, Section, load_config
+from piplay_ray.layout import layout
 from piplay_ray.rundir import METRICS, SUMMARY, eval_dir, step_eval_name
 
 SHARED_START = ("model", "search", "eval", "rollout", "run")  # config sections the start depends on
@@ -37,6 +44,7 @@ class ExperimentSpec(Section):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     eval_every: int = Field(2, ge=1)  # student steps between held-out evaluations
     root: str = "runs/experiments"
+    parallel: bool = False  # runs of a wave side by side as Ray tasks (a cluster, or one big machine)
 
 
 def load_spec(path: str | Path) -> ExperimentSpec:
@@ -100,21 +108,34 @@ class Experiment:
         """The run that evaluates `seed`'s starting checkpoint: the tasks run, or the seed's first arm."""
         return self.tasks_dir if seed == self.spec.seeds[0] else self.arm_dir(next(iter(self.spec.arms)), seed)
 
-    def run(self, python: str = sys.executable) -> dict[str, Path]:
-        """Run what is not finished yet, then write the report; returns its paths."""
+    def waves(self) -> list[list[tuple[str, int | None, Path, list[str]]]]:
+        """The runs in groups that may run at once: the tasks run (it writes the task sets every arm reads and
+        builds the first seed's warm start); then each seed's start run and the first seed's arms; then the
+        rest (a seed's warm start is built once, by its start run, before its other arms ask for it)."""
+        tasks, *arms = self.runs()
+        first = [r for r in arms if r[1] == self.spec.seeds[0] or r[2] == self.start_dir(r[1])]
+        return [[tasks], first, [r for r in arms if r not in first]]
+
+    def run(self) -> dict[str, Path]:
+        """Run what is not finished yet, wave by wave, then write the report; returns its paths."""
         from piplay_ray import experiment_report as report
 
-        for arm, seed, run_dir, overrides in self.runs():
-            label = arm if seed is None else f"{arm} (seed {seed})"
-            if (run_dir / SUMMARY).is_file():
-                print(f"[piplay experiment] {label}: finished before, kept ({run_dir})", flush=True)
-                continue
-            print(f"[piplay experiment] {label}: running in {run_dir}", flush=True)
-            cmd = [python, "-m", "piplay_ray", "train", "--config", self.spec.config, *overrides,
-                   f"run.dir={run_dir}"]
-            if subprocess.run(cmd).returncode != 0:
-                raise RuntimeError(f"{label}: `piplay train` failed; its run directory is {run_dir} "
-                                   "(run the experiment again to resume it)")
+        address = None
+        for wave in self.waves():
+            todo = {}
+            for arm, seed, run_dir, overrides in wave:
+                label = arm if seed is None else f"{arm} (seed {seed})"
+                if (run_dir / SUMMARY).is_file():
+                    print(f"[piplay experiment] {label}: finished before, kept ({run_dir})", flush=True)
+                else:
+                    todo[label] = (["--config", self.spec.config, *overrides, f"run.dir={run_dir}"], run_dir)
+            if todo and self.spec.parallel:
+                address = address or self._connect()
+                failed = experiment_tasks.run_together(todo, address)
+            else:
+                failed = [self._run_here(label, args, run_dir) for label, (args, run_dir) in todo.items()]
+            if any(failed):
+                raise RuntimeError("\n".join(f for f in failed if f) + "\n(run the experiment again to resume)")
         points, finals = [], {}  # finals: (arm, seed) -> its final evaluation's EM per question
         for arm, seed, run_dir, _ in self.runs()[1:]:
             own = report.curve(run_dir / METRICS, arm, seed)
@@ -128,3 +149,16 @@ class Experiment:
                   f"`{' '.join(self.spec.overrides) or '-'}`, seeds {self.spec.seeds}, evaluation every "
                   f"{self.spec.eval_every} student steps.\n\n")
         return report.write(points, self.spec.baseline, self.dir, header, report.paired(finals, self.spec.baseline))
+
+    @staticmethod
+    def _run_here(label: str, args: list[str], run_dir: Path) -> str:
+        """One run in a process on this machine (output on the terminal); a failure's description or ''."""
+        print(f"[piplay experiment] {label}: running in {run_dir}", flush=True)
+        code = subprocess.run([sys.executable, "-m", "piplay_ray", "train", *args]).returncode
+        return f"{label}: `piplay train` failed ({code}); its run directory is {run_dir}" if code else ""
+
+    def _connect(self) -> str:
+        """The Ray cluster the runs join, with room on this machine for the largest wave when started here."""
+        configs = [load_config(self.spec.config, overrides) for *_, overrides in self.runs()]
+        return experiment_tasks.connect(configs[0], max(len(w) for w in self.waves()) *
+                                        max(layout(c).total_cpus for c in configs))

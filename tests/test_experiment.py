@@ -16,6 +16,7 @@ from test_train_tiny import ROOT
 
 from piplay_ray.config import ConfigError
 from piplay_ray.experiment import Experiment, load_spec
+from piplay_ray.experiment_tasks import DRIVER_LOG
 from piplay_ray.experiment_report import curve
 
 ARMS = ("answer", "none")
@@ -68,14 +69,34 @@ def test_each_seed_start_is_evaluated_once_by_its_first_run(tmp_path):
     assert exp.start_dir(0) == exp.tasks_dir and exp.start_dir(1) == exp.arm_dir(first, 1)
 
 
+def test_waves_run_each_seed_start_before_the_arms_that_read_it(tmp_path):
+    exp = Experiment(load_spec(_spec(tmp_path, seeds=[0, 1])))
+    waves = [[(arm, seed) for arm, seed, *_ in wave] for wave in exp.waves()]
+    assert waves == [[("tasks", None)], [("answer", 0), ("answer", 1), ("none", 0)], [("none", 1)]]
+    assert sorted(r for w in exp.waves() for r in w) == sorted(exp.runs())
+
+
 def _rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_the_arms_share_the_task_set_train_as_their_arm_and_a_second_run_reuses_them(
         tmp_path, tiny_model, corpus_path, capsys):
-    exp = Experiment(load_spec(_spec(tmp_path)))
-    paths = exp.run()
+    """The arms run side by side as Ray tasks (`parallel`), each a `piplay train` in cluster mode joined to
+    the experiment's Ray cluster; the second invocation runs here, one after another, and finds all done."""
+    import ray
+
+    exp = Experiment(load_spec(_spec(tmp_path, parallel=True)))
+    try:
+        paths = exp.run()
+    finally:
+        ray.shutdown()
+    runs = {arm: exp.arm_dir(arm, 0) for arm in ARMS}
+    assert all("done: 1 learner steps" in (r / DRIVER_LOG).read_text() for r in runs.values())
+    started = {arm: (r / "config.yaml").stat().st_mtime for arm, r in runs.items()}
+    ended = {arm: (r / "summary.json").stat().st_mtime for arm, r in runs.items()}
+    assert all(started[a] < ended[b] for a in ARMS for b in ARMS), "the arms did not run side by side"
+    assert yaml.safe_load((runs["none"] / "config.yaml").read_text())["run"]["mode"] == "cluster"
     points = json.loads(paths["json"].read_text())["points"]
     assert {(p["arm"], p["student_step"]) for p in points} == {(a, s) for a in ARMS for s in (0, 1)}
     assert all(p["n"] == 4 and 0 <= p["em"] <= 1 for p in points)
@@ -113,6 +134,7 @@ def test_the_arms_share_the_task_set_train_as_their_arm_and_a_second_run_reuses_
 
     stamps = {run: (run / "summary.json").stat().st_mtime_ns for _, _, run, _ in exp.runs()}
     capsys.readouterr()
+    exp.spec.parallel = False
     exp.run()
     assert capsys.readouterr().out.count("finished before, kept") == 1 + len(ARMS)
     assert stamps == {run: (run / "summary.json").stat().st_mtime_ns for _, _, run, _ in exp.runs()}
