@@ -16,8 +16,8 @@ from test_train_tiny import ROOT
 
 from piplay_ray.config import ConfigError
 from piplay_ray.experiment import Experiment, load_spec
-from piplay_ray.experiment_tasks import DRIVER_LOG
 from piplay_ray.experiment_report import curve
+from piplay_ray.experiment_tasks import DRIVER_LOG
 
 ARMS = ("answer", "none")
 
