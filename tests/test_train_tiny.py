@@ -83,27 +83,6 @@ def test_run_directory_contents(tiny_run):
     assert AutoModelForCausalLM.from_pretrained(ckpts[-1] / "student") is not None
 
 
-def test_resume_continues_at_the_right_step(tiny_run, tmp_path):
-    run_dir = tmp_path / "tiny"
-    shutil.copytree(tiny_run, run_dir)
-    shutil.rmtree(run_dir / "checkpoints" / "step-000004")  # as if the run had stopped after step 3
-    stopped = {(r["phase"], r["step"]): r["time"] for r in metrics(run_dir) if "learner/version" in r}
-    proc = train(run_dir)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    assert "resumed from" in proc.stderr
-    # exactly once: what the stopped run wrote after step 3's checkpoint was rewound, step 4 made again
-    rows = {(r["phase"], r["step"]): r["time"] for r in metrics(run_dir) if "learner/version" in r}
-    assert len(rows) == len([r for r in metrics(run_dir) if "learner/version" in r])  # one record a step
-    assert list(rows) == [("examiner", 1), ("examiner", 2), ("student", 3), ("student", 4)]
-    assert {k: t for k, t in rows.items() if k != ("student", 4)} == {k: t for k, t in stopped.items()
-                                                                      if k != ("student", 4)}
-    assert rows[("student", 4)] > stopped[("student", 4)]  # the re-done step's record, not the stopped run's
-    # a finished run is not silently re-trained for zero steps
-    again = train(run_dir)
-    assert again.returncode != 0 and "already complete" in again.stderr
-    assert "starting actors" not in again.stderr  # refused from the checkpoint, before any actor starts
-
-
 def test_a_finished_run_is_refused_before_ray_starts(tmp_path, monkeypatch):
     """The refusal reads the newest checkpoint's driver state; an unfinished one goes on to start Ray."""
     from piplay_ray import driver
