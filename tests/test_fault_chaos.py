@@ -1,7 +1,8 @@
 """Chaos on configs/tiny.yaml: during the student phase a rollout worker, a search-env replica and the
 teacher are each killed once (`ray.kill(..., no_restart=False)`, seeded random moments; the teacher after
 its first EMA step, so that it has an EMA to lose), and the learner rank is killed for good (the driver
-rebuilds the learner group from the newest checkpoint). The run must complete with every learner step recorded
+rebuilds the learner group from the newest checkpoint); in the last student step the replay store is killed
+for good (the driver replaces it and rolls back to the newest checkpoint, keeping the learner). The run must complete with every learner step recorded
 once, train every task exactly once (every actor came back, so nothing is dropped) — checked against the
 learner's own record of the groups it trained — count the restarts, and end with the teacher's EMA exactly as
 if it had never died (recomputed here from the student checkpoints).
@@ -49,6 +50,13 @@ def chaos(loop, stop: threading.Event, log: list) -> None:
         phase, step = loop.state.phase, loop.state.global_step
         ray.kill(targets[name], no_restart=name == "learner-0")
         log.append({"actor": name, "phase": phase, "step": step})
+    # then, the learner rebuilt, the replay store (it has no restarts of its own) in the last student step
+    saved = loop.run.path / "checkpoints" / "step-000003" / "COMPLETE"
+    while not stop.is_set() and not (loop.book.learner_restarts and loop.state.global_step == 3 and saved.is_file()):
+        time.sleep(0.01)
+    if not stop.is_set():
+        ray.kill(loop.actors.replay)
+        log.append({"actor": "replay", "phase": loop.state.phase, "step": loop.state.global_step})
 
 
 def test_chaos_run_completes_and_accounts_for_every_task(tmp_path, tiny_model, corpus_path):
@@ -57,7 +65,7 @@ def test_chaos_run_completes_and_accounts_for_every_task(tmp_path, tiny_model, c
     log = []
     train_watched(cfg, lambda loop, stop: chaos(loop, stop, log))
 
-    assert sorted(k["actor"] for k in log) == ["learner-0", "rollout-student-0", "search-0", "teacher"]
+    assert sorted(k["actor"] for k in log) == ["learner-0", "replay", "rollout-student-0", "search-0", "teacher"]
     assert all(k["phase"] == "student" for k in log), log
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     learner = [(r["phase"], r["step"]) for r in rows if "learner/version" in r]
@@ -82,7 +90,8 @@ def test_chaos_run_completes_and_accounts_for_every_task(tmp_path, tiny_model, c
         acct["phases"]["iter-0-student"]["groups_trained"]
     for name in ("rollout-student-0", "search-0", "teacher"):
         assert acct["restarts"][name] >= 1, acct["restarts"]
-    assert acct["learner_restarts"] == 1
+    assert acct["learner_restarts"] == 1  # the replay store's death rolled back without a new learner
+    assert acct["restarts"]["replay"] == 1
     health = json.loads((run_dir / "health.json").read_text())["actors"]
     assert health["teacher"]["alive"] and health["rollout-student-0"]["restarts"] >= 1
     assert acct["rollout_retries"]["student"] >= 1 and acct["teacher_restores"] >= 1

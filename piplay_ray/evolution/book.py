@@ -4,7 +4,7 @@ State that a resumed run needs — iteration, phase, steps done in the phase, po
 accounting, the examiner's candidate tasks, the fault counters and how far metrics.jsonl was written — is
 saved with every checkpoint; re-running the same command resumes from the newest complete checkpoint. A
 failed learner group is rebuilt and everything rolled back to that checkpoint (up to `fault.learner_restarts`
-times). Going back to a checkpoint also rewinds the metrics and samples written since, so every learner step
+times); a failed replay store is replaced and everything rolled back with the learner as it is. Going back to a checkpoint also rewinds the metrics and samples written since, so every learner step
 has one record. Every task of a task set ends up trained exactly once or reported as dropped with its reason
 in `accounting.json`; the learner keeps its own record of the groups it trained, to check that against.
 """
@@ -207,6 +207,35 @@ class RunBook:
         for policy in self.policies.values():
             policy.publish()
 
+    async def recover(self, error: str) -> None:
+        """After an actor failure that calls could not retry: everything back to the newest checkpoint. A replay
+        store that died while every learner rank lives is replaced alone (the learner loads the checkpoint;
+        counted as the store's restart, up to `fault.max_actor_restarts`); anything else rebuilds the learner."""
+        a, ckpt = self.actors, latest_checkpoint(self.run.path)
+        if (ckpt is None or actor_state(a.replay)[0] != "DEAD"
+                or any(actor_state(w)[0] != "ALIVE" for w in a.learner.workers)):
+            return await self.rebuild_learner(error)
+        n = self.restarts["replay"] = self.restarts.get("replay", 0) + 1
+        self.last_errors["replay"] = error
+        if n > self.cfg.fault.max_actor_restarts:
+            self.write_accounting()
+            raise SystemExit(f"piplay: the replay store failed {n} times (fault.max_actor_restarts="
+                             f"{self.cfg.fault.max_actor_restarts}); last error: {error}. Stopping. Rerun the same "
+                             f"command to resume from {ckpt}.")
+        say(f"replay store failed ({error}); a new one, and everything back to {ckpt} ({n}/"
+            f"{self.cfg.fault.max_actor_restarts})")
+        await self.roll_back(ckpt)
+
+    async def roll_back(self, ckpt: Path) -> None:
+        """A new replay store and the learner, loop state and teacher as of checkpoint `ckpt`."""
+        a = self.actors
+        ray.kill(a.replay)  # its dedup set must match the state we roll back to
+        a.replay = a.new_replay(str(Path(ckpt) / "replay" / "replay.parquet"))
+        self.restore(ckpt)
+        await a.teacher_client.load_checkpoint(str(ckpt / "teacher"))
+        for role in TRAINED:
+            await a.replay.set_version.remote(role, self.state.versions[role])
+
     async def rebuild_learner(self, error: str) -> None:
         """After a learner failure: a new learner group, then everything back to the newest checkpoint
         (or to the start when there is none); past `fault.learner_restarts`, stop with a clear message."""
@@ -227,15 +256,13 @@ class RunBook:
         a.learner = await asyncio.to_thread(a.new_learner)
         for policy in self.policies.values():
             policy.rebind(a.learner)  # the pools get the rolled-back weights
-        ray.kill(a.replay)  # its dedup set must match the state we roll back to
-        a.replay = a.new_replay(str(Path(ckpt) / "replay" / "replay.parquet") if ckpt else None)
         if ckpt is not None:
-            self.restore(ckpt)
-            await a.teacher_client.load_checkpoint(str(ckpt / "teacher"))
-        else:  # back to the start: the failed attempt's accounting and records go too
-            self.state = LoopState()
-            self.went_back()
-            ray.kill(a.teacher, no_restart=False)  # back to its initial weights
-            a.teacher_client.reset()
+            return await self.roll_back(ckpt)
+        ray.kill(a.replay)  # back to the start: the failed attempt's buffer, accounting and records go too
+        a.replay = a.new_replay(None)
+        self.state = LoopState()
+        self.went_back()
+        ray.kill(a.teacher, no_restart=False)  # back to its initial weights
+        a.teacher_client.reset()
         for role in TRAINED:
             await a.replay.set_version.remote(role, self.state.versions[role])

@@ -96,14 +96,15 @@ class EvolutionLoop:
         await self.book.checkpoint()
 
     async def run_resilient(self) -> None:
-        """run_loop, rebuilt from the newest checkpoint after each learner failure (up to the limit)."""
+        """run_loop, back from the newest checkpoint after each failure the calls could not retry (a learner
+        rank, the replay store; up to their limits)."""
         while True:
             try:
                 return await self.run_loop()
             except Exception as e:  # e.g. a dead learner rank while writing the final checkpoint
                 if not isinstance(e, LearnerFailure) and not is_actor_failure(e):
                     raise
-                await self.book.rebuild_learner(str(e) if isinstance(e, LearnerFailure) else describe(e))
+                await self.book.recover(str(e) if isinstance(e, LearnerFailure) else describe(e))
 
     def publish_all(self) -> None:
         for policy in self.policies.values():
