@@ -1,8 +1,9 @@
 """Benchmark the sharded flat dense-index build: passages/s and peak RSS for two corpus sizes.
 
-Each size builds from scratch in a fresh process (the first N rows of the embedded corpus, shards of
-`--shard` passages) and reports its peak resident set (VmHWM). Peak RSS must not grow with the corpus: it is
-bounded by one shard plus the encoder. The last field extrapolates the build time of wiki-18 (21M passages)
+Each size builds from scratch in a fresh process (N rows cycling over the first `sizes[0]` passages of the
+embedded corpus, so that every size has the same passage lengths — the encoder's activation peak follows the
+longest batch, which is about content, not corpus size; shards of `--shard` passages) and reports its peak
+resident set (VmHWM). Peak RSS must not grow with the corpus: it is bounded by one shard plus the encoder. The last field extrapolates the build time of wiki-18 (21M passages)
 at the larger run's rate, on this machine and this encoder (MiniLM here; e5-base is several times slower).
 
     python bench/index_build.py [--sizes 2000 8000] [--shard 1000]
@@ -23,7 +24,7 @@ from pathlib import Path
 WIKI18 = 21_015_324  # passages in Search-R1's wiki-18 corpus
 
 
-def build_one(n: int, shard: int) -> dict:
+def build_one(n: int, shard: int, pool: int) -> dict:
     from piplay_ray import assets
     from piplay_ray.retrieval.corpus import Corpus
     from piplay_ray.retrieval.dense import build_dense_index, load_encoder
@@ -31,7 +32,7 @@ def build_one(n: int, shard: int) -> dict:
     full = Corpus(assets.corpus_path())
     tmp = Path(tempfile.mkdtemp(prefix="piplay-index-bench-"))
     path = tmp / "corpus.jsonl"
-    path.write_text("".join(json.dumps(full.raw(i % len(full)) | {"id": str(i)}) + "\n" for i in range(n)))
+    path.write_text("".join(json.dumps(full.raw(i % min(pool, len(full))) | {"id": str(i)}) + "\n" for i in range(n)))
     encoder = load_encoder("builtin:minilm")
     t0 = time.perf_counter()
     build_dense_index(Corpus(path), index_dir=str(tmp / "index"), model=encoder, show_progress=False, shard_docs=shard)
@@ -47,13 +48,15 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs=2, default=[2000, 8000])
     ap.add_argument("--shard", type=int, default=1000)
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--pool", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(build_one(args.one, args.shard)))
+        print(json.dumps(build_one(args.one, args.shard, args.pool)))
         return
     runs = []
     for n in args.sizes:
-        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--shard", str(args.shard)], check=True,
+        out = subprocess.run([sys.executable, __file__, "--one", str(n), "--shard", str(args.shard),
+                              "--pool", str(args.sizes[0])], check=True,
                              capture_output=True, text=True).stdout
         runs.append(json.loads(out.strip().splitlines()[-1]))
     small, large = runs
