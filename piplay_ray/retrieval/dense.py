@@ -49,12 +49,15 @@ def _few_threads(active: bool):
 
 
 def load_encoder(encoder: str, device: str | None = None):
-    """The sentence encoder, on the GPU when there is one (a 21M-passage build is days on CPU)."""
+    """The sentence encoder, on the GPU when there is one, in float16 there: an e5-base-shaped encoder made
+    1,189 passages/s on an H200 in float32 and 3,328 in float16 (wiki-18's 21M passages in 4.9 h vs 1.8 h;
+    on this project's 2 CPU cores, ~1.3/s). Search-R1 serves its E5 in float16 too."""
     import torch
     from sentence_transformers import SentenceTransformer
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return SentenceTransformer(encoder_path(encoder), device=device)
+    model = SentenceTransformer(encoder_path(encoder), device=device)
+    return model.half() if torch.device(device).type == "cuda" else model
 
 
 def encode(model, texts: list[str], batch_size: int = 64, show_progress: bool = False) -> np.ndarray:
