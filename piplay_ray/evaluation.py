@@ -308,7 +308,7 @@ def run_eval(cfg, model: str, data: Sequence[str] | None = None, out: str | None
                  namespace=cfg.ray.namespace, include_dashboard=False)
     try:
         search = SearchEnvPool(cfg.search, cfg.fault)
-        pool = RolloutPool("student", model_path, cfg, search)
+        pool = RolloutPool.from_config("student", model_path, cfg, search)
         t0 = time.time()
         summary, records = asyncio.run(evaluate(pool, examples))
         meta = {"model": model, "model_path": model_path, "examples": len(examples),

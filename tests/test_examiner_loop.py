@@ -99,7 +99,7 @@ def test_sixteen_examiner_attempts_smollm2(smollm2, corpus_path, tmp_path):
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         search = SearchEnvPool(cfg.search)
-        pool = RolloutPool("examiner", smollm2, cfg, search)
+        pool = RolloutPool.from_config("examiner", smollm2, cfg, search)
         sampler = ExaminerSampler(Corpus(corpus_path), cfg.examiner.hop_weights, seed=0)
         tasks = asyncio.run(write_tasks(pool, sampler, 16, cfg.examiner, iteration=0))
     finally:

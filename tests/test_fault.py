@@ -58,7 +58,7 @@ def test_killed_worker_gets_weights_and_its_share_is_reissued(ray_session, tiny_
     cfg.rollout.engine, cfg.rollout.workers_per_role = "transformers", 1
     cfg.rollout.max_tokens_per_turn, cfg.rollout.max_response_tokens = 16, 48
     cfg.student.max_turns = 2
-    pool = RolloutPool("student", tiny_model, cfg, search_pool=None)
+    pool = RolloutPool.from_config("student", tiny_model, cfg, search_pool=None)
     try:
         pool.wait_ready()
         hf = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)

@@ -51,7 +51,7 @@ def test_linear_warmup_and_dr_zero_clip_default():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1])
-    from piplay_ray.learner.rank import ds_config
+    from piplay_ray.learner.role_engine import ds_config
 
     assert LearnerConfig().grad_clip == 0.1 and ds_config(LearnerConfig(), 1, False)["gradient_clipping"] == 0.1
 
@@ -131,7 +131,7 @@ def test_hidden_forward_matches_the_models_logits(tiny_model):
 def test_optimizer_is_fused_adam_only_where_offload_needs_it(monkeypatch):
     """ZeRO-3 offloads only DeepSpeed's FusedAdam (seen on an H200); where its kernel cannot load, the learner
     stops naming the setting instead of silently keeping both roles on the GPU."""
-    from piplay_ray.learner.rank import make_optimizer
+    from piplay_ray.learner.role_engine import make_optimizer
 
     params = [torch.nn.Parameter(torch.zeros(2))]
     assert type(make_optimizer(params, LearnerConfig(), torch.device("cpu"))) is torch.optim.AdamW

@@ -41,7 +41,7 @@ def test_rollout_worker_matches_transformers_after_a_learner_step(tiny_model):
              runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     try:
         from piplay_ray import protocol
-        from piplay_ray.actors.rollout import RolloutWorker
+        from piplay_ray.actors.rollout import RolloutWorker, turn_limits
 
         cfg = load_config("configs/tiny.yaml", [f"model.base={tiny_model}", "learner.lr=0.01", "rollout.engine=vllm"])
         class NoSearch:  # defined here so Ray ships it by value; the round trip needs no retrieval
@@ -50,7 +50,8 @@ def test_rollout_worker_matches_transformers_after_a_learner_step(tiny_model):
 
                 return Hop(query=query, ok=False, error="no search in this test"), "no results"
 
-        worker = RolloutWorker.options(num_cpus=1).remote("student", tiny_model, cfg, NoSearch())
+        worker = RolloutWorker.options(num_cpus=1).remote("student", tiny_model, cfg.rollout, NoSearch(),
+                                                          max_turns=turn_limits(cfg), dtype=cfg.model.dtype)
         group = LearnerGroup(cfg, roles=("student",))
         for _ in range(2):
             group.train_step("student", _batch(seed=3))

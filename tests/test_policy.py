@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from piplay_ray.evolution.book import LoopState
 from piplay_ray.evolution.policy import Policy, StudentPolicy
+from piplay_ray.evolution.state import LoopState
 
 
 class Learner:

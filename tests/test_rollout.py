@@ -112,7 +112,7 @@ def test_vllm_bm25_end_to_end(ray_session, agent_model):
 
     cfg = tiny_cfg(engine="vllm", workers_per_role=1)
     search = SearchEnvPool(cfg.search)
-    pool = RolloutPool("student", agent_model, cfg, search)
+    pool = RolloutPool.from_config("student", agent_model, cfg, search)
     try:
         pool.wait_ready()
         groups = asyncio.run(pool.student_rollouts(QUESTIONS[:4], n=3))
@@ -149,7 +149,7 @@ def test_vllm_bm25_end_to_end(ray_session, agent_model):
 
 def test_transformers_workers_spread(ray_session, tiny_model):
     cfg = tiny_cfg(engine="transformers", workers_per_role=2, max_tokens_per_turn=8, max_response_tokens=16)
-    pool = RolloutPool("examiner", tiny_model, cfg, FakeSearch())
+    pool = RolloutPool.from_config("examiner", tiny_model, cfg, FakeSearch())
     try:
         docs = [Doc(str(i), f"D{i}", f"text {i}") for i in range(5)]
         trajs = asyncio.run(pool.examiner_rollouts(docs, [1, 2, 3, 4, 1]))

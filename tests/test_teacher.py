@@ -132,7 +132,7 @@ def test_teacher_scores_equal_plain_forward(hf, tiny_model):
     tok, model = hf
     tasks = [_task(i) for i in range(4)]
     trajs = _trajectories(tok, tasks)
-    teacher = TeacherImpl(tiny_model, _cfg(), max_batch_tokens=700)  # forces more than one batch
+    teacher = TeacherImpl.from_config(tiny_model, _cfg(), max_batch_tokens=700)  # forces more than one batch
     scores = asyncio.run(teacher.score(trajs, tasks))
     assert len(scores) == 4
     for task, traj, (ids, lps, tails) in zip(tasks, trajs, scores, strict=True):
@@ -160,7 +160,7 @@ def test_teacher_shortens_qcp_documents_to_fit(hf, tiny_model):
     traj = _trajectories(tok, [task])[0]
     full = T.context_ids(tok, task)
     limit = len(full) + len(traj.response_ids) - 200  # 200 tokens too many
-    teacher = TeacherImpl(tiny_model, _cfg(**{"rollout.max_model_len": limit}))
+    teacher = TeacherImpl.from_config(tiny_model, _cfg(**{"rollout.max_model_len": limit}))
     (ids, lps, _), = (scores := asyncio.run(teacher.score([traj], [task], with_stats=True)))[0]
     assert scores[1] == {"shortened_contexts": 1, "unscored": 0}
     ctx, shortened = privileged.context_ids(tok, task, "qcp", None, limit - len(traj.response_ids))
@@ -177,7 +177,7 @@ def test_teacher_shortens_qcp_documents_to_fit(hf, tiny_model):
 def test_teacher_ema_and_load_versioned(tiny_model, tmp_path):
     from piplay_ray.actors.teacher import TeacherImpl
 
-    teacher = TeacherImpl(tiny_model, _cfg(**{"teacher.ema_tau": 0.1}))
+    teacher = TeacherImpl.from_config(tiny_model, _cfg(**{"teacher.ema_tau": 0.1}))
     psi0 = teacher.state()
     g = torch.Generator().manual_seed(0)
     thetas = [{n: t + torch.randn(t.shape, generator=g) * 0.01 for n, t in psi0.items()} for _ in range(3)]

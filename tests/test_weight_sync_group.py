@@ -35,7 +35,7 @@ def test_collective_sync_to_vllm_transformers_and_teacher_with_a_restart(tiny_mo
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     try:
-        from piplay_ray.actors.rollout import RolloutWorker
+        from piplay_ray.actors.rollout import RolloutWorker, turn_limits
         from piplay_ray.actors.teacher import create_teacher
         from piplay_ray.learner.learner import LearnerGroup
         from piplay_ray.learner.weight_sync.coordinator import GroupSync
@@ -49,9 +49,11 @@ def test_collective_sync_to_vllm_transformers_and_teacher_with_a_restart(tiny_mo
         cfg = load_config("configs/tiny.yaml", [f"model.base={tiny_model}", "learner.lr=0.01",
                                                 "weight_sync.transport=collective", "weight_sync.timeout_s=120",
                                                 "teacher.ema_tau=0.5"])
-        tcfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"engine": "transformers"})})
-        vllm_worker = RolloutWorker.options(num_cpus=1).remote("student", tiny_model, cfg, NoSearch())
-        hf_worker = RolloutWorker.options(num_cpus=0, max_restarts=1).remote("student", tiny_model, tcfg, NoSearch())
+        hf_rollout = cfg.rollout.model_copy(update={"engine": "transformers"})
+        kw = {"max_turns": turn_limits(cfg), "dtype": cfg.model.dtype}
+        vllm_worker = RolloutWorker.options(num_cpus=1).remote("student", tiny_model, cfg.rollout, NoSearch(), **kw)
+        hf_worker = RolloutWorker.options(num_cpus=0, max_restarts=1).remote("student", tiny_model, hf_rollout,
+                                                                              NoSearch(), **kw)
         teacher = create_teacher(tiny_model, cfg)
         base = {n: t.clone() for n, t in ray.get(teacher.state.remote()).items()}
         group = LearnerGroup(cfg, roles=("student",))

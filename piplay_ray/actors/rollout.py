@@ -19,13 +19,14 @@ import itertools
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import ray
 
 from piplay_ray import protocol
 from piplay_ray.agent import run_agent
+from piplay_ray.config import Config, FaultConfig, RolloutConfig
 from piplay_ray.engines import make_engine, named_tensors
 from piplay_ray.engines.base import SamplingSpec
 from piplay_ray.fault import RolloutFailed, actor_state, describe, is_actor_failure, wait_alive
@@ -33,24 +34,29 @@ from piplay_ray.records import Doc, Trajectory
 from piplay_ray.roles import TRAINED
 
 
+def turn_limits(cfg: Config) -> dict[str, int]:
+    """Each trained role's `max_turns` (its config section): a worker may run either role's turn format."""
+    return {r: getattr(cfg, r).max_turns for r in TRAINED}
+
+
 class RolloutWorkerImpl:
-    """One engine + the agent loop (plain class; `RolloutWorker` is its actor). `search` is a search env
-    handle (see actors/search_env.py)."""
+    """One engine + the agent loop (plain class; `RolloutWorker` is its actor). `rollout` is the rollout
+    config section, `search` a search env handle (see actors/search_env.py), `dtype` the model's
+    (`model.dtype`) and `max_turns` role -> turn limit (`turn_limits`)."""
 
-    def __init__(self, role: str, model_path: str, cfg, search, seed: int = 0):
-        import os
-
+    def __init__(self, role: str, model_path: str, rollout: RolloutConfig, search, *, max_turns: Mapping[str, int],
+                 dtype: str = "auto", seed: int = 0):
         import torch
         from transformers import AutoTokenizer
 
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        torch.set_num_threads(max(1, int(cfg.rollout.num_cpus_per_worker)))  # no oversubscription
-        self.role, self.cfg, self.search = role, cfg, search
-        r = cfg.rollout
-        self.engine = make_engine(r.engine, model_path, r, dtype=cfg.model.dtype, seed=seed)
+        torch.set_num_threads(max(1, int(rollout.num_cpus_per_worker)))  # no oversubscription
+        self.role, self.rollout, self.search = role, rollout, search
+        r = rollout
+        self.engine = make_engine(r.engine, model_path, r, dtype=dtype, seed=seed)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.spec = SamplingSpec(max_tokens=r.max_tokens_per_turn, temperature=r.temperature, top_p=r.top_p)
-        self.max_turns = {"examiner": cfg.examiner.max_turns, "student": cfg.student.max_turns}
+        self.max_turns = dict(max_turns)
         self.stats = {"trajectories": 0, "generated_tokens": 0, "inserted_tokens": 0, "busy_s": 0.0}
         self._inflight = 0
         self._busy_since = 0.0
@@ -79,7 +85,7 @@ class RolloutWorkerImpl:
             self._busy_since = time.perf_counter()
         self._inflight += 1
         try:
-            r = self.cfg.rollout
+            r = self.rollout
             spec = self.spec if temperature is None else replace(self.spec, temperature=temperature)
             traj = await run_agent(self.engine, self.search, self.tokenizer, prompt_ids, spec,
                                    self.max_turns[role], role=role, version=self.engine.version,
@@ -138,11 +144,11 @@ def _split(n_items: int, n_parts: int) -> list[range]:
     return [range(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
-def cpu_core_binding(cfg, role: str, index: int) -> dict[str, str]:
-    """On one CPU machine, vLLM binds every engine to the same first core (it reserves the next one);
-    spreading the engines over the cores lets the examiner and student engines run side by side."""
-    r = cfg.rollout
-    if (cfg.run.mode != "local" or r.engine != "vllm" or r.num_gpus_per_worker
+def cpu_core_binding(r: RolloutConfig, local: bool, role: str, index: int) -> dict[str, str]:
+    """On one CPU machine (`local`: run.mode = local), vLLM binds every engine to the same first core (it
+    reserves the next one); spreading the engines over the cores lets the examiner and student engines run
+    side by side."""
+    if (not local or r.engine != "vllm" or r.num_gpus_per_worker
             or os.environ.get("VLLM_CPU_OMP_THREADS_BIND")):
         return {}
     slot = TRAINED.index(role) * r.workers_per_role + index
@@ -150,19 +156,24 @@ def cpu_core_binding(cfg, role: str, index: int) -> dict[str, str]:
 
 
 class RolloutPool:
-    """`cfg.rollout.workers_per_role` workers holding one role's weights; requests are split across them."""
+    """`rollout.workers_per_role` workers holding one role's weights; requests are split across them.
 
-    def __init__(self, role: str, model_path: str, cfg, search_pool, name: str | None = None):
+    It reads the `rollout` and `fault` sections; `dtype`, `max_turns`, `seed` and `local` are passed to it
+    (`from_config` takes them from a whole config: model.dtype, `turn_limits`, run.seed, run.mode)."""
+
+    def __init__(self, role: str, model_path: str, rollout: RolloutConfig, search_pool, fault: FaultConfig, *,
+                 max_turns: Mapping[str, int], dtype: str = "auto", seed: int = 0, local: bool = True,
+                 name: str | None = None):
         if role not in TRAINED:
             raise ValueError(f"role must be one of {TRAINED}, got {role!r}")
-        r = cfg.rollout
-        self.role, self.cfg = role, cfg
+        r = rollout
+        self.role, self.fault = role, fault
         self.workers = [
             RolloutWorker.options(num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker * r.tensor_parallel_size,
-                                  max_restarts=cfg.fault.max_actor_restarts,
+                                  max_restarts=fault.max_actor_restarts,
                                   name=f"{name}-{i}" if name else None,
-                                  runtime_env={"env_vars": cpu_core_binding(cfg, role, i)})
-            .remote(role, model_path, cfg, search_pool, seed=cfg.run.seed + 1000 * i)
+                                  runtime_env={"env_vars": cpu_core_binding(r, local, role, i)})
+            .remote(role, model_path, r, search_pool, max_turns=max_turns, dtype=dtype, seed=seed + 1000 * i)
             for i in range(r.workers_per_role)
         ]
         self.version = 0
@@ -176,6 +187,12 @@ class RolloutPool:
         # version through the role's group (set by the role's policy handle, evolution/policy.py);
         # None = object store pushes of `_latest`
         self.resync = None
+
+    @classmethod
+    def from_config(cls, role: str, model_path: str, cfg: Config, search_pool, name: str | None = None) -> RolloutPool:
+        """The pool with what it reads of the whole config `cfg`."""
+        return cls(role, model_path, cfg.rollout, search_pool, cfg.fault, max_turns=turn_limits(cfg),
+                   dtype=cfg.model.dtype, seed=cfg.run.seed, local=cfg.run.mode == "local", name=name)
 
     def wait_ready(self, timeout_s: float = 900) -> None:
         ray.get([w.ready.remote() for w in self.workers], timeout=timeout_s)
@@ -201,7 +218,7 @@ class RolloutPool:
     async def _call(self, share: int, method: str, *args):
         """Run `method(*args)` for one share, re-issuing it after a worker failure (same worker once it is
         back, or the next one), at most `fault.max_task_retries` times."""
-        retries = self.cfg.fault.max_task_retries
+        retries = self.fault.max_task_retries
         for attempt in range(retries + 1):
             i = (share + attempt) % len(self.workers)
             try:
@@ -231,7 +248,7 @@ class RolloutPool:
                 partial[i] = item
         if errors:
             raise RolloutFailed(f"{len(errors)} of {len(parts)} shares lost after "
-                                f"{self.cfg.fault.max_task_retries} retries: {errors[0]}", partial)
+                                f"{self.fault.max_task_retries} retries: {errors[0]}", partial)
         return partial
 
     def health(self) -> dict[str, dict]:
@@ -268,12 +285,12 @@ class RolloutPool:
 
     async def _push(self, i: int) -> None:
         """Bring worker i to the latest weights, retrying through a restart."""
-        for attempt in range(self.cfg.fault.max_task_retries + 1):
+        for attempt in range(self.fault.max_task_retries + 1):
             try:
                 await self._ensure_current(i)
                 return
             except Exception as e:
-                if not is_actor_failure(e) or attempt == self.cfg.fault.max_task_retries:
+                if not is_actor_failure(e) or attempt == self.fault.max_task_retries:
                     raise
                 self._note_error(i, e)
 

@@ -22,7 +22,7 @@ import torch
 
 from piplay_ray import privileged
 from piplay_ray import teacher as T
-from piplay_ray.config import Config
+from piplay_ray.config import Config, RolloutConfig, TeacherConfig
 from piplay_ray.engines import make_engine, named_tensors
 from piplay_ray.fault import describe, is_actor_failure, wait_alive
 from piplay_ray.learner.weight_sync.collective import Receiver
@@ -33,19 +33,23 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 class TeacherImpl:
-    """Plain class behind the `Teacher` actor (usable in-process in tests and scripts)."""
+    """Plain class behind the `Teacher` actor (usable in-process in tests and scripts).
 
-    def __init__(self, model_path: str, cfg: Config, max_batch_tokens: int = 4096):
+    It reads the `teacher` section; of `rollout`, the model length and (vLLM backend) the engine settings;
+    `dtype` is the model's (`model.dtype`) and `seed` the run's (`from_config` takes them from a whole config).
+    """
+
+    def __init__(self, model_path: str, teacher: TeacherConfig, rollout: RolloutConfig, *, dtype: str = "auto",
+                 seed: int = 0, max_batch_tokens: int = 4096):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.cfg, self.tcfg = cfg, cfg.teacher
+        self.tcfg, self.seed = teacher, seed
         self.max_batch_tokens = max_batch_tokens
-        self.max_len = cfg.rollout.max_model_len
+        self.max_len = rollout.max_model_len
         self.version = 0
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.device = torch.device("cuda" if self.tcfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
-        dtype = _DTYPES.get(cfg.model.dtype, torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        self.serve_dtype = dtype
+        serve = self.serve_dtype = _DTYPES.get(dtype, torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         # canonical name of every parameter, tied aliases (e.g. lm_head.weight -> embed_tokens.weight) included
         canon: dict[int, str] = {}
@@ -58,13 +62,13 @@ class TeacherImpl:
             self.model = None
             del model
             # the teacher's own parallelism and memory share, not the rollout engines' (config.TeacherConfig)
-            self.engine = make_engine("vllm", model_path, cfg.rollout, dtype=cfg.model.dtype, seed=cfg.run.seed,
+            self.engine = make_engine("vllm", model_path, rollout, dtype=dtype, seed=seed,
                                       max_logprobs=max(64, self.tcfg.top_k),
                                       tensor_parallel_size=self.tcfg.tensor_parallel_size,
                                       gpu_memory_utilization=self.tcfg.gpu_memory_utilization)
         else:
-            self.model = model.to(self.device, dtype).eval()
-            self._aliased = dtype == torch.float32 and self.device.type == "cpu"
+            self.model = model.to(self.device, serve).eval()
+            self._aliased = serve == torch.float32 and self.device.type == "cpu"
             if self._aliased:
                 self.master = {n: p.data for n, p in self.model.named_parameters()}  # the model is the master
             else:
@@ -72,6 +76,11 @@ class TeacherImpl:
         self._lock = asyncio.Lock()
         self._receiver = None  # its place in the student's weight-sync group (collective transport)
         self.incarnation = uuid.uuid4().hex  # new on every (re)start of this actor
+
+    @classmethod
+    def from_config(cls, model_path: str, cfg: Config, **kw) -> TeacherImpl:
+        """The teacher with what it reads of the whole config `cfg` (`teacher_args`)."""
+        return cls(model_path, **teacher_args(cfg), **kw)
 
     # ------------------------------------------------------------------------------------- weights
 
@@ -194,7 +203,7 @@ class TeacherImpl:
             if task.id not in contexts:
                 ctx, shortened = privileged.context_ids(self.tokenizer, task, self.tcfg.privileged,
                                                         self.tcfg.doc_token_budget, self.max_len - longest[task.id],
-                                                        self.cfg.run.seed)
+                                                        self.seed)
                 contexts[task.id] = ctx
                 stats["shortened_contexts"] += shortened
             if not any(traj.mask) or contexts[task.id] is None:
@@ -266,10 +275,17 @@ class TeacherImpl:
 Teacher = ray.remote(TeacherImpl)
 
 
+def teacher_args(cfg: Config) -> dict:
+    """What a teacher reads of the whole config, as its constructor's keyword arguments."""
+    return {"teacher": cfg.teacher, "rollout": cfg.rollout, "dtype": cfg.model.dtype, "seed": cfg.run.seed}
+
+
 def create_teacher(model_path: str, cfg: Config):
-    """Start the `Teacher` actor with the resources of the `teacher` config section."""
+    """Start the `Teacher` actor with the resources of the `teacher` config section, restarted up to
+    `fault.max_actor_restarts` times."""
     return Teacher.options(num_cpus=cfg.teacher.num_cpus, num_gpus=cfg.teacher.num_gpus,
-                           max_restarts=cfg.fault.max_actor_restarts, max_concurrency=64).remote(model_path, cfg)
+                           max_restarts=cfg.fault.max_actor_restarts, max_concurrency=64).remote(model_path,
+                                                                                                 **teacher_args(cfg))
 
 
 class TeacherClient:

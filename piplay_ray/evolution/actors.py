@@ -53,7 +53,7 @@ def start_actors(cfg: Config, run_path: Path) -> Actors:
     The teacher client falls back on the newest checkpoint's teacher under `run_path`."""
     paths = model_paths(cfg)
     search = SearchEnvPool(cfg.search, fault=cfg.fault)
-    pools = {r: RolloutPool(r, paths[r], cfg, search) for r in TRAINED}
+    pools = {r: RolloutPool.from_config(r, paths[r], cfg, search) for r in TRAINED}
     teacher = create_teacher(paths["teacher"], cfg)
 
     def teacher_fallback() -> Path | None:

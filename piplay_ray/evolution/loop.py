@@ -83,7 +83,7 @@ class EvolutionLoop:
                 if cfg.teacher.init == "iteration":
                     await self.policies["student"].reset_teacher()
             if st.phase == "student":  # student: W steps on EM + λ·KL to the EMA teacher
-                await Phase(self, "student").run(sched.student_steps)
+                await Phase(self, "student", eval_every=cfg.eval.every_student_steps).run(sched.student_steps)
                 if self.stopping:
                     break
                 self.close_task_set()

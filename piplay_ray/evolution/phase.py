@@ -25,10 +25,11 @@ class LearnerFailure(RuntimeError):
 
 
 class Phase:
-    """`loop`: the EvolutionLoop whose state, policies, actors and run book the phase advances."""
+    """`loop`: the EvolutionLoop whose state, policies, actors and run book the phase advances; with
+    `eval_every` > 0 the loop evaluates after every that many learner steps of the role (a learning curve)."""
 
-    def __init__(self, loop, role: str):
-        self.loop, self.role = loop, role
+    def __init__(self, loop, role: str, eval_every: int = 0):
+        self.loop, self.role, self.eval_every = loop, role, eval_every
         self.policy = loop.policies[role]
 
     async def run(self, steps: int) -> None:
@@ -78,8 +79,7 @@ class Phase:
                   "learner/groups": len(groups), "learner/version": policy.version,
                   "learner/min_experience_version": oldest}, role)
         await book.after_step()
-        every = cfg.eval.every_student_steps
-        if role == "student" and every and policy.version % every == 0:  # a learning curve (piplay experiment)
+        if self.eval_every and policy.version % self.eval_every == 0:  # a learning curve (piplay experiment)
             await loop.evaluate(step_eval_name(policy.version))
         bar.update(1)
         bar.set_postfix(reward=f"{mean([e.reward for e in exps]):.3f}", staleness=stale)

@@ -1,5 +1,5 @@
-"""The rank environment of one learner rank, derived from the devices Ray gives it. Pure, so it is tested
-without GPUs.
+"""The rank environment of one learner rank, derived from the devices Ray gives it (pure, so it is tested
+without GPUs), and the cleanup of what DeepSpeed's CPU all-reduce leaves in /dev/shm.
 
 DeepSpeed picks its device from `LOCAL_RANK`. By default Ray sets `CUDA_VISIBLE_DEVICES` to the rank's own
 GPU, so inside the process that GPU is index 0 whatever the rank's position on the node; a node-local rank
@@ -10,6 +10,8 @@ is set, else the id Ray reports). On CPU the device index is unused and `LOCAL_R
 
 from __future__ import annotations
 
+import glob
+import os
 from collections.abc import Mapping, Sequence
 
 NOSET = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
@@ -41,3 +43,15 @@ def rank_env(rank: int, world_size: int, node_rank: int, node_size: int, master_
     return ({"MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
              "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(local), "LOCAL_SIZE": str(node_size),
              "CROSS_RANK": "0", "CROSS_SIZE": "1"}, device)
+
+
+def unlink_shm_buffers(master_addr: str | None, master_port: str | None) -> None:
+    """Unlink DeepSpeed's CPU all-reduce buffers of the group at `master_addr:master_port` in /dev/shm (RAM):
+    DeepSpeed never deletes them; once every rank has mapped them the names can go."""
+    if not (master_addr and master_port):
+        return
+    for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{master_addr}_{master_port}_*"):
+        try:
+            os.unlink(f)
+        except OSError:
+            pass
