@@ -1,8 +1,7 @@
-"""Integration: `piplay train` on configs/tiny.yaml — every phase logs, checkpoints, resume, staleness bound.
+"""Integration: `piplay train` on configs/tiny.yaml — every phase logs, checkpoints, staleness bound.
 
-One real run (vLLM CPU rollouts, DeepSpeed CPU learner, BM25 search env, transformers teacher, Ray actors),
-then the final checkpoint is removed to simulate a run that stopped after step 3, and the same command
-resumes it: it must continue at step 4, not start over and not train zero steps.
+One real run (vLLM CPU rollouts, DeepSpeed CPU learner, BM25 search env, transformers teacher, Ray actors).
+Resuming after a kill is test_fault_driver's; a finished run's refusal and a changed config's are below.
 """
 
 from __future__ import annotations
