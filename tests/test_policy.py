@@ -12,7 +12,7 @@ from piplay_ray.evolution.policy import Policy, StudentPolicy
 
 
 class Learner:
-    def weights(self, role):
+    def weights(self, role, form="full"):
         return f"{role}-weights"
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import time
 import uuid
@@ -32,6 +33,8 @@ from piplay_ray.fault import RolloutFailed, actor_state, describe, is_actor_fail
 from piplay_ray.records import Doc, Trajectory
 from piplay_ray.roles import TRAINED
 
+log = logging.getLogger(__name__)
+
 
 class RolloutWorkerImpl:
     """One engine + the agent loop (plain class; `RolloutWorker` is its actor). `search` is a search env
@@ -47,7 +50,8 @@ class RolloutWorkerImpl:
         torch.set_num_threads(max(1, int(cfg.rollout.num_cpus_per_worker)))  # no oversubscription
         self.role, self.cfg, self.search = role, cfg, search
         r = cfg.rollout
-        self.engine = make_engine(r.engine, model_path, r, dtype=cfg.model.dtype, seed=seed)
+        lora = cfg.learner.lora if cfg.learner.lora.rank else None  # serve the learner's adapter where it can
+        self.engine = make_engine(r.engine, model_path, r, dtype=cfg.model.dtype, seed=seed, lora=lora)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.spec = SamplingSpec(max_tokens=r.max_tokens_per_turn, temperature=r.temperature, top_p=r.top_p)
         self.max_turns = {"examiner": cfg.examiner.max_turns, "student": cfg.student.max_turns}
@@ -65,6 +69,10 @@ class RolloutWorkerImpl:
 
     def get_version(self) -> int:
         return self.engine.version
+
+    def weight_form(self) -> tuple[str, str | None]:
+        """(what a weight sync must send this engine, "full" or "adapter"; why not "adapter" under LoRA)."""
+        return self.engine.weight_form, self.engine.lora_note
 
     def sync_member(self) -> tuple[str, int, int]:
         """(incarnation, ranks taken in the role's weight-sync group, weight version) for the coordinator."""
@@ -176,6 +184,23 @@ class RolloutPool:
         # version through the role's group (set by the role's policy handle, evolution/policy.py);
         # None = object store pushes of `_latest`
         self.resync = None
+        self._form: str | None = None  # weight_form(), asked once
+
+    def weight_form(self) -> str:
+        """What the learner must publish for this pool: "adapter" (learner.lora on and every engine loads
+        adapters in place) or "full" (merged full weights). Asked once; under LoRA it says which, in one line."""
+        if self._form is None:
+            self._form = "full"
+            if self.cfg.learner.lora.rank:
+                forms = ray.get([w.weight_form.remote() for w in self.workers])
+                notes = [note for form, note in forms if form != "adapter"]
+                if not notes:
+                    self._form = "adapter"
+                    log.info("learner.lora: the %s engines load each adapter version in place (adapter-only "
+                             "weight sync)", self.role)
+                else:
+                    log.warning("learner.lora: %s; the %s engines get merged full weights", notes[0], self.role)
+        return self._form
 
     def wait_ready(self, timeout_s: float = 900) -> None:
         ray.get([w.ready.remote() for w in self.workers], timeout=timeout_s)

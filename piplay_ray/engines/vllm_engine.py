@@ -9,12 +9,19 @@ distinct ranks), or, for the object store, the tensors are written once to a saf
 memory (in the dtype they arrive in) and the worker maps it. After the reload, the CPU backend's prepacked GEMM handle of every `VocabParallelEmbedding` (embedding and LM head) is
 rebuilt, since `reload_weights` only repacks the linear layers (DESIGN.md section 4), and the prefix cache is
 reset so that no KV computed with old weights is reused.
+
+With `lora` (the run's `learner.lora`) the engine starts with LoRA enabled and serves every request with the
+current adapter; a sync sends only the adapter (`weight_form` "adapter"). vLLM loads adapters from a folder,
+so each version is written to a small folder in shared memory (megabytes) and added under a new LoRA id; the
+previous id is removed and its folder deleted. Its start-up check is the load of a zero adapter (the base
+model, version 0); where that or the LoRA start fails, it starts again without LoRA and takes full weights.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 import threading
 import uuid
@@ -22,11 +29,12 @@ from collections.abc import Iterable
 
 import torch
 
-from piplay_ray.engines import named_tensors
+from piplay_ray.engines import adapter, named_tensors
 from piplay_ray.engines.base import Engine, Generation, SamplingSpec, TopK
 from piplay_ray.learner.weight_sync.collective import Receiver
 
 GiB = 1 << 30
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 
 
 class WeightLoader:
@@ -60,17 +68,33 @@ class WeightLoader:
         with safe_open(path, framework="pt") as f:
             return self._piplay_load((n, f.get_tensor(n)) for n in list(f.keys()))
 
-    def piplay_receive(self, ticket: dict) -> list[int]:
-        """Receive one collective sync as rank `ticket['rank'] + self.rank`; returns [version, tensors]."""
+    def piplay_receive_adapter(self, ticket: dict, folder: str, lc: dict) -> list[int]:
+        """Receive one adapter-only collective sync; the engine's first worker writes it to `folder`."""
+        from piplay_ray.config import LoraConfig
+
+        tensors = adapter.as_dict(self._piplay_rx().receive(ticket, rank_offset=self.rank))
+        if self.rank == 0:
+            adapter.write(folder, tensors, LoraConfig(**lc))
+        return [self._piplay_receiver.version, len(tensors)]
+
+    def _piplay_rx(self) -> Receiver:
         import torch
         from vllm.platforms import current_platform
 
         if getattr(self, "_piplay_receiver", None) is None:
             device = torch.device("cpu") if current_platform.is_cpu() else self.device
             self._piplay_receiver = Receiver(device)
-        rx = self._piplay_receiver
+        return self._piplay_receiver
+
+    def piplay_receive(self, ticket: dict) -> list[int]:
+        """Receive one collective sync as rank `ticket['rank'] + self.rank`; returns [version, tensors]."""
+        rx = self._piplay_rx()
         n = self._piplay_load(rx.receive(ticket, rank_offset=self.rank))
         return [rx.version, n]
+
+
+def shm_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
 def write_shared(weights: Iterable[tuple[str, torch.Tensor]], folder: str | None = None) -> str:
@@ -83,7 +107,7 @@ def write_shared(weights: Iterable[tuple[str, torch.Tensor]], folder: str | None
         key = (t.untyped_storage().data_ptr(), t.storage_offset())
         tensors[name] = t.clone() if key in seen else t
         seen.add(key)
-    folder = folder or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+    folder = folder or shm_dir()
     fd, path = tempfile.mkstemp(prefix="piplay-weights-", suffix=".safetensors", dir=folder)
     os.close(fd)
     save_file(tensors, path)
@@ -93,12 +117,13 @@ def write_shared(weights: Iterable[tuple[str, torch.Tensor]], folder: str | None
 class VLLMEngine(Engine):
     def __init__(self, model_path: str, *, dtype: str = "auto", seed: int = 0, max_model_len: int = 4096,
                  max_num_seqs: int = 64, gpu_memory_utilization: float = 0.85, kv_cache_gib: float = 1.0,
-                 tensor_parallel_size: int = 1, enforce_eager: bool = True, max_logprobs: int = 64):
+                 tensor_parallel_size: int = 1, enforce_eager: bool = True, max_logprobs: int = 64,
+                 lora=None):
         from vllm import AsyncEngineArgs
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()
-        args = AsyncEngineArgs(
+        args = dict(
             model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager, max_logprobs=max_logprobs,
             enable_prefix_caching=True, disable_log_stats=True,
@@ -113,7 +138,30 @@ class VLLMEngine(Engine):
         self._inflight = 0
         self._ready: asyncio.Event | None = None
         self._idle: asyncio.Condition | None = None
-        self.llm = self._call(self._start(args))
+        self._lora, self._lora_request, self._lora_dir, self._lora_ids = None, None, None, 0
+        self.llm = None
+        if lora is not None:
+            try:
+                self._start_lora(model_path, lora, args)
+                return
+            except Exception as e:  # this build or model cannot serve the adapter: full weights instead
+                self.lora_note = f"vLLM cannot serve LoRA here ({type(e).__name__}: {str(e)[:200]})"
+                self._stop_llm()
+                self._lora = None
+        self.llm = self._call(self._start(AsyncEngineArgs(**args)))
+
+    def _start_lora(self, model_path: str, lc, args: dict) -> None:
+        from vllm import AsyncEngineArgs
+
+        rank = next((r for r in LORA_RANKS if r >= lc.rank), None)
+        if rank is None:
+            raise ValueError(f"learner.lora.rank={lc.rank} is above vLLM's largest max_lora_rank {LORA_RANKS[-1]}")
+        self.llm = self._call(self._start(AsyncEngineArgs(**args, enable_lora=True, max_lora_rank=rank,
+                                                          max_loras=1)))
+        self._lora = lc
+        self._lora_dir = tempfile.mkdtemp(prefix="piplay-lora-", dir=shm_dir())
+        self._call(self._swap_adapter(self._write_adapter(adapter.zero_adapter(model_path, lc))))
+        self.weight_form = "adapter"
 
     async def _start(self, args):
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -144,7 +192,7 @@ class VLLMEngine(Engine):
         try:
             final = None
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params,
-                                               request_id=uuid.uuid4().hex):
+                                               request_id=uuid.uuid4().hex, lora_request=self._lora_request):
                 final = out
             return final
         finally:
@@ -207,8 +255,47 @@ class VLLMEngine(Engine):
         finally:
             self._ready.set()
 
+    def _write_adapter(self, tensors: dict) -> str:
+        """A new folder for the next adapter version (written here or by the first worker)."""
+        folder = os.path.join(self._lora_dir, f"v{self._lora_ids + 1}")
+        if tensors:
+            adapter.write(folder, tensors, self._lora)
+        return folder
+
+    async def _swap_adapter(self, folder: str, rpc: tuple | None = None):
+        """With no request running: (receive the adapter into `folder` by `rpc`,) drop the previous LoRA id and
+        its folder, add `folder` under a new id, which every later request uses, and drop the prefix cache."""
+        from vllm.lora.request import LoRARequest
+
+        self._ready.clear()
+        async with self._idle:
+            await self._idle.wait_for(lambda: self._inflight == 0)
+        try:
+            out = await self.llm.collective_rpc(rpc[0], args=rpc[1]) if rpc else None
+            old = self._lora_request
+            if old is not None:
+                await self.llm.remove_lora(old.lora_int_id)
+                shutil.rmtree(old.lora_path, ignore_errors=True)
+                self._lora_request = None
+            self._lora_ids += 1
+            request = LoRARequest(f"piplay-{self._lora_ids}", self._lora_ids, folder)
+            if not await self.llm.add_lora(request):
+                raise RuntimeError(f"vLLM did not load the adapter in {folder}")
+            self._lora_request = request
+            if not await self.llm.reset_prefix_cache():
+                raise RuntimeError("vLLM refused to reset its prefix cache after an adapter update")
+            return out
+        finally:
+            self._ready.set()
+
     async def areceive_weights(self, ticket: dict) -> int:
-        out = await self._on_engine(self._swap_rpc("piplay_receive", dict(ticket)))
+        if self._lora is not None:
+            folder = self._write_adapter({})
+            lc = self._lora.model_dump(mode="json")
+            out = await self._on_engine(self._swap_adapter(folder, ("piplay_receive_adapter",
+                                                                    (dict(ticket), folder, lc))))
+        else:
+            out = await self._on_engine(self._swap_rpc("piplay_receive", dict(ticket)))
         versions = {v for v, _ in out}
         if len(versions) != 1:
             raise RuntimeError(f"vLLM workers received different weight versions: {sorted(versions)}")
@@ -216,6 +303,10 @@ class VLLMEngine(Engine):
         return self.version
 
     def update_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if self._lora is not None:
+            self._call(self._swap_adapter(self._write_adapter(adapter.as_dict(named_tensors(weights)))))
+            self.version = version
+            return
         path = write_shared(named_tensors(weights))
         try:
             self._call(self._swap(path))
@@ -226,6 +317,11 @@ class VLLMEngine(Engine):
     async def aupdate_weights(self, version: int, weights) -> None:
         """`update_weights` for callers on an event loop (the file is written in a thread)."""
 
+        if self._lora is not None:
+            folder = await asyncio.to_thread(lambda: self._write_adapter(adapter.as_dict(named_tensors(weights))))
+            await self._on_engine(self._swap_adapter(folder))
+            self.version = version
+            return
         path = await asyncio.to_thread(write_shared, named_tensors(weights))
         try:
             await self._on_engine(self._swap(path))
@@ -233,10 +329,16 @@ class VLLMEngine(Engine):
             os.unlink(path)
         self.version = version
 
-    def shutdown(self) -> None:
+    def _stop_llm(self) -> None:
         if getattr(self, "llm", None) is not None:
             self.llm.shutdown()
             self.llm = None
+        if getattr(self, "_lora_dir", None):
+            shutil.rmtree(self._lora_dir, ignore_errors=True)
+            self._lora_dir, self._lora_request = None, None
+
+    def shutdown(self) -> None:
+        self._stop_llm()
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
