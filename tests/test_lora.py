@@ -268,6 +268,8 @@ def test_two_roles_offload_and_merge(process, tiny_model, base, stage):
         adapter = {k.replace(".default.", "."): v for k, v in w.adapter_state("student").items()}
         assert all(v.abs().max() > 0 for k, v in adapter.items() if ".lora_B." in k)  # the merge is not W
         _close(w.state_dict("student"), _merged_here(base, adapter), exact=False)
+        w.transports[("student", "recording")] = _Recording(bucket_mb=1)
+        _close(dict(w.publish("student", "recording", form="adapter").tensors), adapter)  # gathered under ZeRO-3
         w.train_step("examiner", _batch("examiner", seed=5, n=4))  # the examiner comes back and trains
         assert w.offloaded_states("student") == OFFLOADED[stage]
         assert not torch.equal(w.state_dict("examiner")["model.layers.0.mlp.up_proj.weight"],

@@ -157,6 +157,15 @@ def cpu_core_binding(cfg, role: str, index: int) -> dict[str, str]:
     return {"VLLM_CPU_OMP_THREADS_BIND": str(slot % (os.cpu_count() or 1))}
 
 
+def lora_sync_form(role: str, forms: Sequence[tuple[str, str | None]]) -> tuple[str, str]:
+    """Under learner.lora, from every worker's (weight form, why not adapters): what the pool takes, "adapter"
+    only if every engine loads adapters, and the one start-up line that says so."""
+    notes = [note or f"engine {i} takes full weights" for i, (form, note) in enumerate(forms) if form != "adapter"]
+    if not notes:
+        return "adapter", f"learner.lora: the {role} engines load each adapter version in place (adapter-only sync)"
+    return "full", f"learner.lora: {notes[0]}; the {role} engines get merged full weights"
+
+
 class RolloutPool:
     """`cfg.rollout.workers_per_role` workers holding one role's weights; requests are split across them."""
 
@@ -192,14 +201,8 @@ class RolloutPool:
         if self._form is None:
             self._form = "full"
             if self.cfg.learner.lora.rank:
-                forms = ray.get([w.weight_form.remote() for w in self.workers])
-                notes = [note for form, note in forms if form != "adapter"]
-                if not notes:
-                    self._form = "adapter"
-                    log.info("learner.lora: the %s engines load each adapter version in place (adapter-only "
-                             "weight sync)", self.role)
-                else:
-                    log.warning("learner.lora: %s; the %s engines get merged full weights", notes[0], self.role)
+                self._form, line = lora_sync_form(self.role, ray.get([w.weight_form.remote() for w in self.workers]))
+                (log.info if self._form == "adapter" else log.warning)(line)
         return self._form
 
     def wait_ready(self, timeout_s: float = 900) -> None:
