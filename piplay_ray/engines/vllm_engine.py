@@ -10,18 +10,13 @@ memory (in the dtype they arrive in) and the worker maps it. After the reload, t
 rebuilt, since `reload_weights` only repacks the linear layers (DESIGN.md section 4), and the prefix cache is
 reset so that no KV computed with old weights is reused.
 
-With `lora` (the run's `learner.lora`) the engine starts with LoRA enabled and serves every request with the
-current adapter; a sync sends only the adapter (`weight_form` "adapter"). vLLM loads adapters from a folder,
-so each version is written to a small folder in shared memory (megabytes) and added under a new LoRA id; the
-previous id is removed and its folder deleted. Its start-up check is the load of a zero adapter (the base
-model, version 0); where that or the LoRA start fails, it starts again without LoRA and takes full weights.
+With `lora` it serves LoRA and a sync moves only the adapter (vllm_lora.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import tempfile
 import threading
 import uuid
@@ -31,13 +26,13 @@ import torch
 
 from piplay_ray.engines import adapter, named_tensors
 from piplay_ray.engines.base import Engine, Generation, SamplingSpec, TopK
+from piplay_ray.engines.vllm_lora import AdapterReceiving, LoraServing, shm_dir
 from piplay_ray.learner.weight_sync.collective import Receiver
 
 GiB = 1 << 30
-LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 
 
-class WeightLoader:
+class WeightLoader(AdapterReceiving):
     """vLLM worker extension (mixed into the worker class): reload weights in place, from a shared-memory
     file or from the role's collective broadcast."""
 
@@ -68,15 +63,6 @@ class WeightLoader:
         with safe_open(path, framework="pt") as f:
             return self._piplay_load((n, f.get_tensor(n)) for n in list(f.keys()))
 
-    def piplay_receive_adapter(self, ticket: dict, folder: str, lc: dict) -> list[int]:
-        """Receive one adapter-only collective sync; the engine's first worker writes it to `folder`."""
-        from piplay_ray.config import LoraConfig
-
-        tensors = adapter.as_dict(self._piplay_rx().receive(ticket, rank_offset=self.rank))
-        if self.rank == 0:
-            adapter.write(folder, tensors, LoraConfig(**lc))
-        return [self._piplay_receiver.version, len(tensors)]
-
     def _piplay_rx(self) -> Receiver:
         import torch
         from vllm.platforms import current_platform
@@ -91,10 +77,6 @@ class WeightLoader:
         rx = self._piplay_rx()
         n = self._piplay_load(rx.receive(ticket, rank_offset=self.rank))
         return [rx.version, n]
-
-
-def shm_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
 def write_shared(weights: Iterable[tuple[str, torch.Tensor]], folder: str | None = None) -> str:
@@ -114,7 +96,7 @@ def write_shared(weights: Iterable[tuple[str, torch.Tensor]], folder: str | None
     return path
 
 
-class VLLMEngine(Engine):
+class VLLMEngine(LoraServing, Engine):
     def __init__(self, model_path: str, *, dtype: str = "auto", seed: int = 0, max_model_len: int = 4096,
                  max_num_seqs: int = 64, gpu_memory_utilization: float = 0.85, kv_cache_gib: float = 1.0,
                  tensor_parallel_size: int = 1, enforce_eager: bool = True, max_logprobs: int = 64,
@@ -138,7 +120,6 @@ class VLLMEngine(Engine):
         self._inflight = 0
         self._ready: asyncio.Event | None = None
         self._idle: asyncio.Condition | None = None
-        self._lora, self._lora_request, self._lora_dir, self._lora_ids = None, None, None, 0
         self.llm = None
         if lora is not None:
             try:
@@ -149,19 +130,6 @@ class VLLMEngine(Engine):
                 self._stop_llm()
                 self._lora = None
         self.llm = self._call(self._start(AsyncEngineArgs(**args)))
-
-    def _start_lora(self, model_path: str, lc, args: dict) -> None:
-        from vllm import AsyncEngineArgs
-
-        rank = next((r for r in LORA_RANKS if r >= lc.rank), None)
-        if rank is None:
-            raise ValueError(f"learner.lora.rank={lc.rank} is above vLLM's largest max_lora_rank {LORA_RANKS[-1]}")
-        self.llm = self._call(self._start(AsyncEngineArgs(**args, enable_lora=True, max_lora_rank=rank,
-                                                          max_loras=1)))
-        self._lora = lc
-        self._lora_dir = tempfile.mkdtemp(prefix="piplay-lora-", dir=shm_dir())
-        self._call(self._swap_adapter(self._write_adapter(adapter.zero_adapter(model_path, lc))))
-        self.weight_form = "adapter"
 
     async def _start(self, args):
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -255,45 +223,9 @@ class VLLMEngine(Engine):
         finally:
             self._ready.set()
 
-    def _write_adapter(self, tensors: dict) -> str:
-        """A new folder for the next adapter version (written here or by the first worker)."""
-        folder = os.path.join(self._lora_dir, f"v{self._lora_ids + 1}")
-        if tensors:
-            adapter.write(folder, tensors, self._lora)
-        return folder
-
-    async def _swap_adapter(self, folder: str, rpc: tuple | None = None):
-        """With no request running: (receive the adapter into `folder` by `rpc`,) drop the previous LoRA id and
-        its folder, add `folder` under a new id, which every later request uses, and drop the prefix cache."""
-        from vllm.lora.request import LoRARequest
-
-        self._ready.clear()
-        async with self._idle:
-            await self._idle.wait_for(lambda: self._inflight == 0)
-        try:
-            out = await self.llm.collective_rpc(rpc[0], args=rpc[1]) if rpc else None
-            old = self._lora_request
-            if old is not None:
-                await self.llm.remove_lora(old.lora_int_id)
-                shutil.rmtree(old.lora_path, ignore_errors=True)
-                self._lora_request = None
-            self._lora_ids += 1
-            request = LoRARequest(f"piplay-{self._lora_ids}", self._lora_ids, folder)
-            if not await self.llm.add_lora(request):
-                raise RuntimeError(f"vLLM did not load the adapter in {folder}")
-            self._lora_request = request
-            if not await self.llm.reset_prefix_cache():
-                raise RuntimeError("vLLM refused to reset its prefix cache after an adapter update")
-            return out
-        finally:
-            self._ready.set()
-
     async def areceive_weights(self, ticket: dict) -> int:
         if self._lora is not None:
-            folder = self._write_adapter({})
-            lc = self._lora.model_dump(mode="json")
-            out = await self._on_engine(self._swap_adapter(folder, ("piplay_receive_adapter",
-                                                                    (dict(ticket), folder, lc))))
+            out = await self._receive_adapter(ticket)
         else:
             out = await self._on_engine(self._swap_rpc("piplay_receive", dict(ticket)))
         versions = {v for v, _ in out}
@@ -333,9 +265,7 @@ class VLLMEngine(Engine):
         if getattr(self, "llm", None) is not None:
             self.llm.shutdown()
             self.llm = None
-        if getattr(self, "_lora_dir", None):
-            shutil.rmtree(self._lora_dir, ignore_errors=True)
-            self._lora_dir, self._lora_request = None, None
+        self._drop_lora_dir()
 
     def shutdown(self) -> None:
         self._stop_llm()
