@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import os
 import time
 import uuid
@@ -27,13 +26,12 @@ import ray
 
 from piplay_ray import protocol
 from piplay_ray.agent import run_agent
+from piplay_ray.console import say
 from piplay_ray.engines import make_engine, named_tensors
 from piplay_ray.engines.base import SamplingSpec
 from piplay_ray.fault import RolloutFailed, actor_state, describe, is_actor_failure, wait_alive
 from piplay_ray.records import Doc, Trajectory
 from piplay_ray.roles import TRAINED
-
-log = logging.getLogger(__name__)
 
 
 class RolloutWorkerImpl:
@@ -202,7 +200,7 @@ class RolloutPool:
             self._form = "full"
             if self.cfg.learner.lora.rank:
                 self._form, line = lora_sync_form(self.role, ray.get([w.weight_form.remote() for w in self.workers]))
-                (log.info if self._form == "adapter" else log.warning)(line)
+                say(line)
         return self._form
 
     def wait_ready(self, timeout_s: float = 900) -> None:
