@@ -84,7 +84,7 @@ def test_vllm_loads_each_adapter_version_in_place(engine, peft_model):
     finally:
         sender.join(timeout=120)
     _check(engine, peft_model)
-    assert os.listdir(engine._lora_dir) == [f"v{engine._lora_ids}"]  # earlier versions' folders are gone
+    assert engine._lora_ids == 3 and not os.path.exists(engine._lora_request.lora_path)  # loaded, then deleted
 
     with pytest.raises(KeyError, match="not a LoRA matrix"):
         engine.update_weights(3, {"model.norm.weight": torch.ones(128)})

@@ -265,7 +265,7 @@ class VLLMEngine(LoraServing, Engine):
         if getattr(self, "llm", None) is not None:
             self.llm.shutdown()
             self.llm = None
-        self._drop_lora_dir()
+        self._lora_request = None
 
     def shutdown(self) -> None:
         self._stop_llm()

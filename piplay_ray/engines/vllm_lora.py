@@ -2,8 +2,10 @@
 
 An engine started with `lora` (the run's `learner.lora`) enables LoRA and serves every request with the
 current adapter. vLLM loads adapters from a folder, so each version is written to a small folder in shared
-memory (megabytes: the adapter, not the model) and added under a new LoRA id; the previous id is then removed
-and its folder deleted, so one version's folder exists at a time. The start-up check is the load of a zero
+memory (megabytes: the adapter, not the model) and added under a new LoRA id; the previous id is then removed.
+The folder is deleted as soon as vLLM has loaded it: vLLM keeps its adapters in memory and, with room for two
+(`max_cpu_loras`), never evicts one it would reload from disk, so an engine that is killed leaves nothing in
+shared memory. The start-up check is the load of a zero
 adapter (the base model, version 0); where it or the LoRA start fails, the engine starts again without LoRA
 and takes full weights as before (`lora_note` says why).
 """
@@ -51,7 +53,6 @@ class LoraServing:
 
     _lora = None  # the LoraConfig served; None: full weights
     _lora_request = None
-    _lora_dir: str | None = None
     _lora_ids = 0
 
     def _start_lora(self, model_path: str, lc, args: dict) -> None:
@@ -61,20 +62,19 @@ class LoraServing:
                                       max_cpu_loras=2)  # two while a swap adds the new one before dropping the old
         self.llm = self._call(self._start(engine_args))
         self._lora = lc
-        self._lora_dir = tempfile.mkdtemp(prefix="piplay-lora-", dir=shm_dir())
         self._call(self._swap_adapter(self._write_adapter(adapter.zero_adapter(model_path, lc))))
         self.weight_form = "adapter"
 
     def _write_adapter(self, tensors: dict) -> str:
-        """The folder of the next adapter version, written here (or, with no tensors, by the first worker)."""
-        folder = os.path.join(self._lora_dir, f"v{self._lora_ids + 1}")
+        """A new folder for the next adapter version, written here (or, with no tensors, by the first worker)."""
+        folder = tempfile.mkdtemp(prefix="piplay-lora-", dir=shm_dir())
         if tensors:
             adapter.write(folder, tensors, self._lora)
         return folder
 
     async def _swap_adapter(self, folder: str, rpc: tuple | None = None):
         """With no request running: (receive the adapter into `folder` by `rpc`,) add it under a new LoRA id,
-        which every later request uses, drop the previous id and its folder, and drop the prefix cache."""
+        which every later request uses, drop the previous id and the prefix cache; `folder` is deleted after."""
         from vllm.lora.request import LoRARequest
 
         self._ready.clear()  # new requests wait; requests already running finish on the old adapter
@@ -89,19 +89,14 @@ class LoraServing:
             old, self._lora_request = self._lora_request, request
             if old is not None:
                 await self.llm.remove_lora(old.lora_int_id)
-                shutil.rmtree(old.lora_path, ignore_errors=True)
             if not await self.llm.reset_prefix_cache():
                 raise RuntimeError("vLLM refused to reset its prefix cache after an adapter update")
             return out
         finally:
+            shutil.rmtree(folder, ignore_errors=True)
             self._ready.set()
 
     async def _receive_adapter(self, ticket: dict):
         folder = self._write_adapter({})
         rpc = ("piplay_receive_adapter", (dict(ticket), folder, self._lora.model_dump(mode="json")))
         return await self._on_engine(self._swap_adapter(folder, rpc))
-
-    def _drop_lora_dir(self) -> None:
-        if self._lora_dir:
-            shutil.rmtree(self._lora_dir, ignore_errors=True)
-            self._lora_dir, self._lora_request = None, None
