@@ -64,6 +64,8 @@ def _check(engine, model) -> None:
 
 
 def test_vllm_loads_each_adapter_version_in_place(engine, peft_model):
+    from piplay_ray.engines.vllm_lora import shm_dir
+
     assert engine.weight_form == "adapter" and engine.lora_note is None
     with peft_model.disable_adapter():  # version 0: the zero adapter serves the base model
         _check(engine, peft_model)
@@ -89,6 +91,7 @@ def test_vllm_loads_each_adapter_version_in_place(engine, peft_model):
     with pytest.raises(KeyError, match="not a LoRA matrix"):
         engine.update_weights(3, {"model.norm.weight": torch.ones(128)})
     _check(engine, peft_model)  # a refused sync leaves the adapter as it was
+    assert not [f for f in os.listdir(shm_dir()) if f.startswith("piplay-lora-")]  # and no folder behind
 
 
 @pytest.mark.slow

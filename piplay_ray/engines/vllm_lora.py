@@ -68,8 +68,12 @@ class LoraServing:
     def _write_adapter(self, tensors: dict) -> str:
         """A new folder for the next adapter version, written here (or, with no tensors, by the first worker)."""
         folder = tempfile.mkdtemp(prefix="piplay-lora-", dir=shm_dir())
-        if tensors:
-            adapter.write(folder, tensors, self._lora)
+        try:
+            if tensors:
+                adapter.write(folder, tensors, self._lora)
+        except BaseException:  # a refused adapter leaves no folder behind
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         return folder
 
     async def _swap_adapter(self, folder: str, rpc: tuple | None = None):
