@@ -88,10 +88,11 @@ def test_vllm_loads_each_adapter_version_in_place(engine, peft_model):
     _check(engine, peft_model)
     assert engine._lora_ids == 3 and not os.path.exists(engine._lora_request.lora_path)  # loaded, then deleted
 
+    folders = set(os.listdir(shm_dir()))
     with pytest.raises(KeyError, match="not a LoRA matrix"):
         engine.update_weights(3, {"model.norm.weight": torch.ones(128)})
     _check(engine, peft_model)  # a refused sync leaves the adapter as it was
-    assert not [f for f in os.listdir(shm_dir()) if f.startswith("piplay-lora-")]  # and no folder behind
+    assert set(os.listdir(shm_dir())) <= folders  # and no folder behind
 
 
 @pytest.mark.slow
