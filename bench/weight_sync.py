@@ -10,7 +10,11 @@ transport cannot go faster than memory bandwidth.
     python bench/weight_sync.py [--models tiny,smollm2] [--engine transformers|vllm] [--repeats 3]
                                 [--transports object_store,collective]
 
-Prints one JSON line per model, then a final JSON line with all of them.
+With `--lora-rank R` (default 16; 0 = off) every model and transport is also run with `learner.lora.rank=R`
+on every linear layer and engines serving LoRA: the sync then moves only the adapter, and its line gives the
+bytes and seconds against the full-weight sync of the same model (`vs_full`).
+
+Prints one JSON line per model, transport and form, then a final JSON line with all of them.
 """
 
 from __future__ import annotations
@@ -33,11 +37,15 @@ from piplay_ray.learner.learner import LearnerGroup
 class Worker:
     """A stand-in rollout worker: a real engine that takes the learner's bundle."""
 
-    def __init__(self, kind: str, path: str, rollout_cfg: dict):
-        from piplay_ray.config import RolloutConfig
+    def __init__(self, kind: str, path: str, rollout_cfg: dict, lora: dict | None = None):
+        from piplay_ray.config import LoraConfig, RolloutConfig
         from piplay_ray.engines import make_engine
 
-        self.engine = make_engine(kind, path, RolloutConfig.model_validate(rollout_cfg), dtype="float32")
+        self.engine = make_engine(kind, path, RolloutConfig.model_validate(rollout_cfg), dtype="float32",
+                                  lora=LoraConfig.model_validate(lora) if lora else None)
+
+    def weight_form(self) -> str:
+        return self.engine.weight_form
 
     def update_weights(self, version: int, bundle) -> float:
         t0 = time.perf_counter()
@@ -68,9 +76,9 @@ def memcpy_gbps(nbytes: int, repeats: int = 5) -> float:
     return nbytes / best / 1e9
 
 
-def _object_store_run(group, workers) -> dict:
+def _object_store_run(group, workers, form: str) -> dict:
     t0 = time.perf_counter()
-    bundle = group.weights("student")
+    bundle = group.weights("student", form=form)
     t1 = time.perf_counter()
     loads = ray.get([w.update_weights.remote(bundle.version, bundle) for w in workers])
     t2 = time.perf_counter()
@@ -88,21 +96,26 @@ def _collective_run(sync) -> dict:
     return {"seconds": done["seconds"], "bytes": done["bytes"], "generation": done["generation"]}
 
 
-def bench_model(name: str, engine: str, repeats: int, transport: str) -> dict:
+def bench_model(name: str, engine: str, repeats: int, transport: str, lora_rank: int = 0) -> dict:
     from types import SimpleNamespace
 
     from piplay_ray.learner.weight_sync.coordinator import GroupSync
 
     path = assets.resolve_model(f"builtin:{name}")
     cfg = load_config("configs/tiny.yaml", [f"model.base={path}", "learner.world_size=1",
-                                            f"weight_sync.transport={transport}"])
+                                            f"weight_sync.transport={transport}", f"learner.lora.rank={lora_rank}",
+                                            f"learner.lora.alpha={2 * max(lora_rank, 1)}"])
     group = LearnerGroup(cfg, roles=("student",))
-    workers = [Worker.remote(engine, path, cfg.rollout.model_dump()) for _ in range(2)]
-    sync = GroupSync("student", group, SimpleNamespace(workers=workers, version=-1), None, retries=0)
+    lora = cfg.learner.lora.model_dump() if lora_rank else None
+    workers = [Worker.remote(engine, path, cfg.rollout.model_dump(), lora) for _ in range(2)]
+    forms = set(ray.get([w.weight_form.remote() for w in workers]))
+    form = "adapter" if forms == {"adapter"} else "full"
+    pool = SimpleNamespace(workers=workers, version=-1, weight_form=lambda: form)
+    sync = GroupSync("student", group, pool, None, retries=0)
     try:
         best = None
         for _ in range(repeats):  # the first collective sync also forms the group; the best run counts
-            run = _object_store_run(group, workers) if transport == "object_store" else _collective_run(sync)
+            run = _object_store_run(group, workers, form) if transport == "object_store" else _collective_run(sync)
             run["memcpy_gbps"] = memcpy_gbps(run["bytes"])  # right after, under the same machine load
             if best is None or run["seconds"] < best["seconds"]:
                 best = run
@@ -113,7 +126,7 @@ def bench_model(name: str, engine: str, repeats: int, transport: str) -> dict:
         group.shutdown()
     copy = best.pop("memcpy_gbps")
     gbps = best["bytes"] / best["seconds"] / 1e9
-    return {"model": name, "transport": transport,
+    return {"model": name, "transport": transport, "form": form, "lora_rank": lora_rank,
             **{k: round(v, 4) if isinstance(v, float) else v for k, v in best.items()},
             "gbps": round(gbps, 3), "delivered_gbps": round(2 * gbps, 3),
             "memcpy_gbps": round(copy, 3), "ratio": round(gbps / copy, 4)}
@@ -126,6 +139,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--transports", default="object_store,collective")
     ap.add_argument("--num-cpus", type=int, default=4)
+    ap.add_argument("--lora-rank", type=int, default=16, help="also run LoRA syncs at this rank (0: only full)")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
@@ -134,13 +148,20 @@ def main() -> None:
     try:
         for name in args.models.split(","):
             for transport in args.transports.split(","):
-                r = bench_model(name.strip(), args.engine, args.repeats, transport.strip())
-                results.append(r)
-                print(json.dumps(r), flush=True)
+                full = bench_model(name.strip(), args.engine, args.repeats, transport.strip())
+                results.append(full)
+                print(json.dumps(full), flush=True)
+                if args.lora_rank:
+                    r = bench_model(name.strip(), args.engine, args.repeats, transport.strip(), args.lora_rank)
+                    r["vs_full"] = {"bytes_ratio": round(r["bytes"] / full["bytes"], 5),
+                                    "seconds_ratio": round(r["seconds"] / full["seconds"], 4),
+                                    "full_bytes": full["bytes"], "full_seconds": full["seconds"]}
+                    results.append(r)
+                    print(json.dumps(r), flush=True)
     finally:
         ray.shutdown()
     print(json.dumps({"bench": "weight_sync", "engine": args.engine, "receivers": 2,
-                      "results": {f"{r['model']}/{r['transport']}": r for r in results}}), flush=True)
+                      "results": {f"{r['model']}/{r['transport']}/{r['form']}": r for r in results}}), flush=True)
 
 
 if __name__ == "__main__":

@@ -100,8 +100,49 @@ def test_merge_rounds_once_and_follows_the_weight_layout():
         "model.layers.0.mlp.up_proj.weight"
 
 
-def test_start_up_says_engines_get_merged_weights(worker):
-    assert worker.info["lora_sync"] == "merged" and "not built yet" in lora.MERGED_NOTE
+def test_adapter_publish_moves_only_the_adapter(worker, stepped):
+    _, after, _ = stepped
+    worker.transports[("student", "recording")] = _Recording(bucket_mb=1)
+    sent = worker.publish("student", "recording", form="adapter")
+    full = worker.publish("student", "recording")
+    assert sent.meta == {"role": "student", "form": "adapter",
+                         "lora": {"rank": RANK, "alpha": ALPHA, "target_modules": ["all-linear"]}}
+    assert full.meta == {"role": "student", "form": "full"}
+    _close(dict(sent.tensors), {lora.peft_name(n): t for n, t in after.items()})  # PEFT's saved names
+    # the bytes on the wire are the adapter's: 2 layers x (4 attention + 3 MLP) x (A + B) in float32
+    per_layer = 4 * RANK * (128 + 128) + 3 * RANK * (128 + 256)
+    assert sent.nbytes == 2 * per_layer * 4 == sum(t.numel() * 4 for t in after.values())
+    assert full.nbytes == sum(t.numel() * 4 for _, t in full.tensors) and full.nbytes > 40 * sent.nbytes
+    with pytest.raises(ValueError, match="form must be full or adapter"):
+        worker.publish("student", "recording", form="lora")
+
+
+def test_engine_after_an_adapter_sync_equals_peft(worker, stepped, tiny_model, tmp_path):
+    """The acceptance point: the transformers engine, serving LoRA, takes the trained adapter from the learner's
+    sync and scores a fixed sequence exactly as transformers + PEFT loading the checkpoint's adapter."""
+    from peft import PeftModel
+
+    from piplay_ray.engines.transformers_engine import TransformersEngine
+
+    lc = worker.cfg.learner.lora
+    engine = TransformersEngine(tiny_model, dtype="float32", num_threads=1, lora=lc)
+    seq = list(range(3, 60, 2))
+    base_lp = engine.logprobs_of(seq, 1)
+    assert engine.weight_form == "adapter"
+    worker.transports[("student", "recording")] = _Recording(bucket_mb=1)
+    engine.update_weights(1, worker.publish("student", "recording", form="adapter").tensors)
+    assert engine.version == 1
+    worker.save(str(tmp_path))
+    ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32),
+                                    str(tmp_path / "student" / lora.ADAPTER_DIR)).eval()
+    with torch.no_grad():
+        want = torch.log_softmax(ref(input_ids=torch.tensor([seq])).logits[0, :-1].float(), -1)
+    got = engine.logprobs_of(seq, 1)
+    assert (got - base_lp).abs().max() > 1e-3  # the trained adapter changes the model
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    with pytest.raises(KeyError, match="not a LoRA matrix"):
+        engine.update_weights(2, {"model.norm.weight": torch.ones(128)})
+    assert engine.version == 1
 
 
 def test_only_the_adapter_trains_and_is_in_the_optimizer(worker):
@@ -162,7 +203,7 @@ class _Recording(Transport):
 
     def publish(self, version: int, named: Iterable[tuple[str, torch.Tensor]]) -> SimpleNamespace:
         buckets = [(buf.clone(), specs) for buf, specs in pack_buckets(named, self.bucket_bytes)]
-        return SimpleNamespace(version=version, meta={},
+        return SimpleNamespace(version=version, meta={}, nbytes=sum(s.nbytes for _, specs in buckets for s in specs),
                                tensors=[nt for buf, specs in buckets for nt in unpack_bucket(buf, specs)])
 
 
@@ -227,6 +268,8 @@ def test_two_roles_offload_and_merge(process, tiny_model, base, stage):
         adapter = {k.replace(".default.", "."): v for k, v in w.adapter_state("student").items()}
         assert all(v.abs().max() > 0 for k, v in adapter.items() if ".lora_B." in k)  # the merge is not W
         _close(w.state_dict("student"), _merged_here(base, adapter), exact=False)
+        w.transports[("student", "recording")] = _Recording(bucket_mb=1)
+        _close(dict(w.publish("student", "recording", form="adapter").tensors), adapter)  # gathered under ZeRO-3
         w.train_step("examiner", _batch("examiner", seed=5, n=4))  # the examiner comes back and trains
         assert w.offloaded_states("student") == OFFLOADED[stage]
         assert not torch.equal(w.state_dict("examiner")["model.layers.0.mlp.up_proj.weight"],

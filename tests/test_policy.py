@@ -12,7 +12,7 @@ from piplay_ray.evolution.state import LoopState
 
 
 class Learner:
-    def weights(self, role):
+    def weights(self, role, form="full"):
         return f"{role}-weights"
 
 
@@ -100,3 +100,62 @@ def test_student_step_moves_the_teacher_ema_unless_nothing_reads_it():
     off.publish()
     asyncio.run(off.after_step())
     assert off.teacher.calls == [] and off.distill_weight(0) == 0.0
+
+
+class AdapterLearner:
+    """Says which form it was asked for (a LoRA learner publishes the adapter or the merged model)."""
+
+    def __init__(self):
+        self.asked = []
+
+    def weights(self, role, transport=None, form="full"):
+        self.asked.append((transport, form))
+        return f"{role}-{form}"
+
+
+class AdapterPool(Pool):
+    def weight_form(self):
+        return "adapter"
+
+
+class Sync:
+    def __init__(self):
+        self.modes = []
+
+    async def sync(self, version, teacher_mode="skip", minimum=None):
+        self.modes.append((version, teacher_mode))
+        return {"version": version, "seconds": 1.0, "bytes": 10}
+
+    async def resync(self):
+        pass
+
+
+class SyncTeacher(Teacher):
+    async def ensure(self):
+        return 0
+
+    async def updated(self, version):
+        self.calls.append(("updated", version, None))
+
+
+@pytest.mark.parametrize("collective", [False, True])
+def test_adapter_sync_sends_the_pool_adapters_and_the_teacher_merged_weights(collective):
+    """learner.lora with engines serving LoRA: the pool gets the adapter; the teacher, whose EMA is over full
+    weights, gets the merged student from the object store (in a collective sync it only drains the adapter)."""
+    state, learner, teacher, sync = LoopState(), AdapterLearner(), SyncTeacher(), Sync() if collective else None
+    p = StudentPolicy(AdapterPool(), learner, lambda: state, lambda *a: None, teacher, True, lambda it: 0.0,
+                      sync=sync)
+    state.versions["student"] = 1
+    p.publish()
+    assert p.form == "adapter"
+    if collective:
+        assert p.published == (1, None) and learner.asked == []
+    else:
+        asyncio.run(p.sync_pool())
+        assert p.pool.pushed == [(1, "student-adapter")] and learner.asked == [(None, "adapter")]
+    asyncio.run(p.after_step())
+    assert teacher.calls == [("ema", 1, "student-full")] and learner.asked[-1] == ("object_store", "full")
+    asyncio.run(p.reset_teacher())
+    assert teacher.calls[-1] == ("load", 1, "student-full")
+    if collective:
+        assert sync.modes == [(1, "skip"), (1, "skip")]  # the broadcast carries the adapter; the teacher drains

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from piplay_ray import protocol as P
-from piplay_ray.actors.rollout import RolloutPool, _split
+from piplay_ray.actors.rollout import RolloutPool, _split, lora_sync_form
 from piplay_ray.config import load_config
 from piplay_ray.records import Doc, Hop, Trajectory
 
@@ -161,3 +161,11 @@ def test_transformers_workers_spread(ray_session, tiny_model):
             asyncio.run(pool.examiner_rollouts(docs, [1]))
     finally:
         pool.shutdown()
+
+
+def test_lora_sync_form_is_adapter_only_when_every_engine_serves_it():
+    form, line = lora_sync_form("student", [("adapter", None), ("adapter", None)])
+    assert form == "adapter" and "adapter-only sync" in line and "student" in line
+    why = "vLLM cannot serve LoRA here (ValueError: rank)"
+    form, line = lora_sync_form("examiner", [("adapter", None), ("full", why)])
+    assert form == "full" and line == f"learner.lora: {why}; the examiner engines get merged full weights"

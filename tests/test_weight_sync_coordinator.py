@@ -46,7 +46,7 @@ class FakeLearner:
         self.opened.append((world, generation))
         return {"host": "h", "port": 1000 + generation, "world": world, "generation": generation, "timeout_s": 5.0}
 
-    def weights(self, role, kind):
+    def weights(self, role, kind, form="full"):
         assert kind == "collective"
         self.sent += 1
         return SimpleNamespace(version=7, nbytes=100)

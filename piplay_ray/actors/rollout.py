@@ -26,7 +26,8 @@ import ray
 
 from piplay_ray import protocol
 from piplay_ray.agent import run_agent
-from piplay_ray.config import Config, FaultConfig, RolloutConfig
+from piplay_ray.config import Config, FaultConfig, LoraConfig, RolloutConfig
+from piplay_ray.console import say
 from piplay_ray.engines import make_engine, named_tensors
 from piplay_ray.engines.base import SamplingSpec
 from piplay_ray.fault import RolloutFailed, actor_state, describe, is_actor_failure, wait_alive
@@ -42,10 +43,11 @@ def turn_limits(cfg: Config) -> dict[str, int]:
 class RolloutWorkerImpl:
     """One engine + the agent loop (plain class; `RolloutWorker` is its actor). `rollout` is the rollout
     config section, `search` a search env handle (see actors/search_env.py), `dtype` the model's
-    (`model.dtype`) and `max_turns` role -> turn limit (`turn_limits`)."""
+    (`model.dtype`), `max_turns` role -> turn limit (`turn_limits`) and `lora` the learner's adapter
+    settings when it trains one (`learner.lora`; the engine serves the adapter where it can)."""
 
     def __init__(self, role: str, model_path: str, rollout: RolloutConfig, search, *, max_turns: Mapping[str, int],
-                 dtype: str = "auto", seed: int = 0):
+                 dtype: str = "auto", seed: int = 0, lora: LoraConfig | None = None):
         import torch
         from transformers import AutoTokenizer
 
@@ -53,7 +55,7 @@ class RolloutWorkerImpl:
         torch.set_num_threads(max(1, int(rollout.num_cpus_per_worker)))  # no oversubscription
         self.role, self.rollout, self.search = role, rollout, search
         r = rollout
-        self.engine = make_engine(r.engine, model_path, r, dtype=dtype, seed=seed)
+        self.engine = make_engine(r.engine, model_path, r, dtype=dtype, seed=seed, lora=lora)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.spec = SamplingSpec(max_tokens=r.max_tokens_per_turn, temperature=r.temperature, top_p=r.top_p)
         self.max_turns = dict(max_turns)
@@ -71,6 +73,10 @@ class RolloutWorkerImpl:
 
     def get_version(self) -> int:
         return self.engine.version
+
+    def weight_form(self) -> tuple[str, str | None]:
+        """(what a weight sync must send this engine, "full" or "adapter"; why not "adapter" under LoRA)."""
+        return self.engine.weight_form, self.engine.lora_note
 
     def sync_member(self) -> tuple[str, int, int]:
         """(incarnation, ranks taken in the role's weight-sync group, weight version) for the coordinator."""
@@ -155,25 +161,36 @@ def cpu_core_binding(r: RolloutConfig, local: bool, role: str, index: int) -> di
     return {"VLLM_CPU_OMP_THREADS_BIND": str(slot % (os.cpu_count() or 1))}
 
 
+def lora_sync_form(role: str, forms: Sequence[tuple[str, str | None]]) -> tuple[str, str]:
+    """Under learner.lora, from every worker's (weight form, why not adapters): what the pool takes, "adapter"
+    only if every engine loads adapters, and the one start-up line that says so."""
+    notes = [note or f"engine {i} takes full weights" for i, (form, note) in enumerate(forms) if form != "adapter"]
+    if not notes:
+        return "adapter", f"learner.lora: the {role} engines load each adapter version in place (adapter-only sync)"
+    return "full", f"learner.lora: {notes[0]}; the {role} engines get merged full weights"
+
+
 class RolloutPool:
     """`rollout.workers_per_role` workers holding one role's weights; requests are split across them.
 
-    It reads the `rollout` and `fault` sections; `dtype`, `max_turns`, `seed` and `local` are passed to it
-    (`from_config` takes them from a whole config: model.dtype, `turn_limits`, run.seed, run.mode)."""
+    It reads the `rollout` and `fault` sections; `dtype`, `max_turns`, `seed`, `local` and `lora` are passed to
+    it (`from_config` takes them from a whole config: model.dtype, `turn_limits`, run.seed, run.mode,
+    learner.lora when its rank is set)."""
 
     def __init__(self, role: str, model_path: str, rollout: RolloutConfig, search_pool, fault: FaultConfig, *,
                  max_turns: Mapping[str, int], dtype: str = "auto", seed: int = 0, local: bool = True,
-                 name: str | None = None):
+                 lora: LoraConfig | None = None, name: str | None = None):
         if role not in TRAINED:
             raise ValueError(f"role must be one of {TRAINED}, got {role!r}")
         r = rollout
-        self.role, self.fault = role, fault
+        self.role, self.fault, self.lora = role, fault, lora
         self.workers = [
             RolloutWorker.options(num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker * r.tensor_parallel_size,
                                   max_restarts=fault.max_actor_restarts,
                                   name=f"{name}-{i}" if name else None,
                                   runtime_env={"env_vars": cpu_core_binding(r, local, role, i)})
-            .remote(role, model_path, r, search_pool, max_turns=max_turns, dtype=dtype, seed=seed + 1000 * i)
+            .remote(role, model_path, r, search_pool, max_turns=max_turns, dtype=dtype, seed=seed + 1000 * i,
+                    lora=lora)
             for i in range(r.workers_per_role)
         ]
         self.version = 0
@@ -187,12 +204,24 @@ class RolloutPool:
         # version through the role's group (set by the role's policy handle, evolution/policy.py);
         # None = object store pushes of `_latest`
         self.resync = None
+        self._form: str | None = None  # weight_form(), asked once
+
+    def weight_form(self) -> str:
+        """What the learner must publish for this pool: "adapter" (learner.lora on and every engine loads
+        adapters in place) or "full" (merged full weights). Asked once; under LoRA it says which, in one line."""
+        if self._form is None:
+            self._form = "full"
+            if self.lora is not None:
+                self._form, line = lora_sync_form(self.role, ray.get([w.weight_form.remote() for w in self.workers]))
+                say(line)
+        return self._form
 
     @classmethod
     def from_config(cls, role: str, model_path: str, cfg: Config, search_pool, name: str | None = None) -> RolloutPool:
         """The pool with what it reads of the whole config `cfg`."""
         return cls(role, model_path, cfg.rollout, search_pool, cfg.fault, max_turns=turn_limits(cfg),
-                   dtype=cfg.model.dtype, seed=cfg.run.seed, local=cfg.run.mode == "local", name=name)
+                   dtype=cfg.model.dtype, seed=cfg.run.seed, local=cfg.run.mode == "local",
+                   lora=cfg.learner.lora if cfg.learner.lora.rank else None, name=name)
 
     def wait_ready(self, timeout_s: float = 900) -> None:
         ray.get([w.ready.remote() for w in self.workers], timeout=timeout_s)

@@ -29,9 +29,10 @@ def named_tensors(weights: Any) -> Iterator[tuple[str, torch.Tensor]]:
 
 def make_engine(kind: str, model_path: str, rollout_cfg, dtype: str = "auto", seed: int = 0,
                 max_logprobs: int = 64, tensor_parallel_size: int | None = None,
-                gpu_memory_utilization: float | None = None) -> Engine:
+                gpu_memory_utilization: float | None = None, lora=None) -> Engine:
     """Build the engine named by `kind` ("vllm" or "transformers") with the `rollout` config section;
-    the teacher passes its own tensor-parallel size and GPU memory share."""
+    the teacher passes its own tensor-parallel size and GPU memory share. `lora` (a `learner.lora` section):
+    serve that adapter and take adapter-only weight syncs where the engine can (`Engine.weight_form`)."""
     if kind == "vllm":
         from piplay_ray.engines.vllm_engine import VLLMEngine
 
@@ -40,9 +41,9 @@ def make_engine(kind: str, model_path: str, rollout_cfg, dtype: str = "auto", se
                           gpu_memory_utilization=gpu_memory_utilization or rollout_cfg.gpu_memory_utilization,
                           kv_cache_gib=rollout_cfg.kv_cache_gib,
                           tensor_parallel_size=tensor_parallel_size or rollout_cfg.tensor_parallel_size,
-                          enforce_eager=rollout_cfg.enforce_eager, max_logprobs=max_logprobs)
+                          enforce_eager=rollout_cfg.enforce_eager, max_logprobs=max_logprobs, lora=lora)
     if kind == "transformers":
         from piplay_ray.engines.transformers_engine import TransformersEngine
 
-        return TransformersEngine(model_path, dtype=dtype, seed=seed)
+        return TransformersEngine(model_path, dtype=dtype, seed=seed, lora=lora)
     raise ValueError(f"unknown engine {kind!r}; allowed: vllm, transformers")

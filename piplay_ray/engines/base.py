@@ -43,6 +43,10 @@ class TopK:
 class Engine(abc.ABC):
     version: int = 0
     group_ranks: int = 1  # ranks this engine takes in its role's weight-sync group (one per worker process)
+    # what a weight sync must send: "full" (every parameter, under Hugging Face names) or "adapter" (started
+    # with `lora`: only the LoRA matrices, loaded in place; see engines/adapter.py)
+    weight_form: str = "full"
+    lora_note: str | None = None  # why an engine started with `lora` serves full weights instead
 
     @abc.abstractmethod
     async def generate(self, prompt_ids: list[int], spec: SamplingSpec) -> Generation: ...

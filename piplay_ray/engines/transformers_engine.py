@@ -2,6 +2,8 @@
 
 One model, one request at a time (a lock serialises the forward passes, which run in a thread so the event
 loop keeps serving search calls). Logprobs are the model's raw log-softmax, like vLLM's `raw_logprobs`.
+With `lora` the model carries a PEFT adapter of that config (zero at start: the base model) and a weight sync
+copies new A and B matrices into it in place (`weight_form` "adapter").
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from collections.abc import Iterable
 
 import torch
 
-from piplay_ray.engines import named_tensors
+from piplay_ray.config import LoraConfig
+from piplay_ray.engines import adapter, named_tensors
 from piplay_ray.engines.base import Engine, Generation, SamplingSpec, TopK
 from piplay_ray.learner.weight_sync.collective import Receiver
 
@@ -33,7 +36,7 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
 
 class TransformersEngine(Engine):
     def __init__(self, model_path: str, dtype: str = "auto", seed: int = 0, device: str | None = None,
-                 num_threads: int | None = None):
+                 num_threads: int | None = None, lora: LoraConfig | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if num_threads:
@@ -46,6 +49,9 @@ class TransformersEngine(Engine):
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos_ids = set(eos) | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
         self.seed = seed
+        self._adapter: dict[str, torch.nn.Parameter] | None = None
+        if lora is not None:
+            self._wrap(lora)
         self._lock = threading.Lock()
         self._calls = 0
 
@@ -99,8 +105,22 @@ class TransformersEngine(Engine):
 
     # ------------------------------------------------------------------------------------- weights
 
+    def _wrap(self, lc: LoraConfig) -> None:
+        """Serve `lc`'s adapter (zero B: the base model) on the model, or the base alone if PEFT cannot."""
+        from piplay_ray.learner import lora
+
+        try:
+            self.model = lora.wrap(self.model, lc).eval().requires_grad_(False)
+        except (ImportError, ValueError) as e:
+            self.lora_note = f"transformers engine cannot serve LoRA ({e})"
+            return
+        self._lora, self.weight_form = lc, "adapter"
+        self._adapter = {lora.peft_name(n): p for n, p in lora.adapter_parameters(self.model).items()}
+
     @torch.inference_mode()
     def update_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if self._adapter is not None:
+            return self._load_adapter(version, weights)
         state = self.model.state_dict()
         with self._lock:
             for name, tensor in named_tensors(weights):
@@ -110,6 +130,19 @@ class TransformersEngine(Engine):
                     raise ValueError(f"update_weights: {name} has shape {tuple(tensor.shape)}, "
                                      f"expected {tuple(state[name].shape)}")
                 state[name].copy_(tensor)
+            self.version = version
+
+    def _load_adapter(self, version: int, weights) -> None:
+        """Copy a whole adapter (every A and B, PEFT saved names) into the model's adapter."""
+        new = dict(named_tensors(weights))
+        adapter.check(new, self._lora)
+        if set(new) != set(self._adapter):
+            missing, extra = sorted(set(self._adapter) - set(new)), sorted(set(new) - set(self._adapter))
+            raise KeyError(f"adapter sync: missing {missing[:3]}, unknown {extra[:3]} (learner.lora.target_modules "
+                           "must match the engine's)")
+        with self._lock:
+            for name, tensor in new.items():
+                self._adapter[name].copy_(tensor)
             self.version = version
 
     async def aupdate_weights(self, version: int, weights) -> None:

@@ -9,6 +9,8 @@ distinct ranks), or, for the object store, the tensors are written once to a saf
 memory (in the dtype they arrive in) and the worker maps it. After the reload, the CPU backend's prepacked GEMM handle of every `VocabParallelEmbedding` (embedding and LM head) is
 rebuilt, since `reload_weights` only repacks the linear layers (DESIGN.md section 4), and the prefix cache is
 reset so that no KV computed with old weights is reused.
+
+With `lora` it serves LoRA and a sync moves only the adapter (vllm_lora.py).
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ from collections.abc import Iterable
 
 import torch
 
-from piplay_ray.engines import named_tensors
+from piplay_ray.engines import adapter, named_tensors
 from piplay_ray.engines.base import Engine, Generation, SamplingSpec, TopK
+from piplay_ray.engines.vllm_lora import AdapterReceiving, LoraServing, shm_dir
 from piplay_ray.learner.weight_sync.collective import Receiver
 
 GiB = 1 << 30
 
 
-class WeightLoader:
+class WeightLoader(AdapterReceiving):
     """vLLM worker extension (mixed into the worker class): reload weights in place, from a shared-memory
     file or from the role's collective broadcast."""
 
@@ -60,15 +63,18 @@ class WeightLoader:
         with safe_open(path, framework="pt") as f:
             return self._piplay_load((n, f.get_tensor(n)) for n in list(f.keys()))
 
-    def piplay_receive(self, ticket: dict) -> list[int]:
-        """Receive one collective sync as rank `ticket['rank'] + self.rank`; returns [version, tensors]."""
+    def _piplay_rx(self) -> Receiver:
         import torch
         from vllm.platforms import current_platform
 
         if getattr(self, "_piplay_receiver", None) is None:
             device = torch.device("cpu") if current_platform.is_cpu() else self.device
             self._piplay_receiver = Receiver(device)
-        rx = self._piplay_receiver
+        return self._piplay_receiver
+
+    def piplay_receive(self, ticket: dict) -> list[int]:
+        """Receive one collective sync as rank `ticket['rank'] + self.rank`; returns [version, tensors]."""
+        rx = self._piplay_rx()
         n = self._piplay_load(rx.receive(ticket, rank_offset=self.rank))
         return [rx.version, n]
 
@@ -83,22 +89,23 @@ def write_shared(weights: Iterable[tuple[str, torch.Tensor]], folder: str | None
         key = (t.untyped_storage().data_ptr(), t.storage_offset())
         tensors[name] = t.clone() if key in seen else t
         seen.add(key)
-    folder = folder or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+    folder = folder or shm_dir()
     fd, path = tempfile.mkstemp(prefix="piplay-weights-", suffix=".safetensors", dir=folder)
     os.close(fd)
     save_file(tensors, path)
     return path
 
 
-class VLLMEngine(Engine):
+class VLLMEngine(LoraServing, Engine):
     def __init__(self, model_path: str, *, dtype: str = "auto", seed: int = 0, max_model_len: int = 4096,
                  max_num_seqs: int = 64, gpu_memory_utilization: float = 0.85, kv_cache_gib: float = 1.0,
-                 tensor_parallel_size: int = 1, enforce_eager: bool = True, max_logprobs: int = 64):
+                 tensor_parallel_size: int = 1, enforce_eager: bool = True, max_logprobs: int = 64,
+                 lora=None):
         from vllm import AsyncEngineArgs
         from vllm.platforms import current_platform
 
         on_cpu = current_platform.is_cpu()
-        args = AsyncEngineArgs(
+        args = dict(
             model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager, max_logprobs=max_logprobs,
             enable_prefix_caching=True, disable_log_stats=True,
@@ -113,7 +120,16 @@ class VLLMEngine(Engine):
         self._inflight = 0
         self._ready: asyncio.Event | None = None
         self._idle: asyncio.Condition | None = None
-        self.llm = self._call(self._start(args))
+        self.llm = None
+        if lora is not None:
+            try:
+                self._start_lora(model_path, lora, args)
+                return
+            except Exception as e:  # this build or model cannot serve the adapter: full weights instead
+                self.lora_note = f"vLLM cannot serve LoRA here ({type(e).__name__}: {str(e)[:200]})"
+                self._stop_llm()
+                self._lora = None
+        self.llm = self._call(self._start(AsyncEngineArgs(**args)))
 
     async def _start(self, args):
         from vllm.v1.engine.async_llm import AsyncLLM
@@ -144,7 +160,7 @@ class VLLMEngine(Engine):
         try:
             final = None
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params,
-                                               request_id=uuid.uuid4().hex):
+                                               request_id=uuid.uuid4().hex, lora_request=self._lora_request):
                 final = out
             return final
         finally:
@@ -208,7 +224,10 @@ class VLLMEngine(Engine):
             self._ready.set()
 
     async def areceive_weights(self, ticket: dict) -> int:
-        out = await self._on_engine(self._swap_rpc("piplay_receive", dict(ticket)))
+        if self._lora is not None:
+            out = await self._receive_adapter(ticket)
+        else:
+            out = await self._on_engine(self._swap_rpc("piplay_receive", dict(ticket)))
         versions = {v for v, _ in out}
         if len(versions) != 1:
             raise RuntimeError(f"vLLM workers received different weight versions: {sorted(versions)}")
@@ -216,6 +235,10 @@ class VLLMEngine(Engine):
         return self.version
 
     def update_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        if self._lora is not None:
+            self._call(self._swap_adapter(self._write_adapter(adapter.as_dict(named_tensors(weights)))))
+            self.version = version
+            return
         path = write_shared(named_tensors(weights))
         try:
             self._call(self._swap(path))
@@ -226,6 +249,11 @@ class VLLMEngine(Engine):
     async def aupdate_weights(self, version: int, weights) -> None:
         """`update_weights` for callers on an event loop (the file is written in a thread)."""
 
+        if self._lora is not None:
+            folder = await asyncio.to_thread(lambda: self._write_adapter(adapter.as_dict(named_tensors(weights))))
+            await self._on_engine(self._swap_adapter(folder))
+            self.version = version
+            return
         path = await asyncio.to_thread(write_shared, named_tensors(weights))
         try:
             await self._on_engine(self._swap(path))
@@ -233,10 +261,14 @@ class VLLMEngine(Engine):
             os.unlink(path)
         self.version = version
 
-    def shutdown(self) -> None:
+    def _stop_llm(self) -> None:
         if getattr(self, "llm", None) is not None:
             self.llm.shutdown()
             self.llm = None
+        self._lora_request = None
+
+    def shutdown(self) -> None:
+        self._stop_llm()
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)

@@ -8,7 +8,9 @@ follows every student step.
 Weights move one of two ways (`weight_sync.transport`): the object store, where `publish` fetches a bundle
 from the learner and `sync_pool` pushes it to the pool; or a collective group per role, where nothing moves
 at `publish` and `sync_pool` runs one broadcast from learner rank 0 to the pool (and, for the student, the
-teacher).
+teacher). With `learner.lora` and engines that serve LoRA, what moves to the pool is the adapter alone
+(`form` "adapter"); the teacher's EMA is over full weights, so it still gets the merged model, through the
+object store, in either transport.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from piplay_ray.learner.weight_sync.coordinator import pool_form
 from piplay_ray.replay import within_bound
 
 
@@ -33,6 +36,7 @@ class Policy:
         self.published: tuple[int, object] | None = None  # (version, weights bundle or None when collective)
         self.pool_version = 0  # what the rollout pool holds; -1 after a rollback (it must reload)
         self.changed = asyncio.Event()  # set on every publish (and on a stop request)
+        self._form: str | None = None
         if sync is not None:  # a pool whose worker restarted rejoins the group and resyncs through it
             pool.resync = sync.resync
 
@@ -41,9 +45,16 @@ class Policy:
         """Learner steps done for this role (the version of its newest weights)."""
         return self._state().versions[self.role]
 
+    @property
+    def form(self) -> str:
+        """What the pool takes: "adapter" (LoRA matrices only) or "full" weights; asked once."""
+        if self._form is None:
+            self._form = pool_form(self.pool)
+        return self._form
+
     def publish(self) -> None:
         """Publish the learner's current weights for the pool (the producer's `sync_pool` loads them)."""
-        weights = None if self.sync else self.learner.weights(self.role)
+        weights = None if self.sync else self.learner.weights(self.role, form=self.form)
         self.published = (self.version, weights)
         self.changed.set()
 
@@ -103,21 +114,33 @@ class StudentPolicy(Policy):
         if self.sync:  # the pool and the teacher in one broadcast
             await self._broadcast(version, "ema")
         elif self.teach:
-            await self.teacher.ema_update(version, bundle)
+            await self.teacher.ema_update(version, await self._merged() if self.form == "adapter" else bundle)
+
+    async def _merged(self):
+        """The student's merged full weights for the teacher, when the pool gets adapters (object store)."""
+        return await asyncio.to_thread(self.learner.weights, self.role, "object_store", "full")
 
     async def reset_teacher(self) -> None:
         """teacher.init = iteration: the teacher starts the student phase as a copy of the current student."""
         if self.sync:
             await self._broadcast(self.version, "load")
+        elif self.form == "adapter":
+            await self.teacher.load(self.version, await self._merged())
         else:
             await self.teacher.load(self.version, (self.published or (0, None))[1])
 
     async def _broadcast(self, version: int, teacher_mode: str) -> None:
-        """Collective: one broadcast to the student pool and the teacher (`ema` or `load` of `version`)."""
+        """Collective: one broadcast to the student pool and the teacher (`ema` or `load` of `version`); with
+        adapters on the wire, the teacher only drains it and gets the merged weights by the object store."""
         await self.teacher.ensure()  # a restarted teacher gets its EMA back before it blends
         t = time.monotonic()
-        done = await self.sync.sync(version, teacher_mode)
-        await self.teacher.updated(version)
+        adapters = self.form == "adapter"
+        done = await self.sync.sync(version, "skip" if adapters else teacher_mode)
+        if adapters:
+            await (self.teacher.load if teacher_mode == "load" else self.teacher.ema_update)(version,
+                                                                                           await self._merged())
+        else:
+            await self.teacher.updated(version)
         self.pool_version = version
         self._log({"weight_sync/seconds": time.monotonic() - t, "weight_sync/version": version,
                    "weight_sync/gb_per_s": done["bytes"] / max(done["seconds"], 1e-9) / 1e9}, "student")

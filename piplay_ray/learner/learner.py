@@ -17,7 +17,7 @@ import ray
 import torch
 
 from piplay_ray.config import Config
-from piplay_ray.learner import checkpoint, lora
+from piplay_ray.learner import checkpoint
 from piplay_ray.learner.rank import LearnerWorkerImpl
 from piplay_ray.records import Experience
 from piplay_ray.roles import TRAINED
@@ -59,8 +59,6 @@ class LearnerGroup:
         local = [ips[:r].count(ips[r]) for r in range(ws)]
         self.info = ray.get([w.setup.remote(master_ip, master_port, local[r], ips.count(ips[r]), infos[r][2])
                              for r, w in enumerate(self.workers)])
-        if self.info[0].get("lora_sync") == "merged":
-            log.warning(lora.MERGED_NOTE)
 
     def _submit(self, method: str, *args) -> list:
         """One call per rank, submitted under a lock: calls from several driver threads (a train step and a
@@ -93,11 +91,11 @@ class LearnerGroup:
         driver's ledger is checked against."""
         return self._all("trained_groups", role)[0]
 
-    def weights(self, role: str, transport: str | None = None):
+    def weights(self, role: str, transport: str | None = None, form: str = "full"):
         """The role's current weights as a versioned bundle (`named_tensors()`, `version`, `nbytes`); with
         the collective transport, broadcast to the role's group (its members receive concurrently) and a
-        receipt comes back."""
-        return self._all("publish", role, transport)[0]
+        receipt comes back. `form` "adapter": only the LoRA matrices (engines that serve LoRA)."""
+        return self._all("publish", role, transport, form)[0]
 
     def open_sync_group(self, role: str, world: int, generation: int) -> dict:
         """A new generation of the role's collective group on rank 0: its rendezvous as a dict."""

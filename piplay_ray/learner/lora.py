@@ -1,10 +1,11 @@
-"""LoRA on a trained role (`learner.lora`): PEFT adapters on the base model, merged back for everyone else.
+"""LoRA on a trained role (`learner.lora`): PEFT adapters on the base model, and the two forms that leave it.
 
-Only the adapters train and only they are in the optimizer, so a role's optimizer state is megabytes. The
-rollout engines and the teacher cannot load adapters yet, so what leaves the learner (weight sync, the HF
-export, the checkpoint's model folder) is the merged model W + (alpha / rank)·B·A under the base model's own
-parameter names, the names the engines receive without LoRA. It is merged one layer at a time, so at most one
-merged layer exists beside the model. The checkpoint also keeps the adapter itself in PEFT's format.
+Only the adapters train and only they are in the optimizer, so a role's optimizer state is megabytes. A weight
+sync to rollout engines that serve LoRA moves only the adapter (`adapter_tensors`: every A and B under PEFT's
+saved names, megabytes); everything else (the teacher, whose EMA is over full weights; engines that cannot
+serve LoRA; the HF export and the checkpoint's model folder) gets the merged model W + (alpha / rank)·B·A under
+the base model's own parameter names. It is merged one layer at a time, so at most one merged layer exists
+beside the model. The checkpoint also keeps the adapter itself in PEFT's format.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from piplay_ray.config import LoraConfig
 
 ADAPTER = "default"  # PEFT's name for the one adapter a role has
 ADAPTER_DIR = "adapter"  # inside a role's checkpoint folder: adapter_model.safetensors + adapter_config.json
-MERGED_NOTE = "learner.lora: engines get merged weights (adapter-only sync: not built yet)"
 _PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the transformers model
 
 Gather = Callable[[list[torch.nn.Parameter]], contextlib.AbstractContextManager]
@@ -74,6 +74,20 @@ def adapter_parameters(module: torch.nn.Module) -> dict[str, torch.nn.Parameter]
     ids = {id(p) for layer in lora_layers(module).values()
            for p in (*layer.lora_A.parameters(), *layer.lora_B.parameters())}
     return {n: p for n, p in module.named_parameters() if id(p) in ids}
+
+
+def peft_name(name: str) -> str:
+    """PEFT's saved name of an adapter parameter (the adapter's own name dropped): `x.q_proj.lora_A.default.weight`
+    -> `x.q_proj.lora_A.weight`, the names of `adapter_model.safetensors`, which vLLM and PEFT load."""
+    return name.replace(f".{ADAPTER}.", ".")
+
+
+def adapter_tensors(module: torch.nn.Module, gathered: Gather, copy: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """(PEFT saved name, full tensor) of every A and B, one gathered at a time: what an adapter-only sync
+    sends; `copy` as in `merged_parameters`."""
+    for name, p in adapter_parameters(module).items():
+        with gathered([p]):
+            yield peft_name(name), p.data.detach().clone() if copy else p.data.detach()
 
 
 def base_parameters(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter]]:

@@ -72,10 +72,7 @@ class LearnerWorkerImpl:
             path = assets.resolve_model(self.cfg.model.path_for(role))
             self.policies[role] = RoleEngine(role, path, self.cfg.learner, self.world_size, self.device)
         self.activate(self.roles[0])
-        info = {"rank": self.rank, "device": str(self.device), "bf16": self.policies[self.roles[0]].bf16}
-        if self.cfg.learner.lora.rank:
-            info["lora_sync"] = "merged"  # the group says so once, at start-up (lora.MERGED_NOTE)
-        return info
+        return {"rank": self.rank, "device": str(self.device), "bf16": self.policies[self.roles[0]].bf16}
 
     # ------------------------------------------------------------------------------------------ phases
 
@@ -139,18 +136,28 @@ class LearnerWorkerImpl:
             self.transports[(role, kind)] = make_transport(kind, self.cfg.weight_sync.bucket_mb, device=self.device)
         return self.transports[(role, kind)]
 
-    def publish(self, role: str, transport_kind: str | None = None):
+    def publish(self, role: str, transport_kind: str | None = None, form: str = "full"):
         """Every rank iterates (ZeRO-3 gathers); rank 0 packs and returns the bundle (object store) or
-        broadcasts to the role's group and returns a receipt (collective); other ranks return None."""
+        broadcasts to the role's group and returns a receipt (collective); other ranks return None.
+        `form`: "full" (every parameter, LoRA merged in) or "adapter" (only the LoRA matrices, for engines
+        that load adapters; the bundle's meta then says the adapter's rank, alpha and targets)."""
+        if form not in ("full", "adapter"):
+            raise ValueError(f"publish form must be full or adapter, got {form!r}")
         with self.resident(role) as pol:
-            params = pol.full_parameters()
+            if form == "adapter" and not pol.lora:
+                raise ValueError(f"publish({role!r}, form='adapter') needs learner.lora.rank > 0")
+            params = (lora.adapter_tensors(pol.engine.module, pol.gathered, copy=pol.zero3) if form == "adapter"
+                      else pol.full_parameters())
             if self.rank != 0:
                 for _ in params:
                     pass
                 return None
             kind = transport_kind or self.cfg.weight_sync.transport
             bundle = self._transport(role, kind).publish(pol.version, params)
-        bundle.meta.update(role=role)
+        bundle.meta.update(role=role, form=form)
+        if form == "adapter":
+            lc = self.cfg.learner.lora
+            bundle.meta["lora"] = {"rank": lc.rank, "alpha": lc.alpha, "target_modules": list(lc.target_modules)}
         return bundle
 
     def open_sync_group(self, role: str, world: int, generation: int) -> dict:

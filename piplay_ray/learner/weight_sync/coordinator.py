@@ -6,7 +6,9 @@ teacher. Before each sync the coordinator asks every member who it is (an incarn
 when Ray restarts the actor); when anyone is new, the learner opens a new generation (a new store) and all
 join it during the sync, which is how a restarted receiver rejoins. A sync is the learner's broadcast and
 every member's receive, run together; a member that dies during it fails the sync, which is retried on a new
-generation up to `fault.max_task_retries` times.
+generation up to `fault.max_task_retries` times. Under LoRA with engines that serve it, the broadcast carries
+only the adapter (`pool_form`); the teacher then only drains it (its EMA is over merged weights, which the
+student's policy sends it through the object store).
 """
 
 from __future__ import annotations
@@ -17,6 +19,13 @@ import time
 from piplay_ray.fault import is_actor_failure, wait_alive
 
 from .group import Rendezvous
+
+
+def pool_form(pool) -> str:
+    """What a sync sends the pool: "adapter" (only LoRA matrices) or "full" (`RolloutPool.weight_form`;
+    a pool that does not say takes full weights)."""
+    ask = getattr(pool, "weight_form", None)
+    return ask() if callable(ask) else "full"
 
 
 class GroupSync:
@@ -68,8 +77,9 @@ class GroupSync:
                     return self.last  # a resync that another sync already made unnecessary
                 if self.rdv is None or [inc for _, inc, _, _ in members] != self._incarnations:
                     await self._open(members)
+                form = await asyncio.to_thread(pool_form, self.pool)
                 t0 = time.perf_counter()
-                calls, rank = [asyncio.to_thread(self.learner.weights, self.role, "collective")], 1
+                calls, rank = [asyncio.to_thread(self.learner.weights, self.role, "collective", form)], 1
                 for handle, _, ranks, _ in workers:
                     calls.append(handle.receive_weights.remote(self.rdv.ticket(rank, version)))
                     rank += ranks
