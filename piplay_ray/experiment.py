@@ -128,12 +128,13 @@ class Experiment:
                 if (run_dir / SUMMARY).is_file():
                     print(f"[piplay experiment] {label}: finished before, kept ({run_dir})", flush=True)
                 else:
-                    todo[label] = (["--config", self.spec.config, *overrides, f"run.dir={run_dir}"], run_dir)
+                    todo[label] = ([sys.executable, "-m", "piplay_ray", "train", "--config", self.spec.config,
+                                    *overrides, f"run.dir={run_dir}"], run_dir)
             if todo and self.spec.parallel:
                 address = address or self._connect()
                 failed = experiment_tasks.run_together(todo, address)
             else:
-                failed = [self._run_here(label, args, run_dir) for label, (args, run_dir) in todo.items()]
+                failed = [self._run_here(label, cmd, run_dir) for label, (cmd, run_dir) in todo.items()]
             if any(failed):
                 raise RuntimeError("\n".join(f for f in failed if f) + "\n(run the experiment again to resume)")
         points, finals = [], {}  # finals: (arm, seed) -> its final evaluation's EM per question
@@ -151,10 +152,10 @@ class Experiment:
         return report.write(points, self.spec.baseline, self.dir, header, report.paired(finals, self.spec.baseline))
 
     @staticmethod
-    def _run_here(label: str, args: list[str], run_dir: Path) -> str:
+    def _run_here(label: str, cmd: list[str], run_dir: Path) -> str:
         """One run in a process on this machine (output on the terminal); a failure's description or ''."""
         print(f"[piplay experiment] {label}: running in {run_dir}", flush=True)
-        code = subprocess.run([sys.executable, "-m", "piplay_ray", "train", *args]).returncode
+        code = subprocess.run(cmd).returncode
         return f"{label}: `piplay train` failed ({code}); its run directory is {run_dir}" if code else ""
 
     def _connect(self) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import ray
@@ -40,11 +39,12 @@ def connect(cfg: Config, cpus: float) -> str:
 
 
 def run_together(runs: dict[str, tuple[list[str], Path]], address: str) -> list[str]:
-    """Run every `label -> (piplay train arguments, run dir)` at once as tasks; the failures' descriptions."""
+    """Run every `label -> (piplay train command, run dir)` at once as tasks, each joined to the cluster at
+    `address`; the failures' descriptions."""
     pending = {}
-    for label, (args, run_dir) in runs.items():
+    for label, (cmd, run_dir) in runs.items():
         run_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "piplay_ray", "train", *args, "run.mode=cluster", f"ray.address={address}"]
+        cmd = [*cmd, "run.mode=cluster", f"ray.address={address}"]
         pending[_drive.remote(cmd, str(run_dir / DRIVER_LOG))] = label, run_dir
         print(f"[piplay experiment] {label}: running as a Ray task in {run_dir} (log {DRIVER_LOG})", flush=True)
     failed = []

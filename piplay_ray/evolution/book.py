@@ -4,8 +4,8 @@ State that a resumed run needs — iteration, phase, steps done in the phase, po
 accounting, the examiner's candidate tasks, the fault counters and how far metrics.jsonl was written — is
 saved with every checkpoint; re-running the same command resumes from the newest complete checkpoint. A
 failed learner group is rebuilt and everything rolled back to that checkpoint (up to `fault.learner_restarts`
-times); a failed replay store is replaced and everything rolled back with the learner as it is. Going back to a checkpoint also rewinds the metrics and samples written since, so every learner step
-has one record.
+times); a failed replay store is replaced and everything rolled back with the learner as it is. Going back
+to a checkpoint also rewinds the metrics and samples written since, so every learner step has one record.
 """
 
 from __future__ import annotations
