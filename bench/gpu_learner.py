@@ -126,13 +126,17 @@ def main() -> int:
     if args.receive:
         receive(args.receive, args.model_dir, args.dtype)
         return 0
+    with tempfile.TemporaryDirectory(prefix="piplay-gpu-learner-") as work:  # two model copies: removed after
+        return run(args, Path(work) / "model")
+
+
+def run(args: argparse.Namespace, model_dir: Path) -> int:
     from piplay_ray.config import load_config
     from piplay_ray.learner.rank import LearnerWorkerImpl, _free_port
     from piplay_ray.roles import TRAINED as ROLES
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda else torch.float32
-    model_dir = Path(tempfile.mkdtemp(prefix="piplay-gpu-learner-")) / "model"
     t0 = time.perf_counter()
     build_model(args.arch, args.tokenizer, model_dir, dtype)
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -30,14 +31,21 @@ RAY = Path(sys.executable).parent / "ray"
 
 
 def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+    """n distinct ports that are free now, drawn below the kernel's ephemeral range (where outgoing
+    connections take theirs), so another process is unlikely to take one before the head binds it; the
+    head is started again on new ports if one was taken all the same."""
+    lo = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports: list[int] = []
+    for port in random.sample(range(max(1024, lo - 12000), lo), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == n:
+            return ports
+    raise RuntimeError(f"no {n} free ports below {lo}")
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -70,10 +78,9 @@ def _stop(proc: subprocess.Popen, temp_dir: str) -> None:
     psutil.wait_procs(leftovers, timeout=10)
 
 
-@pytest.fixture(scope="module")
-def ray_head():
-    """A Ray head with its dashboard on 127.0.0.1; yields the dashboard address."""
-    temp_dir = tempfile.mkdtemp(prefix="prh-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+def _start_head(temp_dir: str) -> tuple[subprocess.Popen, str]:
+    """`ray start --head --block` on free ports; (process, dashboard address) once its jobs API answers,
+    or (exited process, "") when the head stopped early (e.g. a port was taken meanwhile)."""
     gcs, dash, agent, metrics, client = _free_ports(5)
     cmd = [
         str(RAY), "start", "--head", "--block", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
@@ -82,24 +89,38 @@ def ray_head():
         "--num-cpus", "8", "--num-gpus", "0", "--temp-dir", temp_dir, "--include-dashboard", "true",
         "--disable-usage-stats",
     ]
-    log = open(Path(temp_dir) / "head.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
+    with open(Path(temp_dir) / "head.log", "a") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{address}/api/jobs/", timeout=5) as r:
+                json.load(r)
+            return proc, address
+        except Exception:
+            time.sleep(1)
+    return proc, ""
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A Ray head with its dashboard on 127.0.0.1; yields the dashboard address."""
+    temp_dir = tempfile.mkdtemp(prefix="prh-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    procs = []
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{address}/api/jobs/", timeout=5) as r:
-                    json.load(r)
+        for _ in range(3):
+            proc, address = _start_head(temp_dir)
+            procs.append(proc)
+            if address:
                 break
-            except Exception:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("Ray head did not start: " + (Path(temp_dir) / "head.log").read_text()[-3000:]) from None
-                time.sleep(1)
+            _stop(proc, temp_dir)
+        else:
+            raise RuntimeError("Ray head did not start: " + (Path(temp_dir) / "head.log").read_text()[-3000:])
         yield address
     finally:
-        _stop(proc, temp_dir)
-        log.close()
+        for proc in procs:
+            _stop(proc, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
