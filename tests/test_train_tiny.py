@@ -1,15 +1,12 @@
-"""Integration: `piplay train` on configs/tiny.yaml — every phase logs, checkpoints, staleness bound.
-
-One real run (vLLM CPU rollouts, DeepSpeed CPU learner, BM25 search env, transformers teacher, Ray actors).
-Resuming after a kill is test_fault_driver's; a finished run's refusal and a changed config's are below.
+"""Integration: the tiny run (conftest's `tiny_run`, one real run of configs/tiny.yaml) — every phase logs,
+checkpoints, staleness bound, its dashboard. Resuming after a kill is test_fault_driver's; a finished run's
+refusal and a changed config's are below.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,30 +14,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train(run_dir: Path, *overrides: str, timeout: int = 1200) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "piplay_ray", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
-           f"run.dir={run_dir}", "checkpoint.every=1", "checkpoint.keep=3", *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "logs" / "test-driver.log", "a") as f:
-        f.write(proc.stdout + proc.stderr)
-    return proc
-
-
 def metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_model, corpus_path) -> Path:
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    proc = train(run_dir)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    return run_dir
-
-
 def test_every_phase_logs_metrics(tiny_run):
-    rows = metrics(tiny_run)
+    rows = metrics(tiny_run.dir)
     phases = {r["phase"] for r in rows}
     assert {"examiner", "student"} <= phases
     learner = [r for r in rows if "learner/version" in r]
@@ -58,7 +37,7 @@ def test_every_phase_logs_metrics(tiny_run):
 
 def test_no_experience_beyond_the_staleness_bound(tiny_run):
     bound = 1  # configs/tiny.yaml inherits replay.max_staleness = 1
-    for r in metrics(tiny_run):
+    for r in metrics(tiny_run.dir):
         if "learner/version" in r:
             # trained on experiences of version >= (version before the step) - bound
             assert (r["learner/version"] - 1) - r["learner/min_experience_version"] <= bound
@@ -66,16 +45,16 @@ def test_no_experience_beyond_the_staleness_bound(tiny_run):
 
 
 def test_run_directory_contents(tiny_run):
-    assert (tiny_run / "config.yaml").is_file()
-    tasks = [json.loads(line) for line in open(tiny_run / "tasks" / "iter-0.jsonl")]
+    assert (tiny_run.dir / "config.yaml").is_file()
+    tasks = [json.loads(line) for line in open(tiny_run.dir / "tasks" / "iter-0.jsonl")]
     assert len(tasks) == 4 and all(t["question"] and t["answer"] and "qcp" in t for t in tasks)
     # examiner-written tasks come from the final examiner (2 steps in tiny.yaml); the rest are rule-built
     assert all(t["version"] == 2 or t["flags"] == {"rule_built": True} for t in tasks)
-    samples = sorted((tiny_run / "samples").glob("student-step-*.jsonl"))
+    samples = sorted((tiny_run.dir / "samples").glob("student-step-*.jsonl"))
     assert samples
     row = json.loads(open(samples[0]).readline())
     assert len(row["tokens"]) == len(row["token_kl"]) == len(row["trajectory"]["response_ids"])
-    ckpts = sorted((tiny_run / "checkpoints").glob("step-*"))
+    ckpts = sorted((tiny_run.dir / "checkpoints").glob("step-*"))
     assert ckpts and ckpts[-1].name == "step-000004"
     from transformers import AutoModelForCausalLM
 
@@ -123,7 +102,7 @@ def test_dashboard_of_the_tiny_run(tiny_run, tmp_path):
 
     if not CHROMIUM:
         pytest.skip("Debian's chromium is not installed (make browser)")
-    url, stop = start_dashboard(tiny_run, "127.0.0.1", 0)
+    url, stop = start_dashboard(tiny_run.dir, "127.0.0.1", 0)
     try:
         res = chromium(url, tmp_path / "profile", "--dump-dom")
         assert res.returncode == 0, res.stderr[-2000:]
