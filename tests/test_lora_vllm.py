@@ -95,6 +95,20 @@ def test_vllm_loads_each_adapter_version_in_place(engine, peft_model):
     assert set(os.listdir(shm_dir())) <= folders  # and no folder behind
 
 
+def test_vllm_serves_the_teacher_adapter_beside_the_policys(engine, peft_model):
+    """teacher.backend=shared: a second adapter, used by `teacher_topk` only; each version swapped in place."""
+    policy = _set_adapter(peft_model, 4)
+    engine.update_weights(4, policy.items())
+    for version, seed in ((1, 5), (2, 6)):
+        teacher = _set_adapter(peft_model, seed)  # the reference now holds the teacher's adapter
+        asyncio.run(engine.aload_teacher(version, teacher.items()))
+        top, (ids, values) = asyncio.run(engine.teacher_topk(SEQ, 1, K)), _reference(peft_model)
+        assert engine.teacher_version == version and top.ids == ids.tolist()
+        torch.testing.assert_close(torch.tensor(top.logprobs), values, atol=1e-4, rtol=0)
+    _set_adapter(peft_model, 4)
+    _check(engine, peft_model)  # the policy's own requests still use the policy's adapter
+
+
 @pytest.mark.slow
 def test_vllm_without_lora_support_takes_full_weights(tiny_model):
     """A rank vLLM cannot serve: the engine says why and starts without LoRA, taking full weights as before."""
