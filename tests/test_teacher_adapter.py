@@ -144,3 +144,23 @@ def test_shared_teacher_config_and_layout():
     shared = L.layout(load_config("configs/tiny.yaml", [*over, "teacher.backend=shared"]))
     assert (own.teacher_gpus, own.teacher_cpus, shared.teacher_gpus, shared.teacher_cpus) == (1, 2, 0, 0)
     assert shared.total_gpus == own.total_gpus - 1 and shared.placements == (1.0, 1.0)  # the two engines
+
+
+def test_merged_ema_adapter_equals_peft_merge(tiny_model):
+    """For a teacher engine that cannot serve LoRA: base + EMA adapter merged equals PEFT's own merge."""
+    from transformers import AutoModelForCausalLM
+
+    from piplay_ray.learner import lora
+
+    lc = _cfg().learner.lora
+    base = {n: p.detach().clone() for n, p in AutoModelForCausalLM.from_pretrained(tiny_model).named_parameters()}
+    model = lora.wrap(AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32), lc)
+    ema = _adapters({n: p.shape for n, p in teacher_adapter.served(model).items()}, 1, seed=3)[0]
+    with torch.no_grad():
+        for name, p in teacher_adapter.served(model).items():
+            p.copy_(ema[name])
+    want = model.merge_and_unload().state_dict()
+    got = dict(teacher_adapter.merged(base, ema, lc, torch.float32))
+    assert set(got) == set(base) and any(not torch.equal(got[n], base[n]) for n in got)
+    for name, t in got.items():
+        torch.testing.assert_close(t, want[name], atol=1e-6, rtol=1e-5)
