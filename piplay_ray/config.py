@@ -129,7 +129,10 @@ class StudentConfig(Section):
 
 
 class TeacherConfig(Section):
-    backend: Literal["vllm", "transformers"] = "transformers"
+    # what serves the teacher: its own transformers model or vLLM engine (a separate actor, teacher.num_gpus),
+    # or `shared`: the student's rollout engines with the teacher's EMA adapter as a second adapter (needs
+    # learner.lora; no teacher actor, model or GPU; actors/shared_teacher.py)
+    backend: Literal["vllm", "transformers", "shared"] = "transformers"
     top_k: PosInt = 20
     tail_bucket: bool = True
     # the privileged information (paper ablations): the whole QCP, a seeded half of it, the answer only, or no
@@ -299,6 +302,14 @@ class Config(Section):
         if r.max_response_tokens >= r.max_model_len:
             problems.append(f"rollout.max_response_tokens={r.max_response_tokens} leaves no room for the prompt "
                             f"in rollout.max_model_len={r.max_model_len}")
+        if self.teacher.backend == "shared" and not self.learner.lora.rank:
+            problems.append("teacher.backend=shared serves the teacher as a second LoRA adapter on the student's "
+                            "engines and needs learner.lora.rank > 0 (got 0); turn learner.lora on, or set "
+                            "teacher.backend to one of transformers, vllm")
+        if self.teacher.backend == "shared" and self.model.path_for("teacher") != self.model.path_for("student"):
+            problems.append(f"teacher.backend=shared scores on the student's engines, so the teacher's base is the "
+                            f"student's; model.teacher={self.model.teacher!r} differs: unset it, or set "
+                            "teacher.backend to one of transformers, vllm")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -3,7 +3,8 @@
 Pure arithmetic over the config: no Ray. The units are the ones Ray schedules with (`num_gpus`, `num_cpus`).
 A rollout engine is a placement group of `tensor_parallel_size` bundles of `num_gpus_per_worker` GPUs each,
 and all of an engine's bundles must sit on one node (tensor parallelism needs NVLink/shared memory); learner
-ranks and the teacher are single-node placements. :func:`fits` checks a layout against a list of node sizes,
+ranks and the teacher are single-node placements (no teacher with `teacher.backend: shared`: it is an adapter
+on the student's engines). :func:`fits` checks a layout against a list of node sizes,
 which is how the manifests' GPU worker pods are tested against the configs.
 
 `python -m piplay_ray.layout CONFIG [overrides...]` prints the layout as JSON (used by the Slurm script), with
@@ -48,16 +49,17 @@ class Layout:
 def layout(cfg: Config, roles: tuple[str, ...] = TRAINED) -> Layout:
     """The GPUs and CPUs the actors of `cfg` request from Ray; one rollout pool per role in `roles`."""
     r, lr, t = cfg.rollout, cfg.learner, cfg.teacher
+    own = t.backend != "shared"  # a shared teacher is an adapter on the student's engines: no actor of its own
     engine_gpus = r.tensor_parallel_size * r.num_gpus_per_worker
     placements = [lr.num_gpus_per_rank] * lr.world_size
-    placements += [engine_gpus] * (r.workers_per_role * len(roles)) + [t.num_gpus]
+    placements += [engine_gpus] * (r.workers_per_role * len(roles)) + [t.num_gpus * own]
     return Layout(
         learner_gpus=lr.world_size * lr.num_gpus_per_rank,
         rollout_gpus={role: r.workers_per_role * engine_gpus for role in roles},
-        teacher_gpus=t.num_gpus,
+        teacher_gpus=t.num_gpus * own,
         learner_cpus=lr.world_size * lr.num_cpus_per_rank,
         rollout_cpus={role: r.workers_per_role * r.num_cpus_per_worker for role in roles},
-        teacher_cpus=t.num_cpus,
+        teacher_cpus=t.num_cpus * own,
         search_cpus=cfg.search.replicas * cfg.search.num_cpus_per_replica,
         placements=tuple(sorted((p for p in placements if p > 0), reverse=True)),
     )

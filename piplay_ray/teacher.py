@@ -1,4 +1,4 @@
-"""The teacher's pure logic: its privileged context, top-K (+tail) extraction, and the EMA update.
+"""The teacher's pure logic: its privileged context, top-K (+tail) extraction, the EMA update and its file.
 
 The teacher sees the student's question *and* the examiner's question construction path (QCP), then scores
 the student's own response tokens, appended unchanged after that context. Scores exist only where the
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -93,3 +94,45 @@ def ema_(target: Iterable[Tensor], source: Iterable[Tensor], tau: float) -> None
         else:
             # blend in float32; a bf16 target still rounds the result, so keep EMA masters in float32
             t.copy_(t.float().lerp_(s.float(), tau))
+
+
+def blend_(master: dict[str, Tensor], weights: Iterable[tuple[str, Tensor]], tau: float,
+           alias: dict[str, str] | None = None) -> int:
+    """In place: master <- (1 - tau) master + tau theta over every tensor of `master`, theta streamed as
+    (name, tensor) pairs; `alias` maps each name to its canonical one (a tied alias is blended once). An
+    update that names an unknown tensor or lacks one is refused: a partial EMA step is never silent."""
+    done: set[str] = set()
+    for name, tensor in weights:
+        key = alias.get(name) if alias is not None else (name if name in master else None)
+        if key is None:
+            raise ValueError(f"teacher: unknown parameter {name!r} (not in the teacher's model)")
+        if key in done:
+            continue  # a tied alias of a tensor already blended
+        ema_([master[key]], [tensor.detach()], tau)
+        done.add(key)
+    missing = set(master) - done
+    if missing:
+        raise ValueError(f"teacher: the update lacks {len(missing)} parameters, e.g. {sorted(missing)[:3]}")
+    return len(done)
+
+
+EMA_FILE = "teacher.safetensors"  # in a checkpoint's teacher folder: the EMA masters, version in the metadata
+
+
+def save_ema(folder: str | Path, master: dict[str, Tensor], version: int) -> str:
+    """Write the EMA masters (full weights, or the EMA adapter under learner.lora) exactly, with their version."""
+    from safetensors.torch import save_file
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    path = Path(folder) / EMA_FILE
+    save_file({n: t.detach().cpu().contiguous() for n, t in master.items()}, str(path),
+              metadata={"version": str(version)})
+    return str(path)
+
+
+def read_ema(folder: str | Path) -> tuple[int, list[tuple[str, Tensor]]]:
+    """(version, tensors) as `save_ema` wrote them."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / EMA_FILE), framework="pt") as f:
+        return int((f.metadata() or {}).get("version", 0)), [(n, f.get_tensor(n)) for n in f.keys()]

@@ -95,6 +95,30 @@ def test_vllm_loads_each_adapter_version_in_place(engine, peft_model):
     assert set(os.listdir(shm_dir())) <= folders  # and no folder behind
 
 
+def test_vllm_serves_the_teacher_adapter_beside_the_policys(engine, peft_model):
+    """teacher.backend=shared: a second adapter, used by `teacher_topk` only; each version swapped in place."""
+    policy = _set_adapter(peft_model, 4)
+    engine.update_weights(4, policy.items())
+    for version, seed in ((1, 5), (2, 6)):
+        teacher = _set_adapter(peft_model, seed)  # the reference now holds the teacher's adapter
+        asyncio.run(engine.aload_teacher(version, teacher.items()))
+        teacher_ref = ids, values = _reference(peft_model)
+        top = asyncio.run(engine.teacher_topk(SEQ, 1, K))
+        assert engine.teacher_version == version and top.ids == ids.tolist()
+        torch.testing.assert_close(torch.tensor(top.logprobs), values, atol=1e-4, rtol=0)
+    _set_adapter(peft_model, 4)
+    _check(engine, peft_model)  # the policy's own requests still use the policy's adapter
+
+    async def together():  # teacher and policy prompt logprobs in one batch (the LM head takes no LoRA)
+        return await asyncio.gather(engine.teacher_topk(SEQ, 1, K), engine.prompt_topk(SEQ, 1, K),
+                                    engine.teacher_topk(SEQ, 1, K))
+
+    first, own, again = asyncio.run(together())
+    for top, (ids, values) in ((first, teacher_ref), (own, _reference(peft_model)), (again, teacher_ref)):
+        assert top.ids == ids.tolist()
+        torch.testing.assert_close(torch.tensor(top.logprobs), values, atol=1e-4, rtol=0)
+
+
 @pytest.mark.slow
 def test_vllm_without_lora_support_takes_full_weights(tiny_model):
     """A rank vLLM cannot serve: the engine says why and starts without LoRA, taking full weights as before."""

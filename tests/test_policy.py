@@ -25,8 +25,8 @@ class Pool:
 
 
 class Teacher:
-    def __init__(self):
-        self.calls = []
+    def __init__(self, form="full"):
+        self.calls, self.form, self.version = [], form, 0
 
     async def ema_update(self, version, weights):
         self.calls.append(("ema", version, weights))
@@ -119,8 +119,8 @@ class AdapterPool(Pool):
 
 
 class Sync:
-    def __init__(self):
-        self.modes = []
+    def __init__(self, teacher="actor"):
+        self.modes, self.teacher = [], teacher  # GroupSync.teacher: None when the teacher is not in the group
 
     async def sync(self, version, teacher_mode="skip", minimum=None):
         self.modes.append((version, teacher_mode))
@@ -138,24 +138,52 @@ class SyncTeacher(Teacher):
         self.calls.append(("updated", version, None))
 
 
-@pytest.mark.parametrize("collective", [False, True])
-def test_adapter_sync_sends_the_pool_adapters_and_the_teacher_merged_weights(collective):
-    """learner.lora with engines serving LoRA: the pool gets the adapter; the teacher, whose EMA is over full
-    weights, gets the merged student from the object store (in a collective sync it only drains the adapter)."""
-    state, learner, teacher, sync = LoopState(), AdapterLearner(), SyncTeacher(), Sync() if collective else None
-    p = StudentPolicy(AdapterPool(), learner, lambda: state, lambda *a: None, teacher, True, lambda it: 0.0,
-                      sync=sync)
+class FullPool(Pool):
+    def weight_form(self):
+        return "full"
+
+
+@pytest.mark.parametrize("pool_form", ["adapter", "full"])
+@pytest.mark.parametrize("wire", ["object_store", "collective", "collective-shared"])
+def test_under_lora_the_teacher_gets_the_adapter(pool_form, wire):
+    """learner.lora: the teacher's EMA is over the adapter. It takes the published adapter when the pool takes
+    one, or the broadcast itself when it is in the group; otherwise (engines that take merged weights, or a
+    shared teacher outside the group) the adapter comes from the object store."""
+    state, learner, teacher = LoopState(), AdapterLearner(), SyncTeacher(form="adapter")
+    sync = Sync(teacher=None if wire == "collective-shared" else "actor") if wire != "object_store" else None
+    pool = AdapterPool() if pool_form == "adapter" else FullPool()
+    p = StudentPolicy(pool, learner, lambda: state, lambda *a: None, teacher, True, lambda it: 0.0, sync=sync)
     state.versions["student"] = 1
     p.publish()
-    assert p.form == "adapter"
-    if collective:
-        assert p.published == (1, None) and learner.asked == []
-    else:
+    assert p.form == pool_form
+    if sync is None:
         asyncio.run(p.sync_pool())
-        assert p.pool.pushed == [(1, "student-adapter")] and learner.asked == [(None, "adapter")]
+        assert p.pool.pushed == [(1, f"student-{pool_form}")] and learner.asked == [(None, pool_form)]
     asyncio.run(p.after_step())
-    assert teacher.calls == [("ema", 1, "student-full")] and learner.asked[-1] == ("object_store", "full")
     asyncio.run(p.reset_teacher())
-    assert teacher.calls[-1] == ("load", 1, "student-full")
-    if collective:
-        assert sync.modes == [(1, "skip"), (1, "skip")]  # the broadcast carries the adapter; the teacher drains
+    in_group = wire == "collective" and pool_form == "adapter"
+    if in_group:  # the broadcast carries the adapter, which the teacher blends (then loads) itself
+        assert sync.modes == [(1, "ema"), (1, "load")] and teacher.calls == [("updated", 1, None)] * 2
+        assert learner.asked == []
+        return
+    assert teacher.calls == [("ema", 1, "student-adapter"), ("load", 1, "student-adapter")]
+    fetched = [a for a in learner.asked if a[0] == "object_store"]
+    assert fetched == ([] if (pool_form, wire) == ("adapter", "object_store") else [("object_store", "adapter")] * 2)
+    if sync is not None:
+        assert sync.modes == [(1, "skip"), (1, "skip")]  # another form on the wire, or no teacher in the group
+
+
+@pytest.mark.parametrize("init", ["once", "iteration"])
+def test_an_adapter_ema_starts_from_the_students_adapter(init):
+    """At a student phase's start: teacher.init=iteration always loads the student; an adapter EMA that has not
+    started (version 0) loads it too, once; a full-weight teacher with init=once keeps its own start."""
+    state = LoopState()  # the student at version 0
+    for form, version, loads in [("adapter", 0, True), ("adapter", 3, init == "iteration"),
+                                 ("full", 0, init == "iteration")]:
+        teacher = Teacher(form=form)
+        teacher.version = version
+        p = StudentPolicy(AdapterPool(), AdapterLearner(), lambda: state, lambda *a: None, teacher, True,
+                          lambda it: 0.0)
+        p.publish()
+        asyncio.run(p.start_phase(init))
+        assert teacher.calls == ([("load", 0, f"student-{form}")] if loads else []), (form, version)

@@ -126,6 +126,17 @@ class RolloutWorkerImpl:
             t.extra.update(hop_target=h, source_id=d.id)
         return trajs
 
+    async def teacher_topk(self, jobs: list[tuple[list[int], int]], k: int, teacher: tuple[int, list]) -> list:
+        """The top-K of each (token ids, start) job with the teacher's adapter (teacher.backend: shared).
+        `teacher` is (version, [adapter]): the adapter as an object-store reference, fetched only when the
+        engine holds another version (a new EMA step, or this worker restarted), or as the tensors."""
+        version, (weights,) = teacher
+        if self.engine.teacher_version != version:
+            if isinstance(weights, ray.ObjectRef):
+                weights = await weights
+            await self.engine.aload_teacher(version, weights)
+        return list(await asyncio.gather(*(self.engine.teacher_topk(ids, start, k) for ids, start in jobs)))
+
     async def update_weights(self, version: int, weights) -> int:
         """Replace the engine's weights; trajectories started later carry `version`."""
         await self.engine.aupdate_weights(version, weights)
@@ -303,6 +314,11 @@ class RolloutPool:
             raise ValueError(f"{len(docs)} docs but {len(hops)} hop targets")
         return await self._fan_out(len(docs), "examiner_rollouts",
                                    lambda part: ([docs[i] for i in part], [hops[i] for i in part]))
+
+    async def teacher_topk(self, jobs: Sequence[tuple[list[int], int]], k: int, teacher: tuple[int, list]) -> list:
+        """Teacher top-K of every job, split over the workers (`RolloutWorkerImpl.teacher_topk`)."""
+        jobs = list(jobs)
+        return await self._fan_out(len(jobs), "teacher_topk", lambda part: ([jobs[i] for i in part], k, teacher))
 
     def _weights_arg(self, weights):
         """A learner bundle travels as is (it knows how to fetch its tensors); plain pairs go to the object

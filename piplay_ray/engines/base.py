@@ -47,6 +47,7 @@ class Engine(abc.ABC):
     # with `lora`: only the LoRA matrices, loaded in place; see engines/adapter.py)
     weight_form: str = "full"
     lora_note: str | None = None  # why an engine started with `lora` serves full weights instead
+    teacher_version: int | None = None  # the teacher adapter it holds (teacher.backend: shared), None: none
 
     @abc.abstractmethod
     async def generate(self, prompt_ids: list[int], spec: SamplingSpec) -> Generation: ...
@@ -62,6 +63,15 @@ class Engine(abc.ABC):
     async def aupdate_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """`update_weights` for callers on an event loop; an engine whose load blocks overrides it."""
         self.update_weights(version, weights)
+
+    async def teacher_topk(self, token_ids: list[int], start: int, k: int) -> TopK:
+        """`prompt_topk` with the teacher's adapter in place of the policy's (teacher.backend: shared)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot serve a teacher adapter")
+
+    async def aload_teacher(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Hold `weights` (every A and B of an adapter, PEFT saved names) as the teacher's adapter of `version`,
+        beside the policy's own (an engine started with `lora`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot serve a teacher adapter")
 
     async def areceive_weights(self, ticket: dict) -> int:
         """Take part in a collective weight sync (weight_sync/collective.py) and load what arrives in place;

@@ -3,7 +3,8 @@
 One model, one request at a time (a lock serialises the forward passes, which run in a thread so the event
 loop keeps serving search calls). Logprobs are the model's raw log-softmax, like vLLM's `raw_logprobs`.
 With `lora` the model carries a PEFT adapter of that config (zero at start: the base model) and a weight sync
-copies new A and B matrices into it in place (`weight_form` "adapter").
+copies new A and B matrices into it in place (`weight_form` "adapter"). Under `teacher.backend: shared` it
+also holds a second adapter, the teacher's EMA (`aload_teacher`), switched in for `teacher_topk` only.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import torch
 from piplay_ray.config import LoraConfig
 from piplay_ray.engines import adapter, named_tensors
 from piplay_ray.engines.base import Engine, Generation, SamplingSpec, TopK
+from piplay_ray.learner import lora as peft_lora
 from piplay_ray.learner.weight_sync.collective import Receiver
 
+TEACHER = "teacher"  # PEFT's name for the teacher's adapter beside the policy's
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -50,6 +53,7 @@ class TransformersEngine(Engine):
         self.eos_ids = set(eos) | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
         self.seed = seed
         self._adapter: dict[str, torch.nn.Parameter] | None = None
+        self._teacher: dict[str, torch.nn.Parameter] | None = None
         if lora is not None:
             self._wrap(lora)
         self._lock = threading.Lock()
@@ -87,35 +91,45 @@ class TransformersEngine(Engine):
     # ------------------------------------------------------------------------------------- scoring
 
     @torch.inference_mode()
-    def logprobs_of(self, token_ids: list[int], start: int) -> torch.Tensor:
-        """Full next-token log-distributions predicting token_ids[start:] (rows = positions)."""
+    def logprobs_of(self, token_ids: list[int], start: int, teacher: bool = False) -> torch.Tensor:
+        """Full next-token log-distributions predicting token_ids[start:] (rows = positions); `teacher`: with
+        the teacher's adapter in place of the policy's."""
         if not 1 <= start <= len(token_ids):
             raise ValueError(f"start must be in [1, {len(token_ids)}], got {start}")
+        if teacher and self._teacher is None:
+            raise RuntimeError("teacher_topk: no teacher adapter loaded (aload_teacher)")
         with self._lock:
             ids = torch.tensor([token_ids], device=self.device)
-            logits = self.model(input_ids=ids).logits[0, start - 1 : len(token_ids) - 1].float()
+            if teacher:
+                self.model.set_adapter(TEACHER)
+            try:
+                logits = self.model(input_ids=ids).logits[0, start - 1 : len(token_ids) - 1].float()
+            finally:
+                if teacher:
+                    self.model.set_adapter(peft_lora.ADAPTER)
         return torch.log_softmax(logits, -1).cpu()
 
-    def prompt_topk_sync(self, token_ids: list[int], start: int, k: int) -> TopK:
-        values, ids = torch.topk(self.logprobs_of(token_ids, start), k, dim=-1)
+    def prompt_topk_sync(self, token_ids: list[int], start: int, k: int, teacher: bool = False) -> TopK:
+        values, ids = torch.topk(self.logprobs_of(token_ids, start, teacher), k, dim=-1)
         return TopK(ids=ids.tolist(), logprobs=values.tolist())
 
     async def prompt_topk(self, token_ids: list[int], start: int, k: int) -> TopK:
         return await asyncio.to_thread(self.prompt_topk_sync, list(token_ids), start, k)
 
+    async def teacher_topk(self, token_ids: list[int], start: int, k: int) -> TopK:
+        return await asyncio.to_thread(self.prompt_topk_sync, list(token_ids), start, k, True)
+
     # ------------------------------------------------------------------------------------- weights
 
     def _wrap(self, lc: LoraConfig) -> None:
         """Serve `lc`'s adapter (zero B: the base model) on the model, or the base alone if PEFT cannot."""
-        from piplay_ray.learner import lora
-
         try:
-            self.model = lora.wrap(self.model, lc).eval().requires_grad_(False)
+            self.model = peft_lora.wrap(self.model, lc).eval().requires_grad_(False)
         except (ImportError, ValueError) as e:
             self.lora_note = f"transformers engine cannot serve LoRA ({e})"
             return
         self._lora, self.weight_form = lc, "adapter"
-        self._adapter = {lora.peft_name(n): p for n, p in lora.adapter_parameters(self.model).items()}
+        self._adapter = {peft_lora.peft_name(n): p for n, p in peft_lora.adapter_parameters(self.model).items()}
 
     @torch.inference_mode()
     def update_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -134,16 +148,38 @@ class TransformersEngine(Engine):
 
     def _load_adapter(self, version: int, weights) -> None:
         """Copy a whole adapter (every A and B, PEFT saved names) into the model's adapter."""
+        self._copy_adapter(self._adapter, weights)
+        self.version = version
+
+    @torch.inference_mode()
+    def _copy_adapter(self, into: dict[str, torch.nn.Parameter], weights) -> None:
         new = dict(named_tensors(weights))
         adapter.check(new, self._lora)
-        if set(new) != set(self._adapter):
-            missing, extra = sorted(set(self._adapter) - set(new)), sorted(set(new) - set(self._adapter))
+        if set(new) != set(into):
+            missing, extra = sorted(set(into) - set(new)), sorted(set(new) - set(into))
             raise KeyError(f"adapter sync: missing {missing[:3]}, unknown {extra[:3]} (learner.lora.target_modules "
                            "must match the engine's)")
         with self._lock:
             for name, tensor in new.items():
-                self._adapter[name].copy_(tensor)
-            self.version = version
+                into[name].copy_(tensor)
+
+    def load_teacher(self, version: int, weights) -> None:
+        """The teacher's adapter (same rank and targets as the policy's), added as a second PEFT adapter on
+        first use; the policy's stays the active one."""
+        if self._adapter is None:
+            raise RuntimeError("a teacher adapter needs an engine serving LoRA (learner.lora)"
+                               + (f": {self.lora_note}" if self.lora_note else ""))
+        if self._teacher is None:
+            with self._lock:
+                self.model.add_adapter(TEACHER, self.model.peft_config[peft_lora.ADAPTER])
+                self.model.requires_grad_(False)
+            self._teacher = {n.replace(f".{TEACHER}.", "."): p for n, p in self.model.named_parameters()
+                             if f".{TEACHER}." in n}
+        self._copy_adapter(self._teacher, weights)
+        self.teacher_version = version
+
+    async def aload_teacher(self, version: int, weights) -> None:
+        await asyncio.to_thread(self.load_teacher, version, weights)
 
     async def aupdate_weights(self, version: int, weights) -> None:
         """`update_weights` for callers on an event loop."""

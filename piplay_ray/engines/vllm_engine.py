@@ -152,7 +152,8 @@ class VLLMEngine(LoraServing, Engine):
 
     # ------------------------------------------------------------------------------------- requests
 
-    async def _request(self, prompt_ids: list[int], params):
+    async def _request(self, prompt_ids: list[int], params, lora_request=None):
+        """One request, with the policy's adapter unless `lora_request` names another (the teacher's)."""
         from vllm.inputs import TokensPrompt
 
         await self._ready.wait()  # closed while weights are being replaced
@@ -160,7 +161,8 @@ class VLLMEngine(LoraServing, Engine):
         try:
             final = None
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params,
-                                               request_id=uuid.uuid4().hex, lora_request=self._lora_request):
+                                               request_id=uuid.uuid4().hex,
+                                               lora_request=lora_request or self._lora_request):
                 final = out
             return final
         finally:
@@ -189,6 +191,9 @@ class VLLMEngine(LoraServing, Engine):
         return Generation(ids, logprobs, finish)
 
     async def prompt_topk(self, token_ids: list[int], start: int, k: int) -> TopK:
+        return await self._topk(token_ids, start, k)
+
+    async def _topk(self, token_ids: list[int], start: int, k: int, lora_request=None) -> TopK:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -196,7 +201,7 @@ class VLLMEngine(LoraServing, Engine):
             raise ValueError(f"start must be in [1, {len(token_ids)}], got {start}")
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False,
                                 output_kind=RequestOutputKind.FINAL_ONLY)
-        out = await self._on_engine(self._request(token_ids, params))
+        out = await self._on_engine(self._request(token_ids, params, lora_request))
         ids, lps = [], []
         for dist in out.prompt_logprobs[start:]:
             # the dict holds the top k plus the actual next token when it ranks below k
@@ -265,7 +270,7 @@ class VLLMEngine(LoraServing, Engine):
         if getattr(self, "llm", None) is not None:
             self.llm.shutdown()
             self.llm = None
-        self._lora_request = None
+        self._lora_request = self._teacher_request = None
 
     def shutdown(self) -> None:
         self._stop_llm()

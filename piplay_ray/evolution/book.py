@@ -126,7 +126,8 @@ class RunBook(Accounting):
         a.replay = a.new_replay(None)
         self.state = LoopState()
         self.went_back()
-        ray.kill(a.teacher, no_restart=False)  # back to its initial weights
+        if a.teacher is not None:  # (a shared teacher's EMA is reset below)
+            ray.kill(a.teacher, no_restart=False)  # back to its initial weights
         a.teacher_client.reset()
         for role in TRAINED:
             await a.replay.set_version.remote(role, self.state.versions[role])

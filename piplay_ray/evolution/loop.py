@@ -80,8 +80,7 @@ class EvolutionLoop:
             if st.phase == "tasks":  # the final examiner writes the student's task set
                 await self.write_task_set()
                 st.phase, st.phase_steps = "student", 0
-                if cfg.teacher.init == "iteration":
-                    await self.policies["student"].reset_teacher()
+                await self.policies["student"].start_phase(cfg.teacher.init)
             if st.phase == "student":  # student: W steps on EM + λ·KL to the EMA teacher
                 await Phase(self, "student", eval_every=cfg.eval.every_student_steps).run(sched.student_steps)
                 if self.stopping:

@@ -9,8 +9,8 @@ Weights move one of two ways (`weight_sync.transport`): the object store, where 
 from the learner and `sync_pool` pushes it to the pool; or a collective group per role, where nothing moves
 at `publish` and `sync_pool` runs one broadcast from learner rank 0 to the pool (and, for the student, the
 teacher). With `learner.lora` and engines that serve LoRA, what moves to the pool is the adapter alone
-(`form` "adapter"); the teacher's EMA is over full weights, so it still gets the merged model, through the
-object store, in either transport.
+(`form` "adapter"); the teacher's EMA is then over the adapter too (its `form`, teacher_adapter.py), so it gets
+the adapter alone, in the broadcast when the pool's form is its own, else through the object store.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class StudentPolicy(Policy):
     def __init__(self, pool, learner, state: Callable, log: Callable, teacher, teach: bool,
                  lam: Callable[[int], float], sync=None, groups_per_step: int = 1):
         super().__init__("student", pool, learner, state, log, sync, groups_per_step)
-        self.teacher = teacher  # actors.teacher.TeacherClient
+        self.teacher = teacher  # actors.teacher_client.TeacherClient or actors.shared_teacher.SharedTeacher
         self.teach = teach  # False with teacher.privileged = none: nothing reads the teacher
         self.lam = lam
 
@@ -114,31 +114,40 @@ class StudentPolicy(Policy):
         if self.sync:  # the pool and the teacher in one broadcast
             await self._broadcast(version, "ema")
         elif self.teach:
-            await self.teacher.ema_update(version, await self._merged() if self.form == "adapter" else bundle)
+            await self.teacher.ema_update(version, await self._for_teacher(bundle))
 
-    async def _merged(self):
-        """The student's merged full weights for the teacher, when the pool gets adapters (object store)."""
-        return await asyncio.to_thread(self.learner.weights, self.role, "object_store", "full")
+    async def _for_teacher(self, bundle):
+        """What the teacher's EMA takes (its `form`: the adapter under learner.lora, else full weights): the
+        published bundle when the pool takes the same, else fetched by the object store."""
+        if self.teacher.form == self.form and bundle is not None:
+            return bundle
+        return await asyncio.to_thread(self.learner.weights, self.role, "object_store", self.teacher.form)
+
+    async def start_phase(self, init: str) -> None:
+        """At a student phase's start: with teacher.init = iteration the teacher becomes a copy of the current
+        student; an adapter EMA that has not started yet (version 0: the zero adapter) starts from the
+        student's adapter, so the EMA starts where the student does."""
+        if init == "iteration" or (self.teach and self.teacher.form == "adapter" and self.teacher.version == 0):
+            await self.reset_teacher()
 
     async def reset_teacher(self) -> None:
-        """teacher.init = iteration: the teacher starts the student phase as a copy of the current student."""
+        """The teacher becomes a copy of the current student (teacher.init = iteration)."""
         if self.sync:
             await self._broadcast(self.version, "load")
-        elif self.form == "adapter":
-            await self.teacher.load(self.version, await self._merged())
         else:
-            await self.teacher.load(self.version, (self.published or (0, None))[1])
+            await self.teacher.load(self.version, await self._for_teacher((self.published or (0, None))[1]))
 
     async def _broadcast(self, version: int, teacher_mode: str) -> None:
-        """Collective: one broadcast to the student pool and the teacher (`ema` or `load` of `version`); with
-        adapters on the wire, the teacher only drains it and gets the merged weights by the object store."""
+        """Collective: one broadcast to the student pool and the teacher (`ema` or `load` of `version`); when
+        the wire carries another form than the teacher's EMA takes (or it is a shared teacher, outside the
+        group), the teacher's update goes by the object store."""
         await self.teacher.ensure()  # a restarted teacher gets its EMA back before it blends
         t = time.monotonic()
-        adapters = self.form == "adapter"
-        done = await self.sync.sync(version, "skip" if adapters else teacher_mode)
-        if adapters:
-            await (self.teacher.load if teacher_mode == "load" else self.teacher.ema_update)(version,
-                                                                                           await self._merged())
+        apart = self.teacher.form != self.form or self.sync.teacher is None
+        done = await self.sync.sync(version, "skip" if apart else teacher_mode)
+        if apart:
+            await (self.teacher.load if teacher_mode == "load" else self.teacher.ema_update)(
+                version, await self._for_teacher(None))
         else:
             await self.teacher.updated(version)
         self.pool_version = version

@@ -7,8 +7,9 @@ when Ray restarts the actor); when anyone is new, the learner opens a new genera
 join it during the sync, which is how a restarted receiver rejoins. A sync is the learner's broadcast and
 every member's receive, run together; a member that dies during it fails the sync, which is retried on a new
 generation up to `fault.max_task_retries` times. Under LoRA with engines that serve it, the broadcast carries
-only the adapter (`pool_form`); the teacher then only drains it (its EMA is over merged weights, which the
-student's policy sends it through the object store).
+only the adapter (`pool_form`), which the teacher's EMA takes as well (an adapter EMA under LoRA); where the
+forms differ the teacher only drains it and the student's policy sends it its form through the object store.
+A shared teacher (`teacher.backend: shared`) is no member: it lives on the driver.
 """
 
 from __future__ import annotations
