@@ -22,7 +22,7 @@ TOL = 2e-3  # float32 CPU kernels differ in summation order
 def teachers(tiny_model):
     from piplay_ray.actors.teacher import TeacherImpl
 
-    vt = TeacherImpl.from_config(tiny_model, _cfg("vllm", **{"rollout.kv_cache_gib": 0.5, "rollout.max_num_seqs": 8}))
+    vt = TeacherImpl.from_config(tiny_model, _cfg("vllm", **{"rollout.kv_cache_gib": 1, "rollout.max_num_seqs": 8}))
     ht = TeacherImpl.from_config(tiny_model, _cfg("transformers"))
     yield vt, ht
     vt.shutdown()
