@@ -10,9 +10,9 @@ import json
 
 import pytest
 import torch
+from test_train_tiny import metrics, train
 
 from piplay_ray import teacher as T
-from tests.test_train_tiny import metrics, train
 
 pytestmark = pytest.mark.slow
 
