@@ -295,7 +295,7 @@ def run_eval(cfg, model: str, data: Sequence[str] | None = None, out: str | None
     import ray
 
     from piplay_ray import assets
-    from piplay_ray.actors.rollout import RolloutPool
+    from piplay_ray.actors.rollout_pool import RolloutPool
     from piplay_ray.actors.search_env import SearchEnvPool
 
     cfg = eval_config(cfg)

@@ -88,7 +88,7 @@ def test_sixteen_examiner_attempts_smollm2(smollm2, corpus_path, tmp_path):
     """16 examiner attempts with the embedded SmolLM2 through the real rollout pool and search env."""
     import ray
 
-    from piplay_ray.actors.rollout import RolloutPool
+    from piplay_ray.actors.rollout_pool import RolloutPool
     from piplay_ray.actors.search_env import SearchEnvPool
     from piplay_ray.config import load_config
     from piplay_ray.examiner import ExaminerSampler, save_tasks, write_tasks

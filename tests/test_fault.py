@@ -51,7 +51,7 @@ def test_killed_worker_gets_weights_and_its_share_is_reissued(ray_session, tiny_
     by the restarted worker holding the pool's latest weights (version 1), and the restart is counted."""
     from transformers import AutoModelForCausalLM
 
-    from piplay_ray.actors.rollout import RolloutPool
+    from piplay_ray.actors.rollout_pool import RolloutPool
     from piplay_ray.config import load_config
 
     cfg = load_config("configs/tiny.yaml")

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from piplay_ray import protocol as P
-from piplay_ray.actors.rollout import RolloutPool, _split, lora_sync_form
+from piplay_ray.actors.rollout_pool import RolloutPool, _split, lora_sync_form
 from piplay_ray.config import load_config
 from piplay_ray.records import Doc, Hop, Trajectory
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from piplay_ray import assets
 from piplay_ray.actors.replay import ReplayStore
-from piplay_ray.actors.rollout import RolloutPool
+from piplay_ray.actors.rollout_pool import RolloutPool
 from piplay_ray.actors.search_env import SearchEnvPool
 from piplay_ray.actors.shared_teacher import SharedTeacher
 from piplay_ray.actors.teacher import create_teacher
