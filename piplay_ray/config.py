@@ -71,6 +71,8 @@ class RolloutConfig(Section):
     max_response_tokens: PosInt = 1024  # all turns together, generated and inserted
     max_info_tokens: PosInt | None = None  # one search's <information> text, cut to this many tokens
     enforce_eager: bool = True
+    # run.mode=local, vLLM CPU: cores a role's engine binds its threads to (default 1; engines spread)
+    local_engine_cores: dict[Literal["examiner", "student"], PosInt] = Field(default_factory=dict)
 
 
 class SearchConfig(Section):

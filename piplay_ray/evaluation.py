@@ -294,14 +294,17 @@ def run_eval(cfg, model: str, data: Sequence[str] | None = None, out: str | None
 
     import ray
 
-    from piplay_ray import assets
+    from piplay_ray import assets, warmup  # warmup imports this module
     from piplay_ray.actors.rollout_pool import RolloutPool
     from piplay_ray.actors.search_env import SearchEnvPool
 
     cfg = eval_config(cfg)
     examples = load_eval_examples(cfg, data)
     out = out or os.path.join(cfg.run.root, f"eval-{time.strftime('%Y%m%d-%H%M%S')}")
-    model_path = assets.resolve_model(model)
+    if name := warmup.recipe_name(model):  # a warm start of both roles: its student is what is evaluated
+        model_path = str(warmup.build(name, cfg) / "student")
+    else:
+        model_path = assets.resolve_model(model)
     started = not ray.is_initialized()
     if started:
         ray.init(address=cfg.ray.address if cfg.run.mode == "cluster" else None, num_cpus=cfg.ray.num_cpus,

@@ -1,6 +1,7 @@
 """The run summary: is the method at work? Computed from a run directory's files (pure, no Ray).
 
-Read from `metrics.jsonl` (training-time rates, averaged over the logged steps) and the greedy evaluations
+Read from `metrics.jsonl` (training-time rates, averaged over the logged steps; the gate pass rate pooled
+over every examiner attempt: its training steps and the attempts that wrote the task sets) and the greedy evaluations
 under `eval/` (held-out EM before and after training, with its standard error sqrt(p(1-p)/n)). The driver
 writes it to `summary.json` and the console at the end; the dashboard recomputes it live.
 """
@@ -16,7 +17,7 @@ from piplay_ray.rundir import METRICS, SUMMARY, eval_dir, write_atomic
 # (key, target, what it says) — the bar a run on the embedded default should clear
 TARGETS = (("answer_rate", 0.8, "student's well-formed answer rate (held-out, greedy)"),
            ("searches_per_question", 1.0, "searches per question (held-out, greedy)"),
-           ("gate_pass_rate", 0.3, "examiner tasks passing the integrity gate"),
+           ("gate_pass_rate", 0.3, "examiner tasks passing the integrity gate (all attempts)"),
            ("examiner_written_share", 0.5, "examiner-written share of the student task set"),
            ("groups_with_signal", 0.5, "student groups with non-zero reward variance"))
 
@@ -80,10 +81,19 @@ def compute(run_dir: str | Path) -> dict:
     def series(key: str, phase: str | None = None) -> list[float]:
         return [r[key] for r in rows if _num(r.get(key)) and (phase is None or r.get("phase") == phase)]
 
+    def pooled(*pairs: tuple[str, str]) -> tuple[float | None, int]:
+        """Σ rate·n / Σ n over the rows that log a (rate, attempts) pair: a rate over every attempt."""
+        got = [(r[rate], r[n]) for r in rows for rate, n in pairs if _num(r.get(rate)) and _num(r.get(n))]
+        total = sum(n for _, n in got)
+        return (sum(p * n for p, n in got) / total if total else None), int(total)
+
     sizes, written = series("tasks/size"), series("tasks/examiner_written")
+    gate, gate_n = pooled(("examiner/gate_pass_rate", "examiner/attempts"),
+                          ("tasks/examiner_pass_rate", "tasks/examiner_attempts"))
     out = {"train_answer_rate": _mean(series("student/answer_rate")),
            "train_searches_per_traj": _mean(series("rollout/searches_per_traj", "student")),
-           "gate_pass_rate": _mean(series("examiner/gate_pass_rate")),
+           "gate_pass_rate": gate,
+           "gate_pass_n": gate_n,
            "examiner_written_share": sum(written) / sum(sizes) if sum(sizes) else None,
            "groups_with_signal": _mean(series("student/groups_with_signal")),
            "student_reward": _mean(series("student/reward")),
@@ -124,7 +134,8 @@ def lines(s: dict) -> list[str]:
         out.append(f"held-out EM (n={s['eval_n']}): " + ", ".join(parts))
     for k, t in s["targets"].items():
         if k != "em_gain":
-            out.append(f"{t['what']}: {f(t['value'])} (target ≥ {t['target']}) {'ok' if t['met'] else 'MISSED'}")
+            n = f", n={s['gate_pass_n']}" if k == "gate_pass_rate" and s.get("gate_pass_n") else ""
+            out.append(f"{t['what']}: {f(t['value'])}{n} (target ≥ {t['target']}) {'ok' if t['met'] else 'MISSED'}")
     worst = sorted(((v, k) for k, v in s.get("gate_failures", {}).items() if v), reverse=True)[:3]
     if worst:
         out.append("examiner tasks failing each gate check: " + ", ".join(f"{k} {v:.2f}" for v, k in worst))

@@ -112,7 +112,7 @@ def write_run(run_dir: str | Path, *, iterations: int = 3, steps_per_phase: int 
             step += 1
             ks = [rng.randint(0, group_size) for _ in range(8)]
             sink.log({"examiner/difficulty_reward": 0.2 + 0.1 * it + rng.random() * 0.1,
-                      "examiner/gate_pass_rate": 0.7 + 0.05 * it,
+                      "examiner/gate_pass_rate": 0.7 + 0.05 * it, "examiner/attempts": 4,
                       **{f"examiner/gate_pass_rate_h{h}": 0.9 - 0.1 * h + 0.05 * it for h in range(1, 5)},
                       "examiner/solve_rate_hist": [k / group_size for k in ks],
                       "rollout/searches_per_traj": 1.5 + 0.2 * it, "rollout/answer_len": 3.0 + rng.random(),

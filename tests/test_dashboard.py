@@ -247,8 +247,8 @@ def test_summary_endpoint_is_live(tmp_path):
         status, s = get_json(url, "/api/summary")
         assert status == 200 and s["gate_pass_rate"] is None and "em_before" not in s
         assert not any(t["met"] for t in s["targets"].values())
-        rows = [{"step": 1, "phase": "examiner", "examiner/gate_pass_rate": 0.2},
-                {"step": 2, "phase": "examiner", "examiner/gate_pass_rate": 0.6},
+        rows = [{"step": 1, "phase": "examiner", "examiner/gate_pass_rate": 0.2, "examiner/attempts": 5},
+                {"step": 2, "phase": "examiner", "examiner/gate_pass_rate": 0.6, "examiner/attempts": 5},
                 {"step": 2, "phase": "examiner", "tasks/size": 12, "tasks/examiner_written": 3},
                 {"step": 3, "phase": "student", "student/groups_with_signal": 0.75, "student/answer_rate": 0.5}]
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -170,9 +170,11 @@ def test_failed_job_fails_the_wrapper(ray_head):
 
 
 def test_submit_tiny_training_run(ray_head, tiny_model, tmp_path):
-    """The issue's acceptance test: `piplay train` on configs/tiny.yaml as a Ray job, to SUCCEEDED."""
+    """The issue's acceptance test: `piplay train` on configs/tiny.yaml as a Ray job, to SUCCEEDED. The rollout
+    engine is transformers: what is tested is the job, and a vLLM engine's start-up would double its time."""
     run_dir = tmp_path / "run"
-    proc = _submit(ray_head, "--config", "configs/tiny.yaml", f"run.dir={run_dir}", "--wait", "--timeout", "1500",
+    proc = _submit(ray_head, "--config", "configs/tiny.yaml", f"run.dir={run_dir}", "rollout.engine=transformers",
+                   "--wait", "--timeout", "1500",
                    timeout=1600)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-3000:]
     assert proc.stdout.rstrip().endswith("SUCCEEDED")

@@ -30,8 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def train_cmd(run_dir: Path, *overrides: str) -> list[str]:
+    """The run under test: the faults are the retriever's and the driver's, so the rollout engine is
+    transformers (a vLLM engine's start-up, paid twice here, would double the test's time)."""
     return [sys.executable, "-m", "piplay_ray", "train", "--config", str(ROOT / "configs" / "tiny.yaml"),
-            f"run.dir={run_dir}", "checkpoint.every=1", "checkpoint.keep=5", *overrides]
+            f"run.dir={run_dir}", "checkpoint.every=1", "checkpoint.keep=5", "rollout.engine=transformers", *overrides]
 
 
 def start(cmd: list[str], log: Path) -> subprocess.Popen:

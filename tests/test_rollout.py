@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from piplay_ray import protocol as P
-from piplay_ray.actors.rollout_pool import RolloutPool, _split, lora_sync_form
+from piplay_ray.actors.rollout_pool import RolloutPool, _split, cpu_core_binding, lora_sync_form
 from piplay_ray.config import load_config
 from piplay_ray.records import Doc, Hop, Trajectory
 
@@ -161,6 +161,26 @@ def test_transformers_workers_spread(ray_session, tiny_model):
             asyncio.run(pool.examiner_rollouts(docs, [1]))
     finally:
         pool.shutdown()
+
+
+@pytest.mark.parametrize("cores,workers,cpus,expected", [
+    ({}, 1, 2, {"examiner": ["0"], "student": ["1"]}),  # one core each, spread
+    ({"student": 2}, 1, 2, {"examiner": ["0"], "student": ["0-1"]}),  # the student's engine on both
+    ({}, 2, 4, {"examiner": ["0", "1"], "student": ["2", "3"]}),
+    ({"student": 2}, 2, 4, {"examiner": ["0", "1"], "student": ["2-3", "0-1"]}),  # 3 + 2 > 4 cores: from 0
+    ({}, 2, 2, {"examiner": ["0", "1"], "student": ["0", "1"]}),  # more engines than cores: they wrap
+])
+def test_cpu_core_binding(monkeypatch, cores, workers, cpus, expected):
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr("os.cpu_count", lambda: cpus)
+    r = load_config("configs/local.yaml", [f"rollout.workers_per_role={workers}"]).rollout
+    r.local_engine_cores = cores
+    got = {role: [cpu_core_binding(r, True, role, i)["VLLM_CPU_OMP_THREADS_BIND"] for i in range(workers)]
+           for role in expected}
+    assert got == expected
+    assert cpu_core_binding(r, False, "student", 0) == {}  # a cluster: each engine has its own machine's cores
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "7")
+    assert cpu_core_binding(r, True, "student", 0) == {}  # the user's own binding wins
 
 
 def test_lora_sync_form_is_adapter_only_when_every_engine_serves_it():

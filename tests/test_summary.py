@@ -26,12 +26,13 @@ def write_metrics(run, rows, tail=""):
 
 
 ROWS = [
-    {"step": 1, "phase": "examiner", "examiner/gate_pass_rate": 0.25, "rollout/searches_per_traj": 4.0,
-     "examiner/gate_fail/answer_supported": 0.75, "examiner/gate_fail/has_answer": 0.0},
-    {"step": 2, "phase": "examiner", "examiner/gate_pass_rate": 0.5, "rollout/searches_per_traj": 4.0,
-     "examiner/gate_fail/answer_supported": 0.25, "examiner/gate_fail/has_answer": 0.0,
+    {"step": 1, "phase": "examiner", "examiner/gate_pass_rate": 0.25, "examiner/attempts": 4,
+     "rollout/searches_per_traj": 4.0, "examiner/gate_fail/answer_supported": 0.75, "examiner/gate_fail/has_answer": 0.0},
+    {"step": 2, "phase": "examiner", "examiner/gate_pass_rate": 0.5, "examiner/attempts": 4,
+     "rollout/searches_per_traj": 4.0, "examiner/gate_fail/answer_supported": 0.25, "examiner/gate_fail/has_answer": 0.0,
      "examiner/gate_fail/well_formed": 0.5},
-    {"step": 2, "phase": "examiner", "examiner/gate_pass_rate": None},  # NaN, as the sink writes it
+    {"step": 2, "phase": "examiner", "examiner/gate_pass_rate": None, "examiner/attempts": 4},  # NaN, as written
+    {"step": 2, "phase": "examiner", "tasks/examiner_pass_rate": 0.75, "tasks/examiner_attempts": 8},
     {"step": 2, "phase": "examiner", "tasks/size": 10, "tasks/examiner_written": 1},
     {"step": 3, "phase": "student", "student/answer_rate": 0.5, "student/groups_with_signal": 0.25,
      "student/reward": 0.125, "rollout/searches_per_traj": 1.0},
@@ -49,7 +50,8 @@ def test_summary_of_a_run(tmp_path):
     # the newest evaluation is iter-10 (by number, whatever the file times say)
     write_eval(tmp_path, "iter-10", 0.5625, invalid=0.125, searches=1.5, mtime=2000)
     s = summary.compute(tmp_path)
-    assert s["gate_pass_rate"] == pytest.approx(0.375)  # (0.25 + 0.5) / 2; the null row is skipped
+    # every attempt counts once: 1 of 4 and 2 of 4 in the steps, 6 of 8 writing the task set; the null row skipped
+    assert s["gate_pass_rate"] == pytest.approx(9 / 16) and s["gate_pass_n"] == 16
     assert s["examiner_written_share"] == pytest.approx(7 / 16)  # (1 + 6) / (10 + 6), not the mean of ratios
     assert s["train_answer_rate"] == pytest.approx(0.75)  # the half-written last line is skipped
     assert s["groups_with_signal"] == pytest.approx(0.375)

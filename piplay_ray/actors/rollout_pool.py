@@ -36,12 +36,15 @@ def _split(n_items: int, n_parts: int) -> list[range]:
 def cpu_core_binding(r: RolloutConfig, local: bool, role: str, index: int) -> dict[str, str]:
     """On one CPU machine (`local`: run.mode = local), vLLM binds every engine to the same first core (it
     reserves the next one); spreading the engines over the cores lets the examiner and student engines run
-    side by side."""
+    side by side. A role given more cores (`rollout.local_engine_cores`) binds a range of them: the student's
+    engine evaluates alone, while the others wait."""
     if (not local or r.engine != "vllm" or r.num_gpus_per_worker
             or os.environ.get("VLLM_CPU_OMP_THREADS_BIND")):
         return {}
-    slot = TRAINED.index(role) * r.workers_per_role + index
-    return {"VLLM_CPU_OMP_THREADS_BIND": str(slot % (os.cpu_count() or 1))}
+    ncpu, n = os.cpu_count() or 1, r.local_engine_cores.get(role, 1)
+    start = (TRAINED.index(role) * r.workers_per_role + index) % ncpu
+    first, last = (start, start + n - 1) if start + n <= ncpu else (0, min(n, ncpu) - 1)
+    return {"VLLM_CPU_OMP_THREADS_BIND": str(first) if first == last else f"{first}-{last}"}
 
 
 def lora_sync_form(role: str, forms: Sequence[tuple[str, str | None]]) -> tuple[str, str]:

@@ -70,6 +70,7 @@ async def examiner_step(step: int, cfg: Config, iteration: int, sampler: Examine
         "examiner/difficulty_reward": mean(rewards),
         "examiner/format_reward": mean([t.format_reward for t in tasks]),
         "examiner/gate_pass_rate": len(valid) / len(tasks),
+        "examiner/attempts": len(tasks),
         **{f"examiner/gate_fail/{k}": v for k, v in gate_failures(tasks).items()},
         **{f"examiner/gate_pass_rate_h{h}": mean(v) for h, v in by_hop.items() if v},
         "examiner/solve_rate_hist": [correct[i] / n for i in valid],
