@@ -83,6 +83,10 @@ def test_cli_eval_reports_data_errors_without_traceback(tmp_path, capsys):
         rc = main(["eval", "-c", "configs/tiny.yaml", "--model", "builtin:tiny", "--data", str(data)])
         err = capsys.readouterr().err
         assert rc == 2 and err.startswith(f"piplay: {p}:2: `golden_answers`" if data == p else "piplay: QA file")
+    p.write_text(GOOD + "\n")
+    rc = main(["eval", "-c", "configs/tiny.yaml", "--model", "builtin:nope", "--data", str(p)])
+    assert rc == 2 and capsys.readouterr().err == ("piplay: unknown built-in model 'builtin:nope'; "
+                                                  "allowed: builtin:smollm2, builtin:tiny\n")
 
 
 def test_rule_question():
