@@ -132,7 +132,7 @@ def main() -> int:
 
 def run(args: argparse.Namespace, model_dir: Path) -> int:
     from piplay_ray.config import load_config
-    from piplay_ray.learner.rank import LearnerWorkerImpl, _free_port
+    from piplay_ray.learner.rank import LearnerWorkerImpl, _free_port, rank_args
     from piplay_ray.roles import TRAINED as ROLES
 
     cuda = torch.cuda.is_available()
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> int:
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [
         f"model.base={model_dir}", "learner.zero_stage=3", "learner.offload_inactive=true",
         "learner.micro_batch_tokens=8192", "learner.loss.kl_beta=0.01", "learner.loss.chunk_tokens=1024"])
-    worker = LearnerWorkerImpl(cfg.model_dump(mode="json"), ROLES, rank=0, world_size=1)
+    worker = LearnerWorkerImpl(rank=0, world_size=1, **rank_args(cfg, ROLES))
     # what Ray hands a rank under device isolation: its one GPU, visible as index 0
     info = worker.setup("127.0.0.1", _free_port(), 0, 1, ["0"] if cuda else [])
     report = {"bench": "gpu_learner", "device": torch.cuda.get_device_name(0) if cuda else "cpu",

@@ -3,6 +3,7 @@ forward, and the loss's hand-computed pieces (truncated IS weight, per-sequence 
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import types
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from piplay_ray import losses
-from piplay_ray.config import LearnerConfig, LossConfig
+from piplay_ray.config import LearnerConfig, LossConfig, load_config
+from piplay_ray.learner.rank import LearnerWorkerImpl, rank_args
 from piplay_ray.learner.rank_env import NOSET, device_index, rank_env
 from piplay_ray.learner.schedule import lr_factor, make_scheduler
 
@@ -37,6 +39,18 @@ def test_rank_env_noset_mode_uses_the_real_index():
 def test_rank_env_cpu_keeps_the_node_rank():
     env, dev = rank_env(2, 3, 2, 3, "h", 1, [], {NOSET: "1"})
     assert dev is None and env["LOCAL_RANK"] == "2" and env["RANK"] == "2"
+
+
+def test_a_rank_takes_only_what_it_reads_of_the_config():
+    """The group breaks the whole config down for its ranks; what crosses Ray is JSON and names its parts."""
+    cfg = load_config("configs/tiny.yaml", ["model.base=/m/base", "model.student=/m/warm", "model.teacher=/m/t",
+                                            "run.seed=7", "learner.lr=0.5", "weight_sync.bucket_mb=3"])
+    args = rank_args(cfg, ("student", "examiner"))
+    assert json.loads(json.dumps(args)) == args and set(args) == {"models", "learner", "weight_sync", "seed"}
+    w = LearnerWorkerImpl(1, 2, **args)
+    assert w.models == {"student": "/m/warm", "examiner": "/m/base"} and w.roles == ("student", "examiner")
+    assert (w.seed, w.learner.lr, w.weight_sync.bucket_mb, w.rank, w.world_size) == (7, 0.5, 3, 1, 2)
+    assert w.learner == cfg.learner and w.weight_sync == cfg.weight_sync
 
 
 def test_linear_warmup_and_dr_zero_clip_default():

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from piplay_ray.config import ConfigError
 from piplay_ray.learner import lora
-from piplay_ray.learner.rank import LearnerWorkerImpl, _free_port
+from piplay_ray.learner.rank import LearnerWorkerImpl, _free_port, rank_args
 from piplay_ray.learner.weight_sync.base import Transport, pack_buckets, unpack_bucket
 
 RANK, ALPHA = 4, 8.0
@@ -39,7 +39,7 @@ def process():
 
 def _worker(tiny_model, roles=("student",), **over) -> LearnerWorkerImpl:
     cfg = _cfg(tiny_model, **{"learner.lora.rank": RANK, "learner.lora.alpha": ALPHA, "learner.lr": 1e-2, **over})
-    w = LearnerWorkerImpl(cfg.model_dump(mode="json"), roles, rank=0, world_size=1)
+    w = LearnerWorkerImpl(rank=0, world_size=1, **rank_args(cfg, roles))
     w.info = w.setup("127.0.0.1", _free_port(), 0, 1, [])
     return w
 
@@ -124,7 +124,7 @@ def test_engine_after_an_adapter_sync_equals_peft(worker, stepped, tiny_model, t
 
     from piplay_ray.engines.transformers_engine import TransformersEngine
 
-    lc = worker.cfg.learner.lora
+    lc = worker.learner.lora
     engine = TransformersEngine(tiny_model, dtype="float32", num_threads=1, lora=lc)
     seq = list(range(3, 60, 2))
     base_lp = engine.logprobs_of(seq, 1)

@@ -2,7 +2,8 @@
 
 `LearnerGroup` (driver side) places `learner.world_size` `LearnerWorker` actors in a placement group, wires
 them into one torch.distributed group (gloo on CPU, NCCL on GPU) and fans every call out to all ranks:
-ZeRO's collectives need every rank in every step, every gather and every checkpoint.
+ZeRO's collectives need every rank in every step, every gather and every checkpoint. The group takes the
+whole config and is the one place it is broken down for the ranks (`rank.rank_args`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 
 from piplay_ray.config import Config
 from piplay_ray.learner import checkpoint
-from piplay_ray.learner.rank import LearnerWorkerImpl
+from piplay_ray.learner.rank import LearnerWorkerImpl, rank_args
 from piplay_ray.records import Experience
 from piplay_ray.roles import TRAINED
 
@@ -43,6 +44,7 @@ class LearnerGroup:
         bundle = {"CPU": lc.num_cpus_per_rank, **({"GPU": lc.num_gpus_per_rank} if lc.num_gpus_per_rank else {})}
         self.pg = placement_group([dict(bundle) for _ in range(ws)], strategy="PACK")
         ray.get(self.pg.ready(), timeout=600)
+        args = rank_args(cfg, self.roles)
         env = {"OMP_NUM_THREADS": str(max(1, int(lc.num_cpus_per_rank)))}
         if not lc.num_gpus_per_rank:
             env["DS_ACCELERATOR"] = "cpu"
@@ -50,7 +52,7 @@ class LearnerGroup:
             LearnerWorker.options(num_cpus=lc.num_cpus_per_rank, num_gpus=lc.num_gpus_per_rank,
                           scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
                           runtime_env={"env_vars": env})
-            .remote(cfg.model_dump(mode="json"), self.roles, r, ws)
+            .remote(r, ws, **args)
             for r in range(ws)
         ]
         infos = ray.get([w.node_info.remote() for w in self.workers])

@@ -3,7 +3,8 @@
 A plain class with no Ray at import: `learner.LearnerGroup` runs one per data-parallel rank as a Ray actor,
 and bench/gpu_learner.py drives one directly on a GPU machine where Ray is not installed. The examiner and
 the student share the rank's device and alternate by phase; with `offload_inactive` the idle role's states
-move to host memory. One optimizer step over the global batch is `step.train_step`.
+move to host memory. One optimizer step over the global batch is `step.train_step`. A rank takes only what it
+reads of the config (`rank_args`).
 """
 
 from __future__ import annotations
@@ -11,18 +12,25 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from piplay_ray import assets
-from piplay_ray.config import Config
+from piplay_ray.config import Config, LearnerConfig, WeightSyncConfig
 from piplay_ray.learner import checkpoint, lora, offload, rank_checkpoint, step
 from piplay_ray.learner.rank_env import rank_env, unlink_shm_buffers
 from piplay_ray.learner.role_engine import RoleEngine
 from piplay_ray.learner.weight_sync import make_transport
 from piplay_ray.records import Experience
+
+
+def rank_args(cfg: Config, roles: Sequence[str]) -> dict:
+    """What a rank reads of the whole config `cfg` (each role's model path, the `learner` and `weight_sync`
+    sections, the seed) as its constructor's keyword arguments, JSON-able for the trip across Ray."""
+    return {"models": {role: cfg.model.path_for(role) for role in roles}, "seed": cfg.run.seed,
+            "learner": cfg.learner.model_dump(mode="json"), "weight_sync": cfg.weight_sync.model_dump(mode="json")}
 
 
 def _free_port() -> int:
@@ -34,9 +42,13 @@ def _free_port() -> int:
 class LearnerWorkerImpl:
     """One data-parallel rank (plain class; `LearnerWorker` is its actor)."""
 
-    def __init__(self, cfg: dict, roles: Sequence[str], rank: int, world_size: int):
-        self.cfg = Config.model_validate(cfg)
-        self.roles, self.rank, self.world_size = tuple(roles), rank, world_size
+    def __init__(self, rank: int, world_size: int, *, models: Mapping[str, str], learner: dict | LearnerConfig,
+                 weight_sync: dict | WeightSyncConfig, seed: int):
+        """`models`: each trained role's model path (a name `assets.resolve_model` knows), in role order."""
+        self.learner = LearnerConfig.model_validate(learner)
+        self.weight_sync = WeightSyncConfig.model_validate(weight_sync)
+        self.models, self.seed = dict(models), seed
+        self.roles, self.rank, self.world_size = tuple(self.models), rank, world_size
         self.policies: dict[str, RoleEngine] = {}
         self.transports: dict[tuple[str, str], object] = {}
         self.active: str | None = None
@@ -67,10 +79,10 @@ class LearnerWorkerImpl:
         torch.distributed.barrier()
         self.close()
         self.device = torch.device(get_accelerator().current_device_name())
-        torch.manual_seed(self.cfg.run.seed)
+        torch.manual_seed(self.seed)
         for role in self.roles:
-            path = assets.resolve_model(self.cfg.model.path_for(role))
-            self.policies[role] = RoleEngine(role, path, self.cfg.learner, self.world_size, self.device)
+            path = assets.resolve_model(self.models[role])
+            self.policies[role] = RoleEngine(role, path, self.learner, self.world_size, self.device)
         self.activate(self.roles[0])
         return {"rank": self.rank, "device": str(self.device), "bf16": self.policies[self.roles[0]].bf16}
 
@@ -84,7 +96,7 @@ class LearnerWorkerImpl:
         """Make `role` resident on the device; with offload_inactive, the other roles go to host memory."""
         self._policy(role)
         self.active = role
-        if not self.cfg.learner.offload_inactive:
+        if not self.learner.offload_inactive:
             return
         for name, pol in self.policies.items():
             if name != role:
@@ -114,7 +126,7 @@ class LearnerWorkerImpl:
         pol = self._policy(role)
         if self.active != role:
             self.activate(role)
-        return step.train_step(pol, experiences, lam, objective, self.cfg.learner, self.rank, self.world_size,
+        return step.train_step(pol, experiences, lam, objective, self.learner, self.rank, self.world_size,
                                self.device)
 
     # ------------------------------------------------------------------------------------------ weights
@@ -133,7 +145,7 @@ class LearnerWorkerImpl:
 
     def _transport(self, role: str, kind: str):
         if (role, kind) not in self.transports:
-            self.transports[(role, kind)] = make_transport(kind, self.cfg.weight_sync.bucket_mb, device=self.device)
+            self.transports[(role, kind)] = make_transport(kind, self.weight_sync.bucket_mb, device=self.device)
         return self.transports[(role, kind)]
 
     def publish(self, role: str, transport_kind: str | None = None, form: str = "full"):
@@ -152,11 +164,11 @@ class LearnerWorkerImpl:
                 for _ in params:
                     pass
                 return None
-            kind = transport_kind or self.cfg.weight_sync.transport
+            kind = transport_kind or self.weight_sync.transport
             bundle = self._transport(role, kind).publish(pol.version, params)
         bundle.meta.update(role=role, form=form)
         if form == "adapter":
-            lc = self.cfg.learner.lora
+            lc = self.learner.lora
             bundle.meta["lora"] = {"rank": lc.rank, "alpha": lc.alpha, "target_modules": list(lc.target_modules)}
         return bundle
 
@@ -166,7 +178,7 @@ class LearnerWorkerImpl:
 
         import ray
 
-        ws = self.cfg.weight_sync
+        ws = self.weight_sync
         rdv = self._transport(role, "collective").open(ray.util.get_node_ip_address(), world, generation,
                                                         ws.timeout_s, ws.backend)
         return dataclasses.asdict(rdv)
