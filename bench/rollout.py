@@ -28,8 +28,8 @@ class LocalSearch:
     """The search env's service in this process, with the agent's `search(query, topk)` shape."""
 
     def __init__(self, search_cfg):
-        from piplay_ray.actors.search_env import SearchService
         from piplay_ray.retrieval import make_retriever
+        from piplay_ray.search_service import SearchService
 
         c = search_cfg
         self.service = SearchService(make_retriever(c), c.topk, c.max_topk, c.max_query_chars,

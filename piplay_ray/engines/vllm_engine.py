@@ -2,13 +2,9 @@
 
 vLLM's `AsyncLLM` runs on its own event loop in a background thread, so the engine serves coroutines from
 any loop (a Ray async actor, a test, a script) and many trajectories share one batch while others wait on
-search. Weight updates never pass tensors through vLLM's RPC (it msgspec-serialises them): either every
-worker process receives a collective broadcast itself (`areceive_weights`: the RPC carries only a small
-ticket, the worker joins its role's group at rank ticket rank + its own rank, so tensor-parallel workers take
-distinct ranks), or, for the object store, the tensors are written once to a safetensors file in shared
-memory (in the dtype they arrive in) and the worker maps it. After the reload, the CPU backend's prepacked GEMM handle of every `VocabParallelEmbedding` (embedding and LM head) is
-rebuilt, since `reload_weights` only repacks the linear layers (DESIGN.md section 4), and the prefix cache is
-reset so that no KV computed with old weights is reused.
+search. A weight update waits until no request runs, has every worker process load the new weights
+(vllm_weights.py: from a collective broadcast, or from a file in shared memory for the object store), then
+resets the prefix cache so that no KV computed with old weights is reused.
 
 With `lora` it serves LoRA and a sync moves only the adapter (vllm_lora.py).
 """
@@ -17,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
 import threading
 import uuid
 from collections.abc import Iterable
@@ -26,74 +21,10 @@ import torch
 
 from piplay_ray.engines import adapter, named_tensors
 from piplay_ray.engines.base import Engine, Generation, SamplingSpec, TopK
-from piplay_ray.engines.vllm_lora import AdapterReceiving, LoraServing, shm_dir
-from piplay_ray.learner.weight_sync.collective import Receiver
+from piplay_ray.engines.vllm_lora import LoraServing
+from piplay_ray.engines.vllm_weights import WeightLoader, write_shared
 
 GiB = 1 << 30
-
-
-class WeightLoader(AdapterReceiving):
-    """vLLM worker extension (mixed into the worker class): reload weights in place, from a shared-memory
-    file or from the role's collective broadcast."""
-
-    def _piplay_load(self, weights) -> int:
-        from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
-        from vllm.platforms import current_platform
-
-        count = 0
-
-        def counted():
-            nonlocal count
-            for item in weights:
-                count += 1
-                yield item
-
-        self.reload_weights(weights_iterator=counted())
-        if current_platform.is_cpu():
-            from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
-            for module in self.model_runner.get_model().modules():
-                if isinstance(module, VocabParallelEmbedding) and hasattr(module, "weight"):
-                    dispatch_cpu_unquantized_gemm(module, remove_weight=False)
-        return count
-
-    def piplay_reload(self, path: str) -> int:
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            return self._piplay_load((n, f.get_tensor(n)) for n in list(f.keys()))
-
-    def _piplay_rx(self) -> Receiver:
-        import torch
-        from vllm.platforms import current_platform
-
-        if getattr(self, "_piplay_receiver", None) is None:
-            device = torch.device("cpu") if current_platform.is_cpu() else self.device
-            self._piplay_receiver = Receiver(device)
-        return self._piplay_receiver
-
-    def piplay_receive(self, ticket: dict) -> list[int]:
-        """Receive one collective sync as rank `ticket['rank'] + self.rank`; returns [version, tensors]."""
-        rx = self._piplay_rx()
-        n = self._piplay_load(rx.receive(ticket, rank_offset=self.rank))
-        return [rx.version, n]
-
-
-def write_shared(weights: Iterable[tuple[str, torch.Tensor]], folder: str | None = None) -> str:
-    """Save tensors to one safetensors file in shared memory (tensors sharing storage are copied)."""
-    from safetensors.torch import save_file
-
-    seen, tensors = set(), {}
-    for name, t in weights:
-        t = t.detach().to("cpu").contiguous()
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        tensors[name] = t.clone() if key in seen else t
-        seen.add(key)
-    folder = folder or shm_dir()
-    fd, path = tempfile.mkstemp(prefix="piplay-weights-", suffix=".safetensors", dir=folder)
-    os.close(fd)
-    save_file(tensors, path)
-    return path
 
 
 class VLLMEngine(LoraServing, Engine):
