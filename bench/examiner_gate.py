@@ -8,7 +8,8 @@ and each trajectory is built into a task and gated exactly as the driver does.
 
     python bench/examiner_gate.py [--config configs/local.yaml] [--model DIR] [--n 48] [--temperature T]
 
-Prints one JSON line: pass rate, each gate flag's failure share, answers and questions written, seconds.
+Prints one JSON line: pass rate, each gate flag's failure share, answers and questions written, searches per
+attempt (overall and by hop target: an examiner asked for h hops should search h - 1 times), seconds.
 """
 
 from __future__ import annotations
@@ -78,7 +79,12 @@ def main() -> int:
                       "pass_rate": round(passed / len(tasks), 4),
                       "fail_share": {k: round(v, 4) for k, v in gate_failures(tasks).items()},
                       "with_question": sum(bool(t.question) for t in tasks),
-                      "with_answer": sum(bool(t.answer) for t in tasks), "seconds": round(seconds, 1)}))
+                      "with_answer": sum(bool(t.answer) for t in tasks),
+                      "searches_per_attempt": round(sum(len(t.qcp) for t in tasks) / len(tasks), 3),
+                      "searches_by_hop_target": {h: round(sum(len(t.qcp) for t in tasks if t.hops == h)
+                                                          / max(1, sum(t.hops == h for t in tasks)), 3)
+                                                 for h in sorted({t.hops for t in tasks})},
+                      "seconds": round(seconds, 1)}))
     return 0
 
 

@@ -4,11 +4,12 @@
 response, followed by the student's response ids. Two ways answer a job with the same rows: an engine's
 `prompt_topk` (prompt logprobs; the tail from the K logprobs, `rows_from_topk`), used by the teacher's vLLM
 backend and by the student's engines under `teacher.backend: shared`, and a batched forward of a transformers
-model (`score_batched`, the exact tail). `fill` puts the answers back in trajectory order.
+model (`score_batched`, the exact tail; a context shared by several responses computed once). `fill` puts the answers back in trajectory order.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -73,35 +74,35 @@ def rows_from_topk(top: TopK, mask: Sequence[int], tail: bool) -> T.Scores:
 @torch.inference_mode()
 def score_batched(model, pad_id: int, device, jobs: Sequence[Job], k: int, tail: bool,
                   max_batch_tokens: int) -> list[T.Scores]:
-    """Batched forward over left-padded sequences (at most `max_batch_tokens` per batch), keeping only the
-    logits that predict response tokens."""
+    """The rows of `jobs` from a transformers model, each shared context computed once: the G responses of a
+    task share its privileged context, so the context runs once, its key/value cache is repeated for the
+    responses, and those run side by side, right-padded (causal attention: no response sees the padding
+    after it), at most `max_batch_tokens` response tokens a forward. Response token j is predicted by the
+    position before it: the context's last position for j = 0, the response's own j - 1 after that."""
     results: list[T.Scores | None] = [None] * len(jobs)
-    order = sorted(range(len(jobs)), key=lambda i: len(jobs[i].ids))
-    batch: list[int] = []
+    shared: dict[tuple[int, ...], list[int]] = {}
+    for i, job in enumerate(jobs):
+        shared.setdefault(tuple(job.ids[:job.start]), []).append(i)
 
-    def flush():
-        if not batch:
-            return
-        L = max(len(jobs[i].ids) for i in batch)
-        R = max(len(jobs[i].ids) - jobs[i].start for i in batch)
-        ids = torch.full((len(batch), L), pad_id, dtype=torch.long)
-        attn = torch.zeros((len(batch), L), dtype=torch.long)
-        for row, i in enumerate(batch):
-            s = jobs[i].ids
-            ids[row, L - len(s):] = torch.tensor(s)
-            attn[row, L - len(s):] = 1
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
-                       logits_to_keep=R + 1).logits
-        for row, i in enumerate(batch):
-            r = len(jobs[i].ids) - jobs[i].start
-            # the last kept position predicts past the sequence; response token j is predicted just before it
-            results[i] = T.topk_from_logits(logits[row, -(r + 1):-1], jobs[i].mask, k, tail)
-        batch.clear()
+    def run(context_out, chunk: list[int]) -> None:
+        R = max(len(jobs[i].ids) - jobs[i].start for i in chunk)
+        ids = torch.full((len(chunk), R), pad_id, dtype=torch.long)
+        for row, i in enumerate(chunk):
+            ids[row, : len(jobs[i].ids) - jobs[i].start] = torch.tensor(jobs[i].ids[jobs[i].start:])
+        cache = copy.deepcopy(context_out.past_key_values)
+        cache.batch_repeat_interleave(len(chunk))
+        logits = model(input_ids=ids.to(device), past_key_values=cache).logits
+        for row, i in enumerate(chunk):
+            rows = torch.cat([context_out.logits[0, -1:], logits[row, : len(jobs[i].ids) - jobs[i].start - 1]])
+            results[i] = T.topk_from_logits(rows, jobs[i].mask, k, tail)
 
-    for i in order:
-        if batch and (len(batch) + 1) * len(jobs[i].ids) > max_batch_tokens:
-            flush()
-        batch.append(i)
-    flush()
+    for context, members in shared.items():
+        out = model(input_ids=torch.tensor([context], device=device), use_cache=True, logits_to_keep=1)
+        chunk: list[int] = []
+        for i in sorted(members, key=lambda i: len(jobs[i].ids) - jobs[i].start):
+            if chunk and (len(chunk) + 1) * (len(jobs[i].ids) - jobs[i].start) > max_batch_tokens:
+                run(out, chunk)
+                chunk = []
+            chunk.append(i)
+        run(out, chunk)
     return results  # type: ignore[return-value]

@@ -126,15 +126,18 @@ def test_context_is_question_plus_qcp(hf):
     assert seq[start:] == traj.response_ids and start == len(ctx)
 
 
-def test_teacher_scores_equal_plain_forward(hf, tiny_model):
+@pytest.mark.parametrize("max_batch_tokens", [700, 60])
+def test_teacher_scores_equal_plain_forward(hf, tiny_model, max_batch_tokens):
+    """Groups of responses to one task share its context (computed once); 60 tokens a forward splits a
+    group's responses over several forwards."""
     from piplay_ray.actors.teacher import TeacherImpl
 
     tok, model = hf
-    tasks = [_task(i) for i in range(4)]
+    tasks = [_task(0), _task(1), _task(1), _task(1), _task(2), _task(2)]
     trajs = _trajectories(tok, tasks)
-    teacher = TeacherImpl.from_config(tiny_model, _cfg(), max_batch_tokens=700)  # forces more than one batch
+    teacher = TeacherImpl.from_config(tiny_model, _cfg(), max_batch_tokens=max_batch_tokens)
     scores = asyncio.run(teacher.score(trajs, tasks))
-    assert len(scores) == 4
+    assert len(scores) == 6
     for task, traj, (ids, lps, tails) in zip(tasks, trajs, scores, strict=True):
         ref_lp, ref_ids = _reference(model, tok, task, traj, 8)
         assert len(ids) == len(traj.response_ids)
