@@ -247,7 +247,7 @@ def resolve_model(spec: str) -> str:
 
         if warmup.recipe_name(spec):
             raise UserInputError(f"{spec} is a warm start of both roles: `piplay train` builds and uses it; "
-                             "`piplay warmup --config F` builds it and prints each role's folder")
+                                 "`piplay warmup --config F` builds it and prints each role's folder")
     return _resolve(spec, BUILTIN_MODELS, "model")
 
 

@@ -1,9 +1,9 @@
 """The run summary: is the method at work? Computed from a run directory's files (pure, no Ray).
 
 Read from `metrics.jsonl` (training-time rates, averaged over the logged steps; the gate pass rate pooled
-over every examiner attempt: its training steps and the attempts that wrote the task sets) and the greedy evaluations
-under `eval/` (held-out EM before and after training, with its standard error sqrt(p(1-p)/n)). The driver
-writes it to `summary.json` and the console at the end; the dashboard recomputes it live.
+over every examiner attempt: its training steps and the attempts that wrote the task sets) and the greedy
+evaluations under `eval/` (held-out EM before and after training, with its standard error sqrt(p(1-p)/n)).
+The driver writes it to `summary.json` and the console at the end; the dashboard recomputes it live.
 """
 
 from __future__ import annotations
