@@ -49,14 +49,14 @@ def main() -> int:
     teacher = TeacherImpl.from_config(cfg.model.path_for("teacher"), cfg)
     asyncio.run(teacher.score(*steps[0]))  # warm-up
     t0 = time.perf_counter()
-    whole = shared = 0
     for trajs, tasks in steps:
         asyncio.run(teacher.score(trajs, tasks))
+    seconds = time.perf_counter() - t0
+    whole = shared = 0
+    for trajs, tasks in steps:
         jobs, _, _ = teacher_scoring.plan(teacher.tokenizer, teacher.tcfg, teacher.max_len, teacher.seed, trajs, tasks)
         whole += sum(len(j.ids) for j in jobs)
-        contexts = {tuple(j.ids[: j.start]) for j in jobs}
-        shared += sum(len(j.ids) - j.start for j in jobs) + sum(len(c) for c in contexts)
-    seconds = time.perf_counter() - t0
+        shared += sum(j.response_len for j in jobs) + sum(len(c) for c in {tuple(j.ids[: j.start]) for j in jobs})
     n = sum(len(t) for t, _ in steps)
     print(json.dumps({"bench": "teacher_scoring", "run": str(run), "steps": len(steps), "trajectories": n,
                       "threads": args.threads, "seconds": round(seconds, 2),

@@ -4,7 +4,8 @@
 response, followed by the student's response ids. Two ways answer a job with the same rows: an engine's
 `prompt_topk` (prompt logprobs; the tail from the K logprobs, `rows_from_topk`), used by the teacher's vLLM
 backend and by the student's engines under `teacher.backend: shared`, and a batched forward of a transformers
-model (`score_batched`, the exact tail; a context shared by several responses computed once). `fill` puts the answers back in trajectory order.
+model (`score_batched`, the exact tail; a context shared by several responses computed once). `fill` puts the
+answers back in trajectory order.
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ class Job:
     ids: list[int]  # teacher context + the student's response
     start: int  # first response token
     mask: Sequence[int]
+
+    @property
+    def response_len(self) -> int:
+        return len(self.ids) - self.start
 
 
 def plan(tokenizer, tcfg, max_len: int, seed: int, trajectories: Sequence[Trajectory],
@@ -85,22 +90,21 @@ def score_batched(model, pad_id: int, device, jobs: Sequence[Job], k: int, tail:
         shared.setdefault(tuple(job.ids[:job.start]), []).append(i)
 
     def run(context_out, chunk: list[int]) -> None:
-        R = max(len(jobs[i].ids) - jobs[i].start for i in chunk)
-        ids = torch.full((len(chunk), R), pad_id, dtype=torch.long)
+        ids = torch.full((len(chunk), max(jobs[i].response_len for i in chunk)), pad_id, dtype=torch.long)
         for row, i in enumerate(chunk):
-            ids[row, : len(jobs[i].ids) - jobs[i].start] = torch.tensor(jobs[i].ids[jobs[i].start:])
+            ids[row, : jobs[i].response_len] = torch.tensor(jobs[i].ids[jobs[i].start:])
         cache = copy.deepcopy(context_out.past_key_values)
         cache.batch_repeat_interleave(len(chunk))
         logits = model(input_ids=ids.to(device), past_key_values=cache).logits
         for row, i in enumerate(chunk):
-            rows = torch.cat([context_out.logits[0, -1:], logits[row, : len(jobs[i].ids) - jobs[i].start - 1]])
+            rows = torch.cat([context_out.logits[0, -1:], logits[row, : jobs[i].response_len - 1]])
             results[i] = T.topk_from_logits(rows, jobs[i].mask, k, tail)
 
     for context, members in shared.items():
         out = model(input_ids=torch.tensor([context], device=device), use_cache=True, logits_to_keep=1)
         chunk: list[int] = []
-        for i in sorted(members, key=lambda i: len(jobs[i].ids) - jobs[i].start):
-            if chunk and (len(chunk) + 1) * (len(jobs[i].ids) - jobs[i].start) > max_batch_tokens:
+        for i in sorted(members, key=lambda i: jobs[i].response_len):
+            if chunk and (len(chunk) + 1) * jobs[i].response_len > max_batch_tokens:
                 run(out, chunk)
                 chunk = []
             chunk.append(i)
