@@ -198,3 +198,22 @@ def test_transformers_update_weights_rejects_bad_input(tiny_model):
     name, p = next(iter(engine.model.named_parameters()))
     with pytest.raises(ValueError):
         engine.update_weights(1, [(name, torch.zeros(p.shape[0] + 1))])
+
+
+def test_shared_weight_files_of_dead_writers_are_swept(tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from piplay_ray.engines.vllm_weights import sweep_orphans, write_shared
+
+    mine = write_shared([("w", torch.arange(4.0))], folder=str(tmp_path))
+    assert torch.equal(load_file(mine)["w"], torch.arange(4.0))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"piplay-weights-{int(dead.stdout)}-x1.safetensors"  # a writer killed mid-sync
+    orphan.write_bytes(b"0" * 16)
+    other = tmp_path / "piplay-weights-notapid.safetensors"  # not ours to judge
+    other.write_bytes(b"0")
+    assert sweep_orphans(str(tmp_path)) == [str(orphan)]
+    assert {p.name for p in tmp_path.iterdir()} == {mine.rsplit("/", 1)[1], other.name}

@@ -166,6 +166,7 @@ def test_transformers_workers_spread(ray_session, tiny_model):
 @pytest.mark.parametrize("cores,workers,cpus,expected", [
     ({}, 1, 2, {"examiner": ["0"], "student": ["1"]}),  # one core each, spread
     ({"student": 2}, 1, 2, {"examiner": ["0"], "student": ["0-1"]}),  # the student's engine on both
+    ({"examiner": 2, "student": 2}, 1, 2, {"examiner": ["0-1"], "student": ["0-1"]}),  # each on both (local.yaml)
     ({}, 2, 4, {"examiner": ["0", "1"], "student": ["2", "3"]}),
     ({"student": 2}, 2, 4, {"examiner": ["0", "1"], "student": ["2-3", "0-1"]}),  # 3 + 2 > 4 cores: from 0
     ({}, 2, 2, {"examiner": ["0", "1"], "student": ["0", "1"]}),  # more engines than cores: they wrap

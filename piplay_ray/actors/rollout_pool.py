@@ -36,8 +36,8 @@ def _split(n_items: int, n_parts: int) -> list[range]:
 def cpu_core_binding(r: RolloutConfig, local: bool, role: str, index: int) -> dict[str, str]:
     """On one CPU machine (`local`: run.mode = local), vLLM binds every engine to the same first core (it
     reserves the next one); spreading the engines over the cores lets the examiner and student engines run
-    side by side. A role given more cores (`rollout.local_engine_cores`) binds a range of them: the student's
-    engine evaluates alone, while the others wait."""
+    side by side. A role given more cores (`rollout.local_engine_cores`) binds a range of them: an engine that
+    runs alone (the evaluation, or every phase of a synchronous loop, `replay.max_staleness` 0) uses them all."""
     if (not local or r.engine != "vllm" or r.num_gpus_per_worker
             or os.environ.get("VLLM_CPU_OMP_THREADS_BIND")):
         return {}

@@ -22,7 +22,7 @@ import torch
 from piplay_ray.engines import adapter, named_tensors
 from piplay_ray.engines.base import Engine, Generation, SamplingSpec, TopK
 from piplay_ray.engines.vllm_lora import LoraServing
-from piplay_ray.engines.vllm_weights import WeightLoader, write_shared
+from piplay_ray.engines.vllm_weights import WeightLoader, sweep_orphans, write_shared
 
 GiB = 1 << 30
 
@@ -35,6 +35,7 @@ class VLLMEngine(LoraServing, Engine):
         from vllm import AsyncEngineArgs
         from vllm.platforms import current_platform
 
+        sweep_orphans()  # what engines killed mid-sync left in this host's shared memory
         on_cpu = current_platform.is_cpu()
         args = dict(
             model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len, max_num_seqs=max_num_seqs,

@@ -16,6 +16,7 @@ section 4).
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 
@@ -72,6 +73,9 @@ class WeightLoader(AdapterReceiving):
         return [rx.version, n]
 
 
+SHARED_PREFIX = "piplay-weights-"  # + the writer's pid: `sweep_orphans` knows whose file it is
+
+
 def write_shared(weights: Iterable[tuple[str, torch.Tensor]], folder: str | None = None) -> str:
     """Save tensors to one safetensors file in shared memory (tensors sharing storage are copied)."""
     from safetensors.torch import save_file
@@ -83,7 +87,36 @@ def write_shared(weights: Iterable[tuple[str, torch.Tensor]], folder: str | None
         tensors[name] = t.clone() if key in seen else t
         seen.add(key)
     folder = folder or shm_dir()
-    fd, path = tempfile.mkstemp(prefix="piplay-weights-", suffix=".safetensors", dir=folder)
+    fd, path = tempfile.mkstemp(prefix=f"{SHARED_PREFIX}{os.getpid()}-", suffix=".safetensors", dir=folder)
     os.close(fd)
     save_file(tensors, path)
     return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_orphans(folder: str | None = None) -> list[str]:
+    """Delete the weight files of writers that are gone. The writer deletes its file after each sync, but
+    one killed mid-sync (a run killed or out of memory) leaves a model's size of shared memory held until
+    reboot; every engine start on the host sweeps them. Returns the deleted paths."""
+    folder = folder or shm_dir()
+    pattern = re.compile(re.escape(SHARED_PREFIX) + r"(\d+)-.*\.safetensors")
+    gone = []
+    for name in os.listdir(folder):
+        m = pattern.fullmatch(name)
+        if m and not _alive(int(m[1])):
+            path = os.path.join(folder, name)
+            try:
+                os.unlink(path)
+                gone.append(path)
+            except FileNotFoundError:  # another engine swept it first
+                pass
+    return gone
