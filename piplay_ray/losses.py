@@ -160,8 +160,13 @@ def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
 
 
 def _log1mexp(x: Tensor) -> Tensor:
-    """log(1 - exp(x)) for x < 0, stable at both ends."""
-    return torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    """log(1 - exp(x)) for x < 0, stable at both ends. Each branch sees only the inputs it is chosen for (a
+    safe -1 elsewhere): `where` passes zero gradient to the other branch, but zero times its infinite
+    derivative is NaN — log1p(-exp(x)) for x within fp32 rounding of 0 — and one NaN skips a learner step."""
+    near = x > -math.log(2.0)
+    safe = torch.full_like(x, -1.0)
+    return torch.where(near, torch.log(-torch.expm1(torch.where(near, x, safe))),
+                       torch.log1p(-torch.exp(torch.where(near, safe, x))))
 
 
 def topk_reverse_kl(student_lp_at_ids: Tensor, teacher_lp: Tensor, teacher_tail: Tensor | None = None) -> Tensor:

@@ -214,6 +214,19 @@ def test_distillation_term_reaches_the_learner_loss(one, tiny_model):
     m = one.train_step("student", exps, lam=0.5)
     assert m["loss"] == pytest.approx(want.item(), rel=1e-4) and abs(want.item() - plain.item()) > 1e-3
     assert m["distill_kl"] == pytest.approx(want_m["distill_kl"], rel=1e-4)
+    assert m["skipped_step"] == 0
+
+
+def test_a_step_with_non_finite_gradients_is_reported_skipped(one):
+    """DeepSpeed leaves the weights as they were when a gradient is not finite; the step says so."""
+    before = one.state_dict("student")
+    exps = _batch("student", seed=6)
+    exps[0].advantage = float("nan")
+    m = one.train_step("student", exps)
+    assert m["skipped_step"] == 1
+    for n, t in one.state_dict("student").items():
+        assert torch.equal(t, before[n]), n
+    assert one.train_step("student", _batch("student", seed=7))["skipped_step"] == 0
 
 
 def test_two_rank_zero2_save_load_is_exact(two, tmp_path):

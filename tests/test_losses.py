@@ -179,6 +179,27 @@ def test_distill_topk_independent(tail):
     assert m["teacher_top1_mismatch"] == pytest.approx(np.mean(top1))
 
 
+@pytest.mark.parametrize("top", [-3e-8, -1e-8, -1e-10, -1e-6, -0.5, -3.0])
+def test_distill_tail_gradient_is_finite_when_the_student_is_sure(top):
+    """A confident student holds all but a sliver of its mass on the teacher's top-K: when 1 - mass is within
+    fp32 rounding of 0, the tail bucket's log(1 - mass) had an infinite derivative in the unused branch, the
+    gradient became NaN and DeepSpeed skipped the whole learner step. Against float64 autograd of the K + 1
+    buckets written out (tail = 1 - the K ids' mass)."""
+    s32 = torch.tensor([[top, -25.0]])  # the student's logprobs at the teacher's two ids
+    t_lp, t_tail = torch.log(torch.tensor([[0.9, 0.05]])), math.log(0.05)
+    s = s32.clone().requires_grad_(True)
+    kl = losses.topk_reverse_kl(s, t_lp, torch.tensor([t_tail]))
+    kl.sum().backward()
+    s64 = s32.double().requires_grad_(True)
+    p = s64.exp()
+    tail = 1 - p.sum(-1)
+    ref = (p * (s64 - t_lp.double())).sum(-1) + tail * (tail.log() - t_tail)
+    ref.sum().backward()
+    assert torch.isfinite(s.grad).all()
+    assert kl.item() == pytest.approx(ref.item(), rel=1e-4, abs=1e-6)
+    assert torch.allclose(s.grad.double(), s64.grad, rtol=1e-2, atol=1e-5)  # fp32 log-mass within 1e-10 of 0
+
+
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean"])
 def test_masked_positions_get_exactly_zero_gradient(aggregation):
     b = losses.collate(_batch(), pad_id=0)

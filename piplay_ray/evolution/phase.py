@@ -13,6 +13,7 @@ import time
 
 from tqdm import tqdm
 
+from piplay_ray.console import say
 from piplay_ray.evolution.steps import mean
 from piplay_ray.fault import describe, is_actor_failure
 from piplay_ray.metrics import learner_metrics
@@ -78,6 +79,9 @@ class Phase:
                   "learner/step_seconds": step_s, "learner/idle_frac": waited / (waited + step_s),
                   "learner/groups": len(groups), "learner/version": policy.version,
                   "learner/min_experience_version": oldest}, role)
+        if m.get("skipped_step"):
+            say(f"{role} learner step {st.global_step}: gradients not finite, the update was skipped "
+                "(learner/skipped_step)")
         await book.after_step()
         if self.eval_every and policy.version % self.eval_every == 0:  # a learning curve (piplay experiment)
             await loop.evaluate(step_eval_name(policy.version))

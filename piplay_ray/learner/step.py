@@ -83,6 +83,7 @@ def train_step(pol: RoleEngine, experiences: list[Experience], lam: float, objec
                 sums[k] = sums.get(k, 0.0) + v * w
     lr = float(pol.scheduler.get_last_lr()[0])  # the rate this step uses (warm-up moves it after the step)
     engine.step()
+    skipped = not engine.was_step_applied()  # non-finite gradients: DeepSpeed leaves the weights as they were
     step_s = time.perf_counter() - t0
     pol.version += 1
     pol.trained.extend(dict.fromkeys(e.group_id for e in experiences))
@@ -100,5 +101,5 @@ def train_step(pol: RoleEngine, experiences: list[Experience], lam: float, objec
     out.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                lr=lr, step_time_s=step_s, tokens_per_s=seen / step_s,
                total_tokens=float(seen), micro_batches=float(len(mine) * world_size),
-               sequences=float(len(experiences)), version=float(pol.version))
+               sequences=float(len(experiences)), version=float(pol.version), skipped_step=float(skipped))
     return out
