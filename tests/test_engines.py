@@ -203,6 +203,7 @@ def test_transformers_update_weights_rejects_bad_input(tiny_model):
 def test_shared_weight_files_of_dead_writers_are_swept(tmp_path):
     import subprocess
     import sys
+    from pathlib import Path
 
     from safetensors.torch import load_file
 
@@ -216,4 +217,4 @@ def test_shared_weight_files_of_dead_writers_are_swept(tmp_path):
     other = tmp_path / "piplay-weights-notapid.safetensors"  # not ours to judge
     other.write_bytes(b"0")
     assert sweep_orphans(str(tmp_path)) == [str(orphan)]
-    assert {p.name for p in tmp_path.iterdir()} == {mine.rsplit("/", 1)[1], other.name}
+    assert {p.name for p in tmp_path.iterdir()} == {Path(mine).name, other.name}
