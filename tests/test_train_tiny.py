@@ -49,7 +49,7 @@ def test_every_phase_logs_metrics(tiny_run):
 
 
 def test_no_experience_beyond_the_staleness_bound(tiny_run):
-    bound = 1  # configs/tiny.yaml inherits replay.max_staleness = 1
+    bound = 1  # configs/tiny.yaml: replay.max_staleness = 1
     for r in metrics(tiny_run.dir):
         if "learner/version" in r:
             # trained on experiences of version >= (version before the step) - bound
