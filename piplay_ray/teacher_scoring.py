@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from piplay_ray import privileged
+from piplay_ray import heap, privileged
 from piplay_ray import teacher as T
 from piplay_ray.engines.base import TopK
 from piplay_ray.records import Task, Trajectory
@@ -109,4 +109,5 @@ def score_batched(model, pad_id: int, device, jobs: Sequence[Job], k: int, tail:
                 chunk = []
             chunk.append(i)
         run(out, chunk)
+    heap.release()  # the forwards' activations, while the learner works
     return results  # type: ignore[return-value]

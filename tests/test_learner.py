@@ -15,6 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from piplay_ray.config import load_config
+from piplay_ray.learner import batching
 from piplay_ray.learner import checkpoint as ck
 from piplay_ray.learner.learner import LearnerGroup
 from piplay_ray.losses import collate, compute_loss
@@ -30,13 +31,16 @@ def _cfg(tiny_model, **over):
     return load_config("configs/tiny.yaml", [f"{k}={v}" for k, v in keys.items()])
 
 
-def _batch(role: str, seed: int, n: int = 5) -> list[Experience]:
+def _batch(role: str, seed: int, n: int = 5, head: int = 0) -> list[Experience]:
+    """`n` random experiences; their prompts open with the same `head` tokens (shared instructions)."""
     rng = random.Random(seed)
+    common = [rng.randrange(5, 2000) for _ in range(head)]
     out = []
     for i in range(n):
         p, r = rng.randint(4, 12), rng.randint(6, 30)
         mask = [0 if 3 <= j < 6 else 1 for j in range(r)]  # an inserted <information> span
-        out.append(Experience(group_id=f"g{i // 2}", role=role, prompt_ids=[rng.randrange(5, 2000) for _ in range(p)],
+        out.append(Experience(group_id=f"g{i // 2}", role=role,
+                              prompt_ids=common + [rng.randrange(5, 2000) for _ in range(p)],
                               response_ids=[rng.randrange(5, 2000) for _ in range(r)], mask=mask,
                               logprobs=[(-rng.uniform(2, 8)) * m for m in mask], reward=float(i % 2),
                               advantage=(1.0 if i % 2 else -0.8) + 0.1 * i, version=0))
@@ -116,13 +120,17 @@ def test_step_lowers_loss_and_touches_only_its_role(one, tiny_model):
 
 
 def test_zero2_two_ranks_equal_one_rank_and_plain_torch(one, two, tiny_model):
-    """`one`'s examiner and `two`'s student both start from the base model; same global batch, 2 steps."""
+    """`one`'s examiner and `two`'s student both start from the base model; same global batch, 2 steps.
+    The prompts share 20 leading tokens: `one` runs them once a micro-batch, `two` (gradient checkpointing)
+    runs every row whole."""
     cfg, pad = one.cfg, AutoTokenizer.from_pretrained(tiny_model).pad_token_id
-    exps = _batch("examiner", seed=2, n=7)
+    exps = _batch("examiner", seed=2, n=7, head=20)
     for _ in range(2):
         m_one = one.train_step("examiner", exps)
         m_two = two.train_step("student", [Experience(**{**e.__dict__, "role": "student"}) for e in exps])
-    assert m_two["micro_batches"] >= 2 and m_two["loss"] == pytest.approx(m_one["loss"], rel=1e-4)
+    unshared = len(batching.pack([e.num_tokens for e in exps], MB_TOKENS))
+    assert m_one["micro_batches"] < unshared <= m_two["micro_batches"]  # the shared prefix packed tighter
+    assert m_two["loss"] == pytest.approx(m_one["loss"], rel=1e-4)
     assert m_two["grad_norm"] == pytest.approx(m_one["grad_norm"], rel=1e-3)
     w1, w2 = one.state_dict("examiner"), two.state_dict("student")
     ref = _reference_step(_model(tiny_model), exps, pad, cfg, steps=2)

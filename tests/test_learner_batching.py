@@ -36,6 +36,25 @@ def test_plan_with_fewer_micro_batches_than_ranks_pads_with_fillers():
     assert plan == [[[0, 1]], [[]], [[]]]
 
 
+def test_rows_with_a_common_prefix_pack_tighter():
+    """Three 60-token sequences opening with the same 40 tokens: 40 + 3 * 20 = 100 fits a budget of 100,
+    where three padded rows would cost 180; a fourth without the prefix goes alone."""
+    head = list(range(100, 140))
+    seqs = [head + [i] * 20 for i in range(3)] + [[7] * 60]
+    shared = batching.common_prefix(seqs)
+    assert shared(0, 1) == 40 and shared(0, 3) == 0
+    assert shared(0, 0) == 59  # a sequence with itself: all but its last token
+    lengths = [len(s) for s in seqs]
+    assert batching.pack(lengths, 100, shared) == [[0, 1, 2], [3]]
+    assert batching.pack(lengths, 100) == [[0], [1], [2], [3]]
+    assert batching.cost([0, 1, 2], lengths, shared) == 100 and batching.cost([0, 1, 2], lengths) == 180
+
+
+def test_a_short_common_prefix_is_not_counted():
+    seqs = [[1] * (batching.MIN_SHARED - 1) + [2, 3], [1] * (batching.MIN_SHARED - 1) + [4, 5]]
+    assert batching.common_prefix(seqs)(0, 1) == 0
+
+
 @pytest.mark.parametrize("lengths,budget,ws", [([], 10, 1), ([3], 0, 1), ([3], 10, 0), ([0], 10, 1)])
 def test_bad_input_is_a_clear_error(lengths, budget, ws):
     with pytest.raises(ValueError):

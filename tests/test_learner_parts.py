@@ -142,6 +142,54 @@ def test_hidden_forward_matches_the_models_logits(tiny_model):
         torch.testing.assert_close(fwd.head(hidden), full, atol=1e-5, rtol=1e-5)
 
 
+def test_shared_prefix_forward_equals_the_full_forward(tiny_model):
+    """Rows that open with the same 20 tokens (then differ, with right padding): the prefix runs once and
+    the hidden states and every parameter's gradient equal those of the plain full forward."""
+    from transformers import AutoModelForCausalLM
+
+    from piplay_ray.learner.hidden import HiddenForward, shared_prefix
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).train()
+    V = model.config.vocab_size
+    prefix, lens = torch.randint(1, V, (20,)), [31, 27, 24]
+    ids, am = torch.zeros(3, 31, dtype=torch.long), torch.zeros(3, 31, dtype=torch.long)
+    for b, n in enumerate(lens):
+        ids[b, :20], ids[b, 20:n], am[b, :n] = prefix, torch.randint(1, V, (n - 20,)), 1
+    ids[1, 20] = ids[0, 20]  # two rows share one token more: the common prefix stays 20
+    assert shared_prefix(ids, am) == 20
+    weights = torch.rand(3, 31, V)
+
+    def run(share: bool):
+        model.zero_grad(set_to_none=True)
+        calls = []
+        hook = model.get_decoder().register_forward_hook(lambda m, a, kw, o: calls.append(kw["input_ids"].shape),
+                                                         with_kwargs=True)
+        fwd = HiddenForward(model, share_prefix=share)
+        hidden = fwd(model, {"input_ids": ids, "attention_mask": am})
+        ((fwd.head(hidden) * weights).sum(-1) * am).sum().backward()
+        hook.remove()
+        return hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, calls
+
+    h_full, g_full, calls_full = run(False)
+    h_shared, g_shared, calls_shared = run(True)
+    assert calls_full == [(3, 31)] and calls_shared == [(1, 20), (3, 11)]  # the prefix ran once
+    real = am.bool()
+    torch.testing.assert_close(h_shared[real], h_full[real], atol=1e-5, rtol=1e-5)
+    for name, g in g_full.items():
+        # float32 sums in another order: within a millionth of the gradient's own scale
+        torch.testing.assert_close(g_shared[name], g, atol=1e-6 * g.abs().max().item(), rtol=1e-4, msg=name)
+
+
+def test_no_shared_prefix_under_minimum_or_for_one_row():
+    from piplay_ray.learner.hidden import shared_prefix
+
+    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 9, 9]])
+    assert shared_prefix(ids, torch.ones_like(ids)) == 2
+    # every row keeps a token of its own: identical rows share all but their last real token
+    assert shared_prefix(torch.tensor([[1, 2, 3, 0], [1, 2, 3, 0]]), torch.tensor([[1, 1, 1, 0]] * 2)) == 2
+
+
 def test_optimizer_is_fused_adam_only_where_offload_needs_it(monkeypatch):
     """ZeRO-3 offloads only DeepSpeed's FusedAdam (seen on an H200); where its kernel cannot load, the learner
     stops naming the setting instead of silently keeping both roles on the GPU."""

@@ -81,7 +81,7 @@ class RoleEngine:
         opt = make_optimizer([p for p in model.parameters() if p.requires_grad], lc, device)
         sched = make_scheduler(opt, lc.lr_warmup_steps)
         self.bf16 = use_bf16(lc.bf16, device)
-        self.forward = HiddenForward(model)  # hooks the module before DeepSpeed wraps it
+        self.forward = HiddenForward(model, share_prefix=not lc.gradient_checkpointing)  # before DeepSpeed wraps it
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=ds_config(lc, world_size, self.bf16))
         self.offloaded = False

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 
+from piplay_ray import heap
 from piplay_ray.config import LearnerConfig
 from piplay_ray.learner import batching
 from piplay_ray.learner.role_engine import RoleEngine
@@ -54,7 +55,9 @@ def train_step(pol: RoleEngine, experiences: list[Experience], lam: float, objec
         normalizer = float(sum(sum(e.mask) for e in experiences))
     if normalizer == 0:
         raise ValueError(f"train_step({role!r}): no experience has a trained (mask==1) token")
-    plan = batching.plan([e.num_tokens for e in experiences], lc.micro_batch_tokens, world_size)
+    shared = batching.common_prefix([e.prompt_ids + e.response_ids for e in experiences]) \
+        if pol.forward.share_prefix else None
+    plan = batching.plan([e.num_tokens for e in experiences], lc.micro_batch_tokens, world_size, shared)
     mine = plan[rank]
     engine = pol.engine
     engine.train()
@@ -102,4 +105,5 @@ def train_step(pol: RoleEngine, experiences: list[Experience], lam: float, objec
                lr=lr, step_time_s=step_s, tokens_per_s=seen / step_s,
                total_tokens=float(seen), micro_batches=float(len(mine) * world_size),
                sequences=float(len(experiences)), version=float(pol.version), skipped_step=float(skipped))
+    heap.release()  # the activations, while rollouts and the teacher work
     return out
