@@ -50,12 +50,12 @@ class HiddenForward:
         p = shared_prefix(ids, am) if self.share_prefix and len(ids) > 1 else 0
         if p >= MIN_SHARED:
             pre = call(input_ids=ids[:1, :p], attention_mask=am[:1, :p], use_cache=True, logits_to_keep=1)
-            head = self._take().expand(len(ids), -1, -1)
+            prefix = self._take().expand(len(ids), -1, -1)
             cache = pre.past_key_values
             cache.batch_repeat_interleave(len(ids))
             out = call(input_ids=ids[:, p:], attention_mask=am, past_key_values=cache, use_cache=False,
                        logits_to_keep=1)
-            hidden = torch.cat([head, self._take()], dim=1)
+            hidden = torch.cat([prefix, self._take()], dim=1)
         else:
             out = call(input_ids=ids, attention_mask=am, logits_to_keep=1)
             hidden = self._take()
