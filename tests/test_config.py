@@ -156,14 +156,3 @@ def test_cross_field_conflicts_are_refused(overrides, message):
         load_config(CONFIGS / "tiny.yaml", overrides)
     assert message in str(e.value) and "{'run'" not in str(e.value)  # the message, not the whole config
     load_config(CONFIGS / "tiny.yaml", ["replay.capacity_groups=8", "student.tasks_per_step=8"])
-
-
-def test_kv_cache_size_is_one_for_all_engines_or_per_role():
-    assert load_config(None, ["rollout.kv_cache_gib=3"]).rollout.kv_gib("examiner") == 3
-    r = load_config(None, ["rollout.kv_cache_gib={student: 2}"]).rollout
-    assert (r.kv_gib("student"), r.kv_gib("examiner")) == (2, 1)  # a role not named keeps the default
-    local = load_config(CONFIGS / "local.yaml").rollout
-    assert (local.kv_gib("student"), local.kv_gib("examiner")) == (2, 1)
-    with pytest.raises(ConfigError) as e:
-        load_config(None, ["rollout.kv_cache_gib={teacher: 2}"])
-    assert "`rollout.kv_cache_gib.teacher`: got 'teacher'; allowed values: 'examiner' or 'student'" in str(e.value)

@@ -46,7 +46,7 @@ class RolloutWorkerImpl:
         torch.set_num_threads(max(1, int(rollout.num_cpus_per_worker)))  # no oversubscription
         self.role, self.rollout, self.search = role, rollout, search
         r = rollout
-        self.engine = make_engine(r.engine, model_path, r, dtype=dtype, seed=seed, lora=lora, role=role)
+        self.engine = make_engine(r.engine, model_path, r, dtype=dtype, seed=seed, lora=lora)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.spec = SamplingSpec(max_tokens=r.max_tokens_per_turn, temperature=r.temperature, top_p=r.top_p)
         self.max_turns = dict(max_turns)

@@ -29,18 +29,17 @@ def named_tensors(weights: Any) -> Iterator[tuple[str, torch.Tensor]]:
 
 def make_engine(kind: str, model_path: str, rollout_cfg, dtype: str = "auto", seed: int = 0,
                 max_logprobs: int = 64, tensor_parallel_size: int | None = None,
-                gpu_memory_utilization: float | None = None, lora=None, role: str = "student") -> Engine:
+                gpu_memory_utilization: float | None = None, lora=None) -> Engine:
     """Build the engine named by `kind` ("vllm" or "transformers") with the `rollout` config section;
-    the teacher passes its own tensor-parallel size and GPU memory share. `role` picks the KV-cache size (the
-    teacher scores the student's tokens). `lora` (a `learner.lora` section): serve that adapter and take
-    adapter-only weight syncs where the engine can (`Engine.weight_form`)."""
+    the teacher passes its own tensor-parallel size and GPU memory share. `lora` (a `learner.lora` section):
+    serve that adapter and take adapter-only weight syncs where the engine can (`Engine.weight_form`)."""
     if kind == "vllm":
         from piplay_ray.engines.vllm_engine import VLLMEngine
 
         return VLLMEngine(model_path, dtype=dtype, seed=seed, max_model_len=rollout_cfg.max_model_len,
                           max_num_seqs=rollout_cfg.max_num_seqs,
                           gpu_memory_utilization=gpu_memory_utilization or rollout_cfg.gpu_memory_utilization,
-                          kv_cache_gib=rollout_cfg.kv_gib(role),
+                          kv_cache_gib=rollout_cfg.kv_cache_gib,
                           tensor_parallel_size=tensor_parallel_size or rollout_cfg.tensor_parallel_size,
                           enforce_eager=rollout_cfg.enforce_eager, max_logprobs=max_logprobs, lora=lora)
     if kind == "transformers":
