@@ -55,8 +55,8 @@ def train_step(pol: RoleEngine, experiences: list[Experience], lam: float, objec
         normalizer = float(sum(sum(e.mask) for e in experiences))
     if normalizer == 0:
         raise ValueError(f"train_step({role!r}): no experience has a trained (mask==1) token")
-    shared = batching.common_prefix([e.prompt_ids + e.response_ids for e in experiences]) \
-        if pol.forward.share_prefix else None
+    seqs = [e.prompt_ids + e.response_ids for e in experiences]
+    shared = batching.common_prefix(seqs) if pol.forward.share_prefix else None
     plan = batching.plan([e.num_tokens for e in experiences], lc.micro_batch_tokens, world_size, shared)
     mine = plan[rank]
     engine = pol.engine
