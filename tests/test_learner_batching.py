@@ -55,6 +55,20 @@ def test_a_short_common_prefix_is_not_counted():
     assert batching.common_prefix(seqs)(0, 1) == 0
 
 
+def test_a_micro_batch_prefix_is_what_all_its_rows_share():
+    """The forward runs `prefix` once: the shortest common run with the first row, 0 for one row or a
+    filler, and identical rows keep their last token each."""
+    head = list(range(100, 120))
+    seqs = [head + [1, 2, 3], head + [1, 2, 9], head + [5], head[:10] + [6] * 13, head + [1, 2, 3]]
+    shared = batching.common_prefix(seqs)
+    assert batching.prefix([0, 1], shared) == 22
+    assert batching.prefix([0, 1, 2], shared) == 20
+    assert batching.prefix([0, 3], shared) == 0  # 10 in common: under MIN_SHARED
+    assert batching.prefix([0, 4], shared) == 22  # identical rows: all but the last token
+    assert batching.prefix([2], shared) == 0 and batching.prefix([], shared) == 0
+    assert batching.prefix([0, 1], None) == 0
+
+
 @pytest.mark.parametrize("lengths,budget,ws", [([], 10, 1), ([3], 0, 1), ([3], 10, 0), ([0], 10, 1)])
 def test_bad_input_is_a_clear_error(lengths, budget, ws):
     with pytest.raises(ValueError):

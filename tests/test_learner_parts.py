@@ -147,7 +147,8 @@ def test_shared_prefix_forward_equals_the_full_forward(tiny_model):
     the hidden states and every parameter's gradient equal those of the plain full forward."""
     from transformers import AutoModelForCausalLM
 
-    from piplay_ray.learner.hidden import HiddenForward, shared_prefix
+    from piplay_ray.learner import batching
+    from piplay_ray.learner.hidden import HiddenForward
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).train()
@@ -157,7 +158,9 @@ def test_shared_prefix_forward_equals_the_full_forward(tiny_model):
     for b, n in enumerate(lens):
         ids[b, :20], ids[b, 20:n], am[b, :n] = prefix, torch.randint(1, V, (n - 20,)), 1
     ids[1, 20] = ids[0, 20]  # two rows share one token more: the common prefix stays 20
-    assert shared_prefix(ids, am) == 20
+    rows = [ids[b, :n].tolist() for b, n in enumerate(lens)]
+    p = batching.prefix([0, 1, 2], batching.common_prefix(rows))
+    assert p == 20
     weights = torch.rand(3, 31, V)
 
     def run(share: bool):
@@ -166,7 +169,7 @@ def test_shared_prefix_forward_equals_the_full_forward(tiny_model):
         hook = model.get_decoder().register_forward_hook(lambda m, a, kw, o: calls.append(kw["input_ids"].shape),
                                                          with_kwargs=True)
         fwd = HiddenForward(model, share_prefix=share)
-        hidden = fwd(model, {"input_ids": ids, "attention_mask": am})
+        hidden = fwd(model, {"input_ids": ids, "attention_mask": am}, p)
         ((fwd.head(hidden) * weights).sum(-1) * am).sum().backward()
         hook.remove()
         return hidden.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, calls
@@ -179,15 +182,6 @@ def test_shared_prefix_forward_equals_the_full_forward(tiny_model):
     for name, g in g_full.items():
         # float32 sums in another order: within a millionth of the gradient's own scale
         torch.testing.assert_close(g_shared[name], g, atol=1e-6 * g.abs().max().item(), rtol=1e-4, msg=name)
-
-
-def test_no_shared_prefix_under_minimum_or_for_one_row():
-    from piplay_ray.learner.hidden import shared_prefix
-
-    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 9, 9]])
-    assert shared_prefix(ids, torch.ones_like(ids)) == 2
-    # every row keeps a token of its own: identical rows share all but their last real token
-    assert shared_prefix(torch.tensor([[1, 2, 3, 0], [1, 2, 3, 0]]), torch.tensor([[1, 1, 1, 0]] * 2)) == 2
 
 
 def test_optimizer_is_fused_adam_only_where_offload_needs_it(monkeypatch):

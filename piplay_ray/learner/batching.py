@@ -53,9 +53,14 @@ def pack(lengths: Sequence[int], max_tokens: int, shared: Shared | None = None) 
     return groups
 
 
+def prefix(group: Sequence[int], shared: Shared | None) -> int:
+    """The leading tokens every row of a micro-batch has in common: what the forward runs once (0 for one row)."""
+    return min((shared(group[0], i) for i in group[1:]), default=0) if shared else 0
+
+
 def cost(group: Sequence[int], lengths: Sequence[int], shared: Shared | None = None) -> int:
     """Tokens through the model for one micro-batch: the common prefix once, every row's rest padded."""
-    s = min((shared(group[0], i) for i in group[1:]), default=0) if shared else 0
+    s = prefix(group, shared)
     return s + len(group) * (max(lengths[i] for i in group) - s)
 
 

@@ -7,7 +7,8 @@ ZeRO-3's parameter gathering and gradient checkpointing as they are.
 
 The rows of a micro-batch often begin with the same tokens (a GRPO group's prompt; the instructions every
 prompt of a role opens with): that prefix runs once, and the rest of every row attends to its keys and
-values — the same values and gradients as the full forward, for ~30% fewer tokens through the model.
+values — the same values and gradients as the full forward, for ~30% fewer tokens through the model. How
+long that prefix is, is the micro-batch planner's to say (`batching.prefix`): one rule for cost and run.
 """
 
 from __future__ import annotations
@@ -15,18 +16,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from piplay_ray.learner.batching import MIN_SHARED
-
-
-def shared_prefix(input_ids: Tensor, attention_mask: Tensor) -> int:
-    """Leading positions where every row has the same real token, leaving each row at least one of its own."""
-    same = (input_ids == input_ids[:1]).all(0) & attention_mask.bool().all(0)
-    return min(int(same.long().cumprod(0).sum()), int(attention_mask.sum(1).min()) - 1)
-
 
 class HiddenForward:
-    """`forward(call, batch)` -> final hidden states [B, T, H]; `head` maps them to logits. `share_prefix`
-    runs a common prefix once (off under gradient checkpointing, which keeps no key/value cache)."""
+    """`forward(call, batch, prefix)` -> final hidden states [B, T, H]; `head` maps them to logits.
+    `share_prefix` says whether a common prefix may run once (not under gradient checkpointing, which keeps
+    no key/value cache)."""
 
     def __init__(self, model: torch.nn.Module, share_prefix: bool = True):
         self.head = model.get_output_embeddings()
@@ -44,18 +38,19 @@ class HiddenForward:
             raise RuntimeError("the model's decoder did not run: cannot take its hidden states")
         return hidden
 
-    def __call__(self, call, batch: dict[str, Tensor]) -> Tensor:
-        """`call`: the model or its DeepSpeed engine (same module)."""
+    def __call__(self, call, batch: dict[str, Tensor], prefix: int = 0) -> Tensor:
+        """`call`: the model or its DeepSpeed engine (same module); `prefix`: leading tokens every row has in
+        common (right padding), run once when > 0."""
         ids, am = batch["input_ids"], batch["attention_mask"]
-        p = shared_prefix(ids, am) if self.share_prefix and len(ids) > 1 else 0
-        if p >= MIN_SHARED:
+        p = prefix if self.share_prefix else 0
+        if p > 0:
             pre = call(input_ids=ids[:1, :p], attention_mask=am[:1, :p], use_cache=True, logits_to_keep=1)
-            prefix = self._take().expand(len(ids), -1, -1)
+            before = self._take().expand(len(ids), -1, -1)
             cache = pre.past_key_values
             cache.batch_repeat_interleave(len(ids))
             out = call(input_ids=ids[:, p:], attention_mask=am, past_key_values=cache, use_cache=False,
                        logits_to_keep=1)
-            hidden = torch.cat([prefix, self._take()], dim=1)
+            hidden = torch.cat([before, self._take()], dim=1)
         else:
             out = call(input_ids=ids, attention_mask=am, logits_to_keep=1)
             hidden = self._take()

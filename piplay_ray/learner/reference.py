@@ -24,8 +24,8 @@ class Reference:
         self.forward = HiddenForward(self.model)
 
     @torch.no_grad()
-    def logprobs(self, batch: dict[str, Tensor], chunk_tokens: int) -> Tensor:
-        """log ref(sampled token) [B, T-1] at the trained positions (0 elsewhere)."""
-
-        hidden = self.forward(self.model, batch)
+    def logprobs(self, batch: dict[str, Tensor], chunk_tokens: int, prefix: int = 0) -> Tensor:
+        """log ref(sampled token) [B, T-1] at the trained positions (0 elsewhere); `prefix` as the policy's
+        forward (`HiddenForward`)."""
+        hidden = self.forward(self.model, batch, prefix)
         return masked_logprobs(hidden, batch, self.forward.head, chunk_tokens).float()

@@ -67,9 +67,10 @@ def train_step(pol: RoleEngine, experiences: list[Experience], lam: float, objec
         real = bool(mb)
         batch = collate([experiences[i] for i in (mb or [0])], pol.pad_id)  # filler: zero-weight copy
         batch = {k: v.to(device) for k, v in batch.items()}
+        prefix = batching.prefix(mb, shared)
         if objective == "rl" and pol.reference is not None:
-            batch["ref_logprobs"] = pol.reference.logprobs(batch, lc.loss.chunk_tokens)
-        hidden = pol.forward(engine, batch)
+            batch["ref_logprobs"] = pol.reference.logprobs(batch, lc.loss.chunk_tokens, prefix)
+        hidden = pol.forward(engine, batch, prefix)
         if objective == "sft":
             loss, metrics = sft_loss(hidden, batch, normalizer, pol.forward.head, lc.loss.chunk_tokens)
         else:
