@@ -7,8 +7,8 @@ ZeRO-3's parameter gathering and gradient checkpointing as they are.
 
 The rows of a micro-batch often begin with the same tokens (a GRPO group's prompt; the instructions every
 prompt of a role opens with): that prefix runs once, and the rest of every row attends to its keys and
-values — the same values and gradients as the full forward, for ~30% fewer tokens through the model. How
-long that prefix is, is the micro-batch planner's to say (`batching.prefix`): one rule for cost and run.
+values — the same values and gradients as the full forward, for ~30% fewer tokens through the model. The
+micro-batch planner says how long that prefix is (`batching.prefix`), so one rule sets both cost and run.
 """
 
 from __future__ import annotations
