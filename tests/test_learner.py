@@ -138,10 +138,11 @@ def test_zero2_two_ranks_equal_one_rank_and_plain_torch(one, two, tiny_model):
     for name, r in ref.items():
         moved = (r - base[name]).abs().max()
         assert moved > 0, name
-        # Adam moves each weight by ~lr per step, and more where a gradient is near its eps: summation order
-        # (ranks, micro-batches, AVX2 or AVX-512 kernels) moved one weight in 16k by 1.03% of lr. A wrong
-        # scale or a lost micro-batch moves weights by a sizeable fraction of lr.
-        torch.testing.assert_close(w1[name], r, atol=LR * 0.02, rtol=0)
+        # Adam moves each weight by ~lr per step, and more where a gradient is near its eps, so summation
+        # order shows; a wrong scale or a lost micro-batch moves weights by a sizeable fraction of lr
+        torch.testing.assert_close(w1[name], r, atol=LR * 0.01, rtol=0)
+        # the two-rank learner with gradient checkpointing against the one-rank one: 2% of lr (on an AVX-512
+        # host one weight in 16k differed by 1.03%, on AVX2 hosts all within 1%)
         torch.testing.assert_close(w2[name], w1[name], atol=LR * 0.02, rtol=0)
 
 
