@@ -51,10 +51,11 @@ def main() -> int:
     ap.add_argument("overrides", nargs="*", help="dotted config overrides")
     args = ap.parse_args()
 
-    from piplay_ray import assets, warmup
+    from piplay_ray import assets
     from piplay_ray.actors.rollout import RolloutWorkerImpl, turn_limits
     from piplay_ray.config import load_config
-    from piplay_ray.examiner import ExaminerSampler, build_task, gate_failures
+    from piplay_ray.evolution import warmup
+    from piplay_ray.method.examiner import ExaminerSampler, build_task, gate_failures
     from piplay_ray.retrieval.corpus import Corpus
 
     cfg = load_config(args.config, args.overrides)

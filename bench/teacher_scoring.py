@@ -31,10 +31,11 @@ def main() -> int:
 
     import torch
 
-    from piplay_ray import teacher_scoring, warmup
-    from piplay_ray.actors.teacher import TeacherImpl
     from piplay_ray.config import load_config
+    from piplay_ray.evolution import warmup
     from piplay_ray.records import Task, Trajectory
+    from piplay_ray.teacher import scoring as teacher_scoring
+    from piplay_ray.teacher.actor import TeacherImpl
 
     torch.set_num_threads(args.threads)
     run = Path(args.run)

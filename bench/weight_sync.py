@@ -99,7 +99,7 @@ def _collective_run(sync) -> dict:
 def bench_model(name: str, engine: str, repeats: int, transport: str, lora_rank: int = 0) -> dict:
     from types import SimpleNamespace
 
-    from piplay_ray.learner.weight_sync.coordinator import GroupSync
+    from piplay_ray.weight_sync.coordinator import GroupSync
 
     path = assets.resolve_model(f"builtin:{name}")
     cfg = load_config("configs/tiny.yaml", [f"model.base={path}", "learner.world_size=1",

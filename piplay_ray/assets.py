@@ -21,6 +21,7 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -224,6 +225,43 @@ def tiny_path() -> Path:
     return build_atomic(home() / "models" / "tiny-llama", build_tiny)
 
 
+# ------------------------------------------------------------------------------------------------ warm starts
+
+
+@dataclass(frozen=True)
+class Recipe:
+    base: str
+    student_demos: int
+    examiner_demos: int
+    student_hops: tuple[float, ...]  # weights of 1, 2, ... hop chains
+    examiner_hops: tuple[float, ...]
+    lr: float
+    batch: int
+    epochs: int = 1
+    seed: int = 0
+    # nothing else runs beside the warm start: 4 demonstrations a micro-batch, their shared instructions
+    # once (~2.4 MB of activations a token on SmolLM2: ~5 GB)
+    micro_batch_tokens: int = 2048
+
+
+# Warm starts (evolution/warmup.py builds them): a base model SFT-ed on protocol demonstrations, named like a
+# built-in model (`builtin:smollm2-search`). Measured on 2 cores: ~500 tokens a demonstration, 50,133 in all,
+# trained in 374 s (README, warm start). The examiner gets 60: with 20 (3 SFT steps, NLL 2.14 -> 1.29) it wrote 8% gate-passing tasks sampled at T=0.7,
+# with 60 (NLL -> 0.64) 35% (bench/examiner_gate.py, 48 attempts each), for ~40 s more.
+RECIPES = {
+    "smollm2-search": Recipe("builtin:smollm2", student_demos=40, examiner_demos=60, student_hops=(7, 3),
+                             examiner_hops=(4, 3), lr=5e-5, batch=8),
+    "tiny-search": Recipe("builtin:tiny", student_demos=8, examiner_demos=6, student_hops=(1, 1),
+                          examiner_hops=(1, 1), lr=1e-4, batch=4),
+}
+
+
+def recipe_name(spec: str | None) -> str | None:
+    """The recipe a model spec names (``builtin:smollm2-search``), else None."""
+    name = spec.removeprefix("builtin:") if spec and spec.startswith("builtin:") else None
+    return name if name in RECIPES else None
+
+
 # ------------------------------------------------------------------------------------------------ resolve
 
 BUILTIN_MODELS = {"smollm2": smollm2_path, "tiny": tiny_path}
@@ -242,12 +280,9 @@ def _resolve(spec: str, table: dict[str, Callable[[], Path]], what: str) -> str:
 
 def resolve_model(spec: str) -> str:
     """A model directory or hub id for `spec`, building a `builtin:` model on first use."""
-    if spec.startswith("builtin:") and spec.removeprefix("builtin:") not in BUILTIN_MODELS:
-        from piplay_ray import warmup  # only here: warmup needs Ray, a learner rank may run without it
-
-        if warmup.recipe_name(spec):
-            raise UserInputError(f"{spec} is a warm start of both roles: `piplay train` builds and uses it; "
-                                 "`piplay warmup --config F` builds it and prints each role's folder")
+    if recipe_name(spec):
+        raise UserInputError(f"{spec} is a warm start of both roles: `piplay train` builds and uses it; "
+                             "`piplay warmup --config F` builds it and prints each role's folder")
     return _resolve(spec, BUILTIN_MODELS, "model")
 
 

@@ -15,11 +15,27 @@ from typing import Annotated, Any, Literal
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from piplay_ray.registry import ARMS, ENGINES, RETRIEVERS, REWARDS, TRANSPORTS, Registry
 
 PosInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
 Prob = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+def plugin(registry: Registry, *extra: str):
+    """A string naming an entry of `registry` (or one of `extra`): the allowed values are the registry's."""
+
+    def check(value: str) -> str:
+        if value in extra:
+            return value
+        if value in registry.names() or ":" in value:
+            return registry.check(value)
+        raise ValueError(f"got {value!r}; allowed values: {', '.join((*registry.names(), *extra))} (or a plug-in "
+                         "as module:attribute)")
+
+    return Annotated[str, AfterValidator(check)]
 
 
 class ConfigError(ValueError):
@@ -56,7 +72,7 @@ class ModelConfig(Section):
 
 
 class RolloutConfig(Section):
-    engine: Literal["vllm", "transformers"] = "vllm"
+    engine: plugin(ENGINES) = "vllm"
     workers_per_role: PosInt = 1
     num_cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
     num_gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0
@@ -76,7 +92,7 @@ class RolloutConfig(Section):
 
 
 class SearchConfig(Section):
-    retriever: Literal["bm25", "dense", "http"] = "bm25"
+    retriever: plugin(RETRIEVERS) = "bm25"
     corpus: str = "builtin:wiki-vital"  # JSONL {"id", "contents", "title"?}, or builtin:wiki-vital
     index_dir: str | None = None  # default: beside the corpus
     encoder: str = "builtin:minilm"  # dense: local path, hub id or builtin:minilm
@@ -128,18 +144,19 @@ class StudentConfig(Section):
     group_size: Annotated[int, Field(ge=2)] = 5  # G samples per question
     max_turns: PosInt = 4
     tasks_per_step: PosInt = 8
+    reward: plugin(REWARDS) = "exact_match"  # the outcome reward r(answer, golden answer); registry.REWARDS
 
 
 class TeacherConfig(Section):
     # what serves the teacher: its own transformers model or vLLM engine (a separate actor, teacher.num_gpus),
     # or `shared`: the student's rollout engines with the teacher's EMA adapter as a second adapter (needs
     # learner.lora; no teacher actor, model or GPU; actors/shared_teacher.py)
-    backend: Literal["vllm", "transformers", "shared"] = "transformers"
+    backend: plugin(ENGINES, "shared") = "transformers"
     top_k: PosInt = 20
     tail_bucket: bool = True
     # the privileged information (paper ablations): the whole QCP, a seeded half of it, the answer only, or no
-    # teacher at all (no scoring, λ ignored); see piplay_ray/privileged.py
-    privileged: Literal["qcp", "partial_qcp", "answer", "none"] = "qcp"
+    # teacher at all (no scoring, λ ignored); registry.ARMS, piplay_ray/method/privileged.py
+    privileged: plugin(ARMS) = "qcp"
     # words per QCP document in the teacher's context, the unit of search.doc_token_budget; None: what the
     # examiner saw (the source at protocol.SOURCE_DOC_WORDS, search documents as the search env cut them)
     doc_token_budget: PosInt | None = None
@@ -201,7 +218,7 @@ class LearnerConfig(Section):
 
 class WeightSyncConfig(Section):
     # object_store: one node (shared memory); collective: a broadcast per role (NCCL on GPUs, gloo on CPU)
-    transport: Literal["object_store", "collective"] = "object_store"
+    transport: plugin(TRANSPORTS) = "object_store"
     bucket_mb: PosInt = 256
     timeout_s: PosInt = 600  # a collective sync (or a rendezvous) that waits longer fails and is retried
     # collective backend: auto = NCCL for GPU tensors, gloo on CPU; gloo also moves GPU tensors (via host

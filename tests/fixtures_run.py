@@ -10,7 +10,7 @@ import random
 from pathlib import Path
 
 from piplay_ray.config import LoggingConfig
-from piplay_ray.metrics import MetricsSink
+from piplay_ray.monitor.metrics import MetricsSink
 from piplay_ray.records import Doc, Hop, Task, Trajectory, to_dict
 
 XSS_TASK_ID = "task-xss"

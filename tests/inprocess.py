@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from piplay_ray import driver
+from piplay_ray.commands import train as driver
 
 
 def train_watched(cfg, watch: Callable[[object, threading.Event], None]):

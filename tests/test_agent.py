@@ -7,9 +7,9 @@ import asyncio
 import pytest
 from transformers import AutoTokenizer
 
-from piplay_ray import protocol as P
-from piplay_ray.agent import run_agent, search_once
 from piplay_ray.engines.base import Engine, Generation, SamplingSpec, TopK
+from piplay_ray.method import protocol as P
+from piplay_ray.method.agent import run_agent, search_once
 from piplay_ray.records import Doc, Hop
 
 

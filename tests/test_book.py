@@ -77,7 +77,7 @@ def test_a_checkpoint_holds_counters_candidates_and_the_metrics_position_and_goi
     candidates of re-made examiner steps); the fault counters never go back."""
     import asyncio
 
-    from piplay_ray.metrics import MetricsSink
+    from piplay_ray.monitor.metrics import MetricsSink
 
     cfg = load_config("configs/tiny.yaml", ["replay.spill=false"])
     teacher = FakeTeacherClient()

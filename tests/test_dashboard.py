@@ -15,7 +15,7 @@ import sys
 import pytest
 from fixtures_run import XSS_TASK_ID, XSS_TEXT, write_run
 
-from piplay_ray.dashboard.server import STATIC_DIR, RunReader, start_dashboard
+from piplay_ray.monitor.dashboard.server import STATIC_DIR, RunReader, start_dashboard
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 from fixtures_run import XSS_TASK_ID, XSS_TEXT, write_run
 
-from piplay_ray import summary
 from piplay_ray.config import LoggingConfig
-from piplay_ray.dashboard import server as dashboard_server
-from piplay_ray.dashboard.server import start_dashboard
-from piplay_ray.metrics import MetricsSink
+from piplay_ray.monitor import summary
+from piplay_ray.monitor.dashboard import server as dashboard_server
+from piplay_ray.monitor.dashboard.server import start_dashboard
+from piplay_ray.monitor.metrics import MetricsSink
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"

@@ -8,13 +8,14 @@ import itertools
 import pytest
 from transformers import AutoTokenizer
 
-from piplay_ray import demos, protocol, warmup
-from piplay_ray.agent import run_agent
 from piplay_ray.config import load_config
 from piplay_ray.engines.base import Engine, Generation, SamplingSpec, TopK
-from piplay_ray.evaluation import builtin_eval_set
+from piplay_ray.evolution import warmup
+from piplay_ray.method import demos, protocol
+from piplay_ray.method.agent import run_agent
+from piplay_ray.method.qa import builtin_eval_set
+from piplay_ray.method.rewards import exact_match, format_reward
 from piplay_ray.records import Hop
-from piplay_ray.rewards import exact_match, format_reward
 
 
 class Replay(Engine):

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from piplay_ray import layout as L
-from piplay_ray import submit as S
 from piplay_ray.cli import main as cli_main
+from piplay_ray.cluster import layout as L
+from piplay_ray.commands import submit as S
 from piplay_ray.config import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,7 +233,7 @@ def test_slurm_script_is_valid_bash_and_names_real_files():
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
     assert "configs/cluster/retriever-e5.yaml" in text and (ROOT / "configs/cluster/retriever-e5.yaml").is_file()
-    assert "deploy/submit.sh" in text and "piplay_ray.layout" in text
+    assert "deploy/submit.sh" in text and "piplay_ray.cluster.layout" in text
 
 
 def _sbatch(tmp_path: Path, python: str, env: dict) -> subprocess.CompletedProcess:
@@ -349,7 +349,7 @@ def test_teacher_parallelism_beyond_its_gpus_is_refused_naming_both_keys():
 
 
 def test_shared_memory_estimate_matches_hand_computed_values():
-    from piplay_ray import host_memory as H
+    from piplay_ray.cluster import host_memory as H
 
     cfg = load_config(ROOT / "configs/tiny.yaml", ["rollout.workers_per_role=2"])  # CPU learner: fp32 weights
     parts = H.shared_memory(cfg, 1e9)
@@ -361,7 +361,7 @@ def test_shared_memory_estimate_matches_hand_computed_values():
 
 @pytest.mark.parametrize("path", CLUSTER_CONFIGS, ids=lambda p: p.name)
 def test_manifests_give_the_shared_memory_their_config_needs(path, capsys):
-    from piplay_ray import host_memory as H
+    from piplay_ray.cluster import host_memory as H
 
     cfg = load_config(path)
     need = H.shared_memory(cfg, H.param_count(cfg))["total"]
@@ -396,7 +396,7 @@ def test_the_schedule_table_in_the_docs_is_what_the_cluster_configs_say():
 
 def test_the_shared_volume_holds_a_run_of_each_cluster_config():
     """storage.py by hand for Qwen3-8B in bf16: per checkpoint 2 roles x (2 + 2 + 12) + 4 bytes per parameter."""
-    from piplay_ray import storage
+    from piplay_ray.cluster import storage
 
     cfg = load_config(ROOT / "configs/cluster/qwen3-8b.yaml")
     assert storage.checkpoint_bytes(cfg, 1e9) == 36e9

@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from piplay_ray import diagnostics as D
-from piplay_ray import protocol as P
+from piplay_ray.method import diagnostics as D
+from piplay_ray.method import protocol as P
 from piplay_ray.records import Doc, Hop, Trajectory
 
 # tokens of a student response: reasoning, a search, an inserted information block (mask 0), an answer

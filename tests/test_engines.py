@@ -11,9 +11,9 @@ import asyncio
 import pytest
 import torch
 
-from piplay_ray import protocol as P
 from piplay_ray.engines import SamplingSpec, named_tensors
 from piplay_ray.engines.transformers_engine import TransformersEngine, sample_token
+from piplay_ray.method import protocol as P
 
 TOL = 2e-3  # float32 CPU kernels differ in summation order; logprobs agree to ~1e-5 in practice
 

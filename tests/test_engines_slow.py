@@ -8,9 +8,9 @@ import asyncio
 import pytest
 import torch
 
-from piplay_ray import protocol as P
 from piplay_ray.engines import SamplingSpec
 from piplay_ray.engines.transformers_engine import TransformersEngine
+from piplay_ray.method import protocol as P
 
 pytestmark = pytest.mark.slow
 TOL = 5e-3

@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from piplay_ray import evaluation as E
+from piplay_ray.evolution import evaluation as E
 from piplay_ray.fault import RolloutFailed
+from piplay_ray.method import qa as Q
 from piplay_ray.records import Hop, Trajectory
 
 
@@ -17,7 +18,7 @@ def test_load_qa_jsonl_and_parquet(tmp_path):
             {"question": " Where? ", "golden_answers": "Z"}]
     p = tmp_path / "dev.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    exs = E.load_qa(p)
+    exs = Q.load_qa(p)
     assert [(e.id, e.question, e.golden_answers, e.data_source) for e in exs] == [
         ("a", "Who?", ["X", "Y"], "nq"), ("1", "Where?", ["Z"], "dev")]
 
@@ -30,16 +31,16 @@ def test_load_qa_jsonl_and_parquet(tmp_path):
     pq.write_table(pa.table({"question": ["Q2"], "data_source": ["nq"],
                              "reward_model": [{"ground_truth": {"target": ["T"]}, "style": "rule"}]}),
                    tmp_path / "s.parquet")
-    assert [(e.question, e.golden_answers, e.data_source) for e in E.load_qa(tmp_path / "h.parquet")] == [
+    assert [(e.question, e.golden_answers, e.data_source) for e in Q.load_qa(tmp_path / "h.parquet")] == [
         ("Q1", ["A1", "A2"], "hotpotqa")]
-    assert E.load_qa(tmp_path / "s.parquet")[0].golden_answers == ["T"]
+    assert Q.load_qa(tmp_path / "s.parquet")[0].golden_answers == ["T"]
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "no answers"}) + "\n")
     with pytest.raises(ValueError, match="golden_answers"):
-        E.load_qa(bad)
-    with pytest.raises(E.DataError, match="not found"):
-        E.load_qa(tmp_path / "nope.jsonl")
+        Q.load_qa(bad)
+    with pytest.raises(Q.DataError, match="not found"):
+        Q.load_qa(tmp_path / "nope.jsonl")
 
 
 GOOD = json.dumps({"question": "Who?", "golden_answers": ["X"]})
@@ -57,8 +58,8 @@ GOOD = json.dumps({"question": "Who?", "golden_answers": ["X"]})
 def test_data_errors_name_file_and_line(tmp_path, lines, where, message):
     p = tmp_path / "qa.jsonl"
     p.write_text("\n".join(lines) + "\n")
-    with pytest.raises(E.DataError) as e:
-        E.load_qa(p)
+    with pytest.raises(Q.DataError) as e:
+        Q.load_qa(p)
     assert str(e.value).startswith(f"{p}:{where}: ") and message in str(e.value)
 
 
@@ -67,11 +68,11 @@ def test_parquet_errors_name_the_row(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"question": ["Q1", ""], "golden_answers": [["A"], ["B"]]}), tmp_path / "q.parquet")
-    with pytest.raises(E.DataError, match=r"q\.parquet: row 1: needs a non-empty"):
-        E.load_qa(tmp_path / "q.parquet")
+    with pytest.raises(Q.DataError, match=r"q\.parquet: row 1: needs a non-empty"):
+        Q.load_qa(tmp_path / "q.parquet")
     (tmp_path / "not.parquet").write_text("plain text")
-    with pytest.raises(E.DataError, match="cannot read Parquet"):
-        E.load_qa(tmp_path / "not.parquet")
+    with pytest.raises(Q.DataError, match="cannot read Parquet"):
+        Q.load_qa(tmp_path / "not.parquet")
 
 
 def test_cli_eval_reports_data_errors_without_traceback(tmp_path, capsys):
@@ -90,35 +91,35 @@ def test_cli_eval_reports_data_errors_without_traceback(tmp_path, capsys):
 
 
 def test_rule_question():
-    q = E.rule_question("Jupiter", '"Jupiter"\nJupiter is the fifth planet from the Sun and the largest in the '
+    q = Q.rule_question("Jupiter", '"Jupiter"\nJupiter is the fifth planet from the Sun and the largest in the '
                         "Solar System. It is a gas giant.", "Fifth planet from the Sun")
     assert q == "What is the fifth planet from the Sun and the largest in the Solar System? (Fifth planet from the Sun)"
     # the answer must not leak: a title word in the predicate or description rejects the document
-    assert E.rule_question("Jupiter", "Jupiter is the largest planet, named after Jupiter the god.", "Planet") is None
-    assert E.rule_question("Gas", "Gas is a state of matter of gas.", "x") is None
-    assert E.rule_question("X", "No copula here at all in this line.", "d") is None
-    assert E.rule_question("Tom", "Tom is short.", "Cat") is None  # predicate under four words
-    assert E.golden_for_title("Protein (nutrient)") == ["Protein (nutrient)", "Protein"]
-    assert E.golden_for_title("Jupiter") == ["Jupiter"]
+    assert Q.rule_question("Jupiter", "Jupiter is the largest planet, named after Jupiter the god.", "Planet") is None
+    assert Q.rule_question("Gas", "Gas is a state of matter of gas.", "x") is None
+    assert Q.rule_question("X", "No copula here at all in this line.", "d") is None
+    assert Q.rule_question("Tom", "Tom is short.", "Cat") is None  # predicate under four words
+    assert Q.golden_for_title("Protein (nutrient)") == ["Protein (nutrient)", "Protein"]
+    assert Q.golden_for_title("Jupiter") == ["Jupiter"]
 
 
 def test_builtin_set_deterministic_and_clean(corpus_path):
-    a = E.builtin_eval_set(corpus_path, 50, seed=0)
-    assert a == E.builtin_eval_set(corpus_path, 50, seed=0)
-    assert a != E.builtin_eval_set(corpus_path, 50, seed=1)
+    a = Q.builtin_eval_set(corpus_path, 50, seed=0)
+    assert a == Q.builtin_eval_set(corpus_path, 50, seed=0)
+    assert a != Q.builtin_eval_set(corpus_path, 50, seed=1)
     assert len(a) == 50 and len({e.id for e in a}) == 50
-    from piplay_ray.rewards import answer_not_in_question
+    from piplay_ray.method.rewards import answer_not_in_question
 
     assert all(answer_not_in_question(e.question, g) for e in a for g in e.golden_answers)
-    assert all(e.data_source == E.BUILTIN_SOURCE for e in a)
+    assert all(e.data_source == Q.BUILTIN_SOURCE for e in a)
 
 
 def test_builtin_set_bm25_finds_answer_article(corpus_path):
     from piplay_ray.config import SearchConfig
     from piplay_ray.retrieval import make_retriever
 
-    examples = E.builtin_eval_set(corpus_path, 100, seed=0)
-    rate = E.answer_article_rate(examples, make_retriever(SearchConfig(corpus=corpus_path)), k=5)
+    examples = Q.builtin_eval_set(corpus_path, 100, seed=0)
+    rate = Q.answer_article_rate(examples, make_retriever(SearchConfig(corpus=corpus_path)), k=5)
     print(json.dumps({"metric": "builtin_bm25_top5_answer_article_rate", "seed": 0, "n": 100, "value": rate}))
     assert rate >= 0.8
 
@@ -126,10 +127,10 @@ def test_builtin_set_bm25_finds_answer_article(corpus_path):
 # ------------------------------------------------------------------------------------------ scoring
 
 EXAMPLES = [
-    E.QAExample("1", "q1", ["Paris"], "a"),
-    E.QAExample("2", "q2", ["Barack Obama"], "a"),
-    E.QAExample("3", "q3", ["York City", "New York"], "b"),
-    E.QAExample("4", "q4", ["Tokyo"], "b"),
+    Q.QAExample("1", "q1", ["Paris"], "a"),
+    Q.QAExample("2", "q2", ["Barack Obama"], "a"),
+    Q.QAExample("3", "q3", ["York City", "New York"], "b"),
+    Q.QAExample("4", "q4", ["Tokyo"], "b"),
 ]
 
 

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from piplay_ray.config import ExaminerConfig
-from piplay_ray.examiner import (
+from piplay_ray.method.examiner import (
     ExaminerSampler,
     build_task,
     examiner_rewards,

@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from piplay_ray import agent, protocol
 from piplay_ray.config import ExaminerConfig
 from piplay_ray.engines.base import Engine, Generation, SamplingSpec
-from piplay_ray.examiner import build_task
+from piplay_ray.method import agent, protocol
+from piplay_ray.method.examiner import build_task
 from piplay_ray.records import Doc, Hop
 
 SOURCE = Doc("7", "Marie Curie", '"Marie Curie"\nMarie Curie was a physicist born in Warsaw.')
@@ -91,7 +91,7 @@ def test_sixteen_examiner_attempts_smollm2(smollm2, corpus_path, tmp_path):
     from piplay_ray.actors.rollout_pool import RolloutPool
     from piplay_ray.actors.search_env import SearchEnvPool
     from piplay_ray.config import load_config
-    from piplay_ray.examiner import ExaminerSampler, save_tasks, write_tasks
+    from piplay_ray.method.examiner import ExaminerSampler, save_tasks, write_tasks
     from piplay_ray.records import to_dict
     from piplay_ray.retrieval.corpus import Corpus
 

@@ -14,10 +14,10 @@ import pytest
 import yaml
 from test_train_tiny import ROOT
 
+from piplay_ray.cluster.run_tasks import DRIVER_LOG
+from piplay_ray.commands.experiment import Experiment, load_spec
 from piplay_ray.config import ConfigError
-from piplay_ray.experiment import Experiment, load_spec
-from piplay_ray.experiment_report import curve
-from piplay_ray.experiment_tasks import DRIVER_LOG
+from piplay_ray.monitor.report import curve
 
 ARMS = ("answer", "none")
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from piplay_ray import experiment_report as R
+from piplay_ray.monitor import report as R
 
 
 def _metrics(path, ems: dict[int, float]) -> str:

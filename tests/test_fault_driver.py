@@ -22,7 +22,7 @@ from pathlib import Path
 from test_retrieval_http import serve_on_any_port
 from test_rollout import QUESTIONS, agent_model  # noqa: F401  (fixture: the tiny model taught to search)
 
-from piplay_ray.examiner import save_tasks
+from piplay_ray.method.examiner import save_tasks
 from piplay_ray.records import Doc, Hop, Task
 from piplay_ray.rundir import task_set_path
 

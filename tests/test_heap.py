@@ -2,7 +2,7 @@
 
 import psutil
 
-from piplay_ray import heap
+from piplay_ray.cluster import heap
 
 
 def test_release_returns_freed_heap_pages():

@@ -17,8 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from piplay_ray.config import load_config
 from piplay_ray.learner import batching
 from piplay_ray.learner import checkpoint as ck
+from piplay_ray.learner.collate import collate
 from piplay_ray.learner.learner import LearnerGroup
-from piplay_ray.losses import collate, compute_loss
+from piplay_ray.learner.losses import compute_loss
 from piplay_ray.records import Experience
 
 LR = 1e-3

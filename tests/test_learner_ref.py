@@ -11,8 +11,9 @@ from test_learner import _batch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from piplay_ray.config import load_config
+from piplay_ray.learner.collate import collate
 from piplay_ray.learner.learner import LearnerGroup
-from piplay_ray.losses import collate, masked_logprobs
+from piplay_ray.learner.losses import masked_logprobs
 
 LR, BETA = 1e-3, 0.05
 

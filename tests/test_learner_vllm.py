@@ -40,8 +40,8 @@ def test_rollout_worker_matches_transformers_after_a_learner_step(tiny_model):
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     try:
-        from piplay_ray import protocol
         from piplay_ray.actors.rollout import RolloutWorker, turn_limits
+        from piplay_ray.method import protocol
 
         cfg = load_config("configs/tiny.yaml", [f"model.base={tiny_model}", "learner.lr=0.01", "rollout.engine=vllm"])
         class NoSearch:  # defined here so Ray ships it by value; the round trip needs no retrieval

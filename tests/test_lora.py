@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from piplay_ray.config import ConfigError
 from piplay_ray.learner import lora
 from piplay_ray.learner.rank import LearnerWorkerImpl, _free_port, rank_args
-from piplay_ray.learner.weight_sync.base import Transport, pack_buckets, unpack_bucket
+from piplay_ray.weight_sync.base import Transport, pack_buckets, unpack_bucket
 
 RANK, ALPHA = 4, 8.0
 SCALE = ALPHA / RANK

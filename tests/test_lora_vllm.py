@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from piplay_ray.config import LoraConfig
 from piplay_ray.learner import lora
-from piplay_ray.learner.weight_sync import make_transport
+from piplay_ray.weight_sync import make_transport
 
 LC = LoraConfig(rank=4, alpha=8.0)
 SEQ = list(range(5, 70, 3))

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from piplay_ray import losses
 from piplay_ray.config import LossConfig
+from piplay_ray.learner import losses
+from piplay_ray.learner.collate import collate
 from piplay_ray.records import Experience
 
 V = 13
@@ -67,7 +68,7 @@ def _student_lp(logits):
 
 def test_collate_alignment():
     exps = _batch()
-    b = losses.collate(exps, pad_id=0)
+    b = collate(exps, pad_id=0)
     assert b["input_ids"].shape == (3, 8) and b["mask"].shape == (3, 7)
     assert b["input_ids"][0].tolist() == [1, 2, 3, 4, 5, 6, 7, 8]
     assert b["input_ids"][1].tolist() == [2, 3, 9, 10, 11, 0, 0, 0]
@@ -87,29 +88,17 @@ def test_collate_alignment():
 
 def test_collate_errors_and_optional_parts():
     with pytest.raises(ValueError, match="same length"):
-        losses.collate([_exp([1], [2, 3], [1], [0.0, 0.0])], pad_id=0)
+        collate([_exp([1], [2, 3], [1], [0.0, 0.0])], pad_id=0)
     with pytest.raises(ValueError, match="no experiences"):
-        losses.collate([], pad_id=0)
+        collate([], pad_id=0)
     e = _exp([1, 2], [3, 4], [1, 1], [-0.5, -0.2], ref_logprobs=[-0.4, -0.3])
-    b = losses.collate([e], pad_id=0)
+    b = collate([e], pad_id=0)
     assert "teacher_ids" not in b
     assert b["ref_logprobs"][0].tolist() == pytest.approx([0.0, -0.4, -0.3])
 
 
-def test_group_advantages_hand_values():
-    r = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]
-    a = losses.group_advantages(r, 3, std_normalize=False)
-    assert a.tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3, 0.0, 0.0, 0.0])
-    a = losses.group_advantages(r, 3, std_normalize=True, eps=0.0)
-    std = math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)
-    assert a[:3].tolist() == pytest.approx([2 / 3 / std, -1 / 3 / std, -1 / 3 / std])
-    assert a[3:].tolist() == [0.0, 0.0, 0.0]  # all-equal group: zero, not NaN
-    with pytest.raises(ValueError):
-        losses.group_advantages([1.0, 2.0, 3.0], 2)
-
-
 def test_masked_logprobs_and_k3():
-    b = losses.collate(_batch(), pad_id=0)
+    b = collate(_batch(), pad_id=0)
     logits = _logits(b)
     lp = losses.masked_logprobs(logits, b).detach().numpy()  # the learner's reference-model forward
     ref = _student_lp(logits)
@@ -132,7 +121,7 @@ def _distill_per_token(logits, b):
 @pytest.mark.parametrize("tail", [False, True])
 def test_distill_full_vocab_equals_full_kl(tail):
     exps = _batch(k=V, tail=tail)
-    b = losses.collate(exps, pad_id=0)
+    b = collate(exps, pad_id=0)
     logits = _logits(b)
     _, m = losses.compute_loss(logits, b, _cfg(), lam=1.0)
     s = _student_lp(logits)
@@ -153,7 +142,7 @@ def test_distill_full_vocab_equals_full_kl(tail):
 def test_distill_topk_independent(tail):
     k = 4
     exps = _batch(k=k, tail=tail, seed=3)
-    b = losses.collate(exps, pad_id=0)
+    b = collate(exps, pad_id=0)
     logits = _logits(b, seed=5)
     _, m = losses.compute_loss(logits, b, _cfg(), lam=1.0)
     s = _student_lp(logits)
@@ -202,7 +191,7 @@ def test_distill_tail_gradient_is_finite_when_the_student_is_sure(top):
 
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean"])
 def test_masked_positions_get_exactly_zero_gradient(aggregation):
-    b = losses.collate(_batch(), pad_id=0)
+    b = collate(_batch(), pad_id=0)
     b["ref_logprobs"] = torch.randn(b["mask"].shape) * b["mask"]
     logits = _logits(b)
     loss, _ = losses.compute_loss(logits, b, _cfg(aggregation=aggregation, kl_beta=0.1), lam=0.5)
@@ -219,7 +208,7 @@ def test_distill_gradient_moves_student_toward_teacher():
     exps = _batch(k=5, tail=True, seed=7)
     for e in exps:
         e.advantage = 0.0
-    b = losses.collate(exps, pad_id=0)
+    b = collate(exps, pad_id=0)
     logits = _logits(b, seed=11)
     loss, m0 = losses.compute_loss(logits, b, _cfg(), lam=1.0)
     loss.backward()
@@ -261,7 +250,7 @@ def test_surrogate_matches_independent_including_clipped(aggregation):
     exps = _batch()
     for e in exps:
         e.teacher_ids = e.teacher_logprobs = e.teacher_tail = None
-    b = losses.collate(exps, pad_id=0)
+    b = collate(exps, pad_id=0)
     logits = _logits(b)
     logp = losses.masked_logprobs(logits, b).detach()
     # behaviour logprobs chosen so some ratios sit far outside [1-eps, 1+eps] on both sides
@@ -288,7 +277,7 @@ def test_surrogate_matches_independent_including_clipped(aggregation):
 
 def test_kl_beta_adds_k3_term_and_normalizer_splits():
     exps = _batch()
-    b = losses.collate(exps, pad_id=0)
+    b = collate(exps, pad_id=0)
     logits = _logits(b)
     b["ref_logprobs"] = (losses.masked_logprobs(logits, b).detach() - 0.3) * b["mask"]
     base, _ = losses.compute_loss(logits, b, _cfg(), lam=0.0)
@@ -313,7 +302,7 @@ def test_kl_beta_adds_k3_term_and_normalizer_splits():
 
 
 def test_entropy_metric():
-    b = losses.collate(_batch(), pad_id=0)
+    b = collate(_batch(), pad_id=0)
     logits = _logits(b)
     _, m = losses.compute_loss(logits, b, _cfg(), lam=0.0)
     s = _student_lp(logits)[:, :-1]
@@ -355,7 +344,7 @@ def test_chunked_head_loss_equals_unchunked_and_independent_reference():
     """Hidden states through an LM head, 2 tokens per chunk: values and gradients (hidden and head weight)
     equal the unchunked logits path and an independent float64 loop."""
     exps = _batch(k=4, tail=True, seed=4)
-    b = losses.collate(exps, pad_id=0)
+    b = collate(exps, pad_id=0)
     b["ref_logprobs"] = (torch.randn(b["mask"].shape, generator=torch.Generator().manual_seed(2)) - 2) * b["mask"]
     g = torch.Generator().manual_seed(9)
     B, T = b["input_ids"].shape

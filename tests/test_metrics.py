@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from piplay_ray.config import LoggingConfig
-from piplay_ray.metrics import MetricsSink, clean_metrics, gauge_name
+from piplay_ray.monitor.metrics import MetricsSink, clean_metrics, gauge_name
 from piplay_ray.records import Doc, Hop, Task, Trajectory, to_dict
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from piplay_ray import privileged as PV
-from piplay_ray import protocol as P
+from piplay_ray.method import privileged as PV
+from piplay_ray.method import protocol as P
 from piplay_ray.records import Doc, Hop, Task
 
 SRC = Doc("s", "Alpha", "a1 a2 a3 a4 a5 a6 a7 a8 a9 a10")

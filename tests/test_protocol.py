@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from piplay_ray import protocol as P
+from piplay_ray.method import protocol as P
 from piplay_ray.records import Doc, Hop
 
 
@@ -131,10 +131,10 @@ def test_response_prefix_is_prompt_not_response(tiny_model, monkeypatch, prefix)
     context at the same place, so the teacher scores the student's response ids in the same position."""
     import asyncio
 
-    from piplay_ray.agent import run_agent
     from piplay_ray.engines.base import Engine, Generation, SamplingSpec, TopK
+    from piplay_ray.method.agent import run_agent
     from piplay_ray.records import Task
-    from piplay_ray.teacher import context_ids, sequence
+    from piplay_ray.teacher.context import context_ids, sequence
 
     monkeypatch.setattr(P, "RESPONSE_PREFIX", prefix)
     tok = AutoTokenizer.from_pretrained(tiny_model)

@@ -8,8 +8,8 @@ import pytest
 import ray
 
 from piplay_ray.actors.replay import ReplayStore, ReplayStoreImpl
+from piplay_ray.actors.replay_buffer import ReplayBuffer
 from piplay_ray.records import Experience
-from piplay_ray.replay import ReplayBuffer
 
 
 def group(gid: str, version: int, role: str = "student", size: int = 3) -> list[Experience]:

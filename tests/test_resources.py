@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from piplay_ray.cluster.layout import layout
+from piplay_ray.cluster.resources import shortfall
 from piplay_ray.config import load_config
-from piplay_ray.layout import layout
-from piplay_ray.resources import shortfall
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"

@@ -136,7 +136,7 @@ def test_killed_server_gives_reported_failures_not_crashes(corpus_path, tmp_path
     """`piplay retriever serve` in a subprocess, searched through the search env, killed mid-run."""
     import asyncio
 
-    from piplay_ray.search_service import SearchService
+    from piplay_ray.actors.search_service import SearchService
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"search:\n  retriever: bm25\n  corpus: {corpus_path}\n")

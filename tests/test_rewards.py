@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from piplay_ray import rewards as R
+from piplay_ray.method import rewards as R
 from piplay_ray.records import Doc, Hop
 
 # ------------------------------------------------------------------------------------------ normalisation
@@ -187,11 +187,23 @@ def test_hop_group_advantages_mixed_groups():
 
 
 def test_gate_refuses_a_copy_of_the_prompt_example():
-    from piplay_ray.protocol import EXAMPLE_QUESTIONS
-    from piplay_ray.rewards import not_an_example
+    from piplay_ray.method.protocol import EXAMPLE_QUESTIONS
+    from piplay_ray.method.rewards import not_an_example
 
     assert not not_an_example(EXAMPLE_QUESTIONS[1]) and not not_an_example("in which CITY is the eiffel tower")
     assert not_an_example("In which city was the author of Hamlet born?")
     src = Doc(id="1", title="Barcelona", contents="Barcelona is a city in Spain, a rival of Paris.")
     r_f, flags = R.format_reward(EXAMPLE_QUESTIONS[1], "Paris", 1, [], src, "question", 6)
     assert r_f == 0.0 and flags["not_an_example"] is False and all(v for k, v in flags.items() if k != "not_an_example")
+
+
+def test_group_advantages_hand_values():
+    r = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    a = R.group_advantages(r, 3, std_normalize=False)
+    assert a == pytest.approx([2 / 3, -1 / 3, -1 / 3, 0.0, 0.0, 0.0])
+    a = R.group_advantages(r, 3, std_normalize=True, eps=0.0)
+    std = math.sqrt(((2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 2)
+    assert a[:3] == pytest.approx([2 / 3 / std, -1 / 3 / std, -1 / 3 / std])
+    assert a[3:] == [0.0, 0.0, 0.0]  # all-equal group: zero, not NaN
+    with pytest.raises(ValueError):
+        R.group_advantages([1.0, 2.0, 3.0], 2)

@@ -15,9 +15,9 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from piplay_ray import protocol as P
 from piplay_ray.actors.rollout_pool import RolloutPool, _split, cpu_core_binding, lora_sync_form
 from piplay_ray.config import load_config
+from piplay_ray.method import protocol as P
 from piplay_ray.records import Doc, Hop, Trajectory
 
 TOL = 2e-3

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from piplay_ray.evaluation import builtin_eval_set, golden_for_title
 from piplay_ray.evolution.taskset import rule_tasks
+from piplay_ray.method.qa import builtin_eval_set, golden_for_title
 from piplay_ray.retrieval.corpus import Corpus
 
 

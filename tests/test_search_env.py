@@ -8,10 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from piplay_ray.evidence import format_docs, truncate_words
+from piplay_ray.actors.search_service import SearchService
+from piplay_ray.method.evidence import format_docs, truncate_words
 from piplay_ray.records import Doc
 from piplay_ray.retrieval.base import RetrievalError, Retriever
-from piplay_ray.search_service import SearchService
 
 
 class Echo(Retriever):

@@ -10,8 +10,8 @@ import pytest
 
 from piplay_ray.config import load_config
 from piplay_ray.evolution.steps import examiner_step, step_tasks, student_step
-from piplay_ray.examiner import ExaminerSampler
 from piplay_ray.fault import RolloutFailed
+from piplay_ray.method.examiner import ExaminerSampler
 from piplay_ray.records import Doc, Hop, Task, Trajectory
 
 DOCS = [Doc(str(i), f"Town{i}", f"Town{i} lies on the river R{i}.") for i in range(40)]
@@ -210,7 +210,7 @@ def test_student_step_reports_a_lost_group_and_trains_the_rest():
 
 def test_examiner_attempts_lost_after_retries_are_no_attempts():
     """Writing the task set: the pool lost some attempts (RolloutFailed); the rest become tasks, no crash."""
-    from piplay_ray.examiner import write_tasks
+    from piplay_ray.method.examiner import write_tasks
 
     class Losing(ExaminerPool):
         async def examiner_rollouts(self, docs, hops):

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from piplay_ray import summary
+from piplay_ray.monitor import summary
 
 
 def write_eval(run, name, em, n=16, invalid=0.25, searches=0.5, mtime=None):

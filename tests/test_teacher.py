@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from piplay_ray import protocol
-from piplay_ray import teacher as T
 from piplay_ray.config import load_config
+from piplay_ray.method import protocol
 from piplay_ray.records import Doc, Hop, Task, Trajectory
+from piplay_ray.teacher import context as T
+from piplay_ray.teacher import ema
 
 # ------------------------------------------------------------------------------------------------ pure
 
@@ -52,7 +53,7 @@ def test_ema_closed_form_on_small_model():
     tau, steps = 0.05, 6
     thetas = [[torch.randn_like(p) for p in psi0] for _ in range(steps)]
     for th in thetas:
-        T.ema_(teacher.parameters(), th, tau)
+        ema.ema_(teacher.parameters(), th, tau)
     for j, p in enumerate(teacher.parameters()):
         # psi_n = (1 - tau)^n psi_0 + sum_i tau (1 - tau)^(n - i) theta_i  (i = 1..n)
         want = (1 - tau) ** steps * psi0[j].double()
@@ -60,7 +61,7 @@ def test_ema_closed_form_on_small_model():
             want += tau * (1 - tau) ** (steps - i) * th[j].double()
         torch.testing.assert_close(p.detach().double(), want, atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError):
-        T.ema_(teacher.parameters(), thetas[0], 1.5)
+        ema.ema_(teacher.parameters(), thetas[0], 1.5)
 
 
 # ------------------------------------------------------------------------------------------------ tiny model
@@ -130,7 +131,7 @@ def test_context_is_question_plus_qcp(hf):
 def test_teacher_scores_equal_plain_forward(hf, tiny_model, max_batch_tokens):
     """Groups of responses to one task share its context (computed once); 60 tokens a forward splits a
     group's responses over several forwards."""
-    from piplay_ray.actors.teacher import TeacherImpl
+    from piplay_ray.teacher.actor import TeacherImpl
 
     tok, model = hf
     tasks = [_task(0), _task(1), _task(1), _task(1), _task(2), _task(2)]
@@ -153,8 +154,8 @@ def test_teacher_scores_equal_plain_forward(hf, tiny_model, max_batch_tokens):
 def test_teacher_shortens_qcp_documents_to_fit(hf, tiny_model):
     """A context that would pass max_model_len is scored with evenly shortened QCP documents (counted), the
     student's response ids untouched; the scores equal a plain forward over that shortened context."""
-    from piplay_ray import privileged
-    from piplay_ray.actors.teacher import TeacherImpl
+    from piplay_ray.method import privileged
+    from piplay_ray.teacher.actor import TeacherImpl
 
     tok, model = hf
     long_doc = Doc("L", "Long", " ".join(f"w{j}" for j in range(300)))
@@ -178,7 +179,7 @@ def test_teacher_shortens_qcp_documents_to_fit(hf, tiny_model):
 
 
 def test_teacher_ema_and_load_versioned(tiny_model, tmp_path):
-    from piplay_ray.actors.teacher import TeacherImpl
+    from piplay_ray.teacher.actor import TeacherImpl
 
     teacher = TeacherImpl.from_config(tiny_model, _cfg(**{"teacher.ema_tau": 0.1}))
     psi0 = teacher.state()
@@ -207,7 +208,7 @@ def test_teacher_ema_and_load_versioned(tiny_model, tmp_path):
     assert all(torch.equal(teacher.state()[n], t) for n, t in thetas[0].items())
     # checkpoint round trip
     folder = tmp_path / "teacher"
-    teacher.save(str(folder))
+    asyncio.run(teacher.save(str(folder)))
     asyncio.run(teacher.load(8, thetas[1]))
     assert asyncio.run(teacher.load_checkpoint(str(folder))) == 7
     assert teacher.get_version() == 7 and all(torch.equal(teacher.state()[n], t) for n, t in thetas[0].items())
@@ -220,7 +221,7 @@ def test_teacher_ema_and_load_versioned(tiny_model, tmp_path):
 def test_teacher_ray_actor(tiny_model):
     import ray
 
-    from piplay_ray.actors.teacher import create_teacher
+    from piplay_ray.teacher.actor import create_teacher
 
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:

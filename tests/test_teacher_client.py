@@ -11,7 +11,7 @@ import pytest
 import ray
 import torch
 
-from piplay_ray.actors.teacher_client import TeacherClient
+from piplay_ray.teacher.client import TeacherClient
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)

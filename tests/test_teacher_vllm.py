@@ -20,7 +20,7 @@ TOL = 2e-3  # float32 CPU kernels differ in summation order
 
 @pytest.fixture(scope="module")
 def teachers(tiny_model):
-    from piplay_ray.actors.teacher import TeacherImpl
+    from piplay_ray.teacher.actor import TeacherImpl
 
     vt = TeacherImpl.from_config(tiny_model, _cfg("vllm", **{"rollout.kv_cache_gib": 1, "rollout.max_num_seqs": 8}))
     ht = TeacherImpl.from_config(tiny_model, _cfg("transformers"))

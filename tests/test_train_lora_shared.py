@@ -12,7 +12,7 @@ import pytest
 import torch
 from test_train_tiny import metrics, train
 
-from piplay_ray import teacher as T
+from piplay_ray.teacher import ema
 
 pytestmark = pytest.mark.slow
 
@@ -32,6 +32,6 @@ def test_tiny_lora_run_with_a_shared_teacher(tmp_path, tiny_model, corpus_path):
     assert "teacher" not in health["actors"] and "rollout-student-0" in health["actors"]  # no teacher actor
     # the final checkpoint holds the EMA adapter at the student's version, and it moved off the zero start
     last = sorted((run_dir / "checkpoints").glob("step-*"))[-1]
-    version, tensors = T.read_ema(last / "teacher")
+    version, tensors = ema.read_ema(last / "teacher")
     assert version == 2 and tensors and all(".lora_A." in n or ".lora_B." in n for n, _ in tensors)
     assert any(torch.count_nonzero(t) for n, t in tensors if ".lora_B." in n)

@@ -76,7 +76,7 @@ def test_run_directory_contents(tiny_run):
 
 def test_a_finished_run_is_refused_before_ray_starts(tmp_path, monkeypatch):
     """The refusal reads the newest checkpoint's driver state; an unfinished one goes on to start Ray."""
-    from piplay_ray import driver
+    from piplay_ray.commands import train as driver
     from piplay_ray.config import load_config
     from piplay_ray.errors import UserInputError
     from piplay_ray.learner import checkpoint as ck
@@ -111,7 +111,7 @@ def test_dashboard_of_the_tiny_run(tiny_run, tmp_path):
     trajectory coloured by the teacher–student disagreement, actor health; a screenshot as an artifact."""
     from test_dashboard_browser import CHROMIUM, chromium, parse
 
-    from piplay_ray.dashboard.server import start_dashboard
+    from piplay_ray.monitor.dashboard.server import start_dashboard
 
     if not CHROMIUM:
         pytest.skip("Debian's chromium is not installed (make browser)")

@@ -7,19 +7,20 @@ import asyncio
 import pytest
 from test_demos import Search
 
-from piplay_ray import assets, warmup
-from piplay_ray.agent import run_agent
+from piplay_ray import assets
 from piplay_ray.config import load_config
 from piplay_ray.engines.base import SamplingSpec
-from piplay_ray.evaluation import builtin_eval_set
+from piplay_ray.evolution import warmup
+from piplay_ray.method.agent import run_agent
+from piplay_ray.method.qa import builtin_eval_set
 
 pytestmark = pytest.mark.slow
 
 
 def answer_rate(model_dir: str, questions: list[str], cfg) -> tuple[float, float]:
     """(share of greedy trajectories that end in a well-formed answer, searches per question)."""
-    from piplay_ray import protocol
     from piplay_ray.engines.transformers_engine import TransformersEngine
+    from piplay_ray.method import protocol
 
     engine = TransformersEngine(model_dir, dtype="float32")
     search = Search(warmup._search_fn(cfg.search))
@@ -38,7 +39,7 @@ def test_warm_start_raises_the_answer_rate(tmp_path, monkeypatch, corpus_path):
     import ray
 
     cfg = load_config("configs/local.yaml", ["eval.builtin_size=20"])
-    monkeypatch.setitem(warmup.RECIPES, "smollm2-few", warmup.Recipe(
+    monkeypatch.setitem(warmup.RECIPES, "smollm2-few", assets.Recipe(
         "builtin:smollm2", student_demos=24, examiner_demos=8, student_hops=(7, 3), examiner_hops=(1,), lr=5e-5,
         batch=8))
     held = warmup.held_out_ids(cfg, corpus_path)

@@ -9,8 +9,8 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from piplay_ray.learner.weight_sync import make_transport
-from piplay_ray.learner.weight_sync.collective import Receiver
+from piplay_ray.weight_sync import make_transport
+from piplay_ray.weight_sync.collective import Receiver
 
 
 def _named(seed: int):

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from ray.exceptions import ActorDiedError
 
-from piplay_ray.learner.weight_sync.coordinator import GroupSync
+from piplay_ray.weight_sync.coordinator import GroupSync
 
 
 class _Method:

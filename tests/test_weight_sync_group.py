@@ -18,7 +18,7 @@ from piplay_ray.config import load_config
 
 
 def _check_vllm(worker, tiny_model, learner_sd, version):
-    from piplay_ray import protocol
+    from piplay_ray.method import protocol
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     prompt = protocol.student_prompt_ids(tok, "Which river flows through Paris?")
@@ -36,9 +36,9 @@ def test_collective_sync_to_vllm_transformers_and_teacher_with_a_restart(tiny_mo
              runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}})
     try:
         from piplay_ray.actors.rollout import RolloutWorker, turn_limits
-        from piplay_ray.actors.teacher import create_teacher
         from piplay_ray.learner.learner import LearnerGroup
-        from piplay_ray.learner.weight_sync.coordinator import GroupSync
+        from piplay_ray.teacher.actor import create_teacher
+        from piplay_ray.weight_sync.coordinator import GroupSync
 
         class NoSearch:  # defined here so Ray ships it by value; the sync needs no retrieval
             async def search(self, query: str, topk: int | None = None):
@@ -85,7 +85,7 @@ def test_collective_sync_to_vllm_transformers_and_teacher_with_a_restart(tiny_mo
 
 @pytest.mark.parametrize("version", [None])
 def test_rendezvous_ticket_round_trip(version):
-    from piplay_ray.learner.weight_sync.group import Rendezvous
+    from piplay_ray.weight_sync.group import Rendezvous
 
     rdv = Rendezvous("10.0.0.1", 1234, 5, 3, 60.0)
     ticket = rdv.ticket(2, version)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import ray
 
-from piplay_ray.replay import Group, ReplayBuffer
+from piplay_ray.actors.replay_buffer import Group, ReplayBuffer
 
 
 class ReplayStoreImpl:

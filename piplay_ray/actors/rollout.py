@@ -1,6 +1,6 @@
 """Rollout workers: Ray actors that each hold one engine and run many agent trajectories at once.
 
-A :class:`RolloutWorker` is an async actor: every trajectory is a coroutine of :func:`~piplay_ray.agent.run_agent`,
+A :class:`RolloutWorker` is an async actor: every trajectory is a coroutine of :func:`~piplay_ray.method.agent.run_agent`,
 so while some wait on the search env the engine batches the others' turns. The workers of one role are owned
 by a :class:`~piplay_ray.actors.rollout_pool.RolloutPool`, which spreads requests over them, pushes weights and
 restarts them.
@@ -17,11 +17,11 @@ from dataclasses import replace
 
 import ray
 
-from piplay_ray import protocol
-from piplay_ray.agent import run_agent
 from piplay_ray.config import Config, LoraConfig, RolloutConfig
 from piplay_ray.engines import make_engine
 from piplay_ray.engines.base import SamplingSpec
+from piplay_ray.method import protocol
+from piplay_ray.method.agent import run_agent
 from piplay_ray.records import Doc, Trajectory
 from piplay_ray.roles import TRAINED
 

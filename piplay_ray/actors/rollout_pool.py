@@ -19,9 +19,9 @@ import ray
 
 from piplay_ray.actors.rollout import RolloutWorker, turn_limits
 from piplay_ray.config import Config, FaultConfig, LoraConfig, RolloutConfig
-from piplay_ray.console import say
 from piplay_ray.engines import named_tensors
 from piplay_ray.fault import RolloutFailed, actor_state, describe, is_actor_failure, wait_alive
+from piplay_ray.monitor.console import say
 from piplay_ray.records import Doc, Trajectory
 from piplay_ray.roles import TRAINED
 

@@ -1,9 +1,9 @@
 """The search environment: a pool of Ray actors that every rollout worker searches through.
 
 Each replica builds its retriever from the `search` config section and serves it through a
-:class:`~piplay_ray.search_service.SearchService` (micro-batching, caching, formatting, bad input; no Ray,
+:class:`~piplay_ray.actors.search_service.SearchService` (micro-batching, caching, formatting, bad input; no Ray,
 in search_service.py). Neither a replica nor the pool raises to a caller: failures come back as failed
-:class:`~piplay_ray.search_service.SearchResult` objects.
+:class:`~piplay_ray.actors.search_service.SearchResult` objects.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import random
 
 import ray
 
+from piplay_ray.actors.search_service import SearchResult, SearchService, failed
 from piplay_ray.config import FaultConfig, SearchConfig
 from piplay_ray.retrieval import make_retriever
-from piplay_ray.search_service import SearchResult, SearchService, failed
 
 
 class SearchEnvImpl:

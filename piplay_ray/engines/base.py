@@ -10,8 +10,9 @@ Everything is token ids in, token ids out: no engine ever re-tokenises text it p
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -80,3 +81,18 @@ class Engine(abc.ABC):
 
     def shutdown(self) -> None:  # noqa: B027  (an engine with nothing to free keeps this)
         """Free what the engine holds (engine processes, accelerator memory); it serves nothing after."""
+
+
+def named_tensors(weights: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs from an iterable of pairs, a dict, or a bundle with `named_tensors()`."""
+    if hasattr(weights, "named_tensors"):
+        weights = weights.named_tensors()
+    elif isinstance(weights, dict):
+        weights = weights.items()
+    if not isinstance(weights, Iterable):
+        raise TypeError(f"weights must be (name, tensor) pairs or a bundle with named_tensors(), got {type(weights)}")
+    for item in weights:
+        name, tensor = item
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"weight {name!r} is a {type(tensor).__name__}, not a tensor")
+        yield name, tensor

@@ -16,10 +16,10 @@ from collections.abc import Iterable
 import torch
 
 from piplay_ray.config import LoraConfig
-from piplay_ray.engines import adapter, named_tensors
-from piplay_ray.engines.base import Engine, Generation, SamplingSpec, TopK
+from piplay_ray.engines import adapter
+from piplay_ray.engines.base import Engine, Generation, SamplingSpec, TopK, named_tensors
 from piplay_ray.learner import lora as peft_lora
-from piplay_ray.learner.weight_sync.collective import Receiver
+from piplay_ray.weight_sync.collective import Receiver
 
 TEACHER = "teacher"  # PEFT's name for the teacher's adapter beside the policy's
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,6 +38,12 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
 
 
 class TransformersEngine(Engine):
+    @classmethod
+    def from_config(cls, model_path: str, rollout_cfg, *, dtype: str, seed: int, lora=None,
+                    **_: object) -> TransformersEngine:
+        """One process on one device: tensor parallelism, memory shares and logprob caps do not apply."""
+        return cls(model_path, dtype=dtype, seed=seed, lora=lora)
+
     def __init__(self, model_path: str, dtype: str = "auto", seed: int = 0, device: str | None = None,
                  num_threads: int | None = None, lora: LoraConfig | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer

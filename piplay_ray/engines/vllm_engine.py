@@ -19,8 +19,8 @@ from collections.abc import Iterable
 
 import torch
 
-from piplay_ray.engines import adapter, named_tensors
-from piplay_ray.engines.base import Engine, Generation, SamplingSpec, TopK
+from piplay_ray.engines import adapter
+from piplay_ray.engines.base import Engine, Generation, SamplingSpec, TopK, named_tensors
 from piplay_ray.engines.vllm_lora import LoraServing
 from piplay_ray.engines.vllm_weights import WeightLoader, sweep_orphans, write_shared
 
@@ -28,6 +28,14 @@ GiB = 1 << 30
 
 
 class VLLMEngine(LoraServing, Engine):
+    @classmethod
+    def from_config(cls, model_path: str, rollout_cfg, *, dtype: str, seed: int, max_logprobs: int,
+                    tensor_parallel_size: int, gpu_memory_utilization: float, lora=None) -> VLLMEngine:
+        return cls(model_path, dtype=dtype, seed=seed, max_model_len=rollout_cfg.max_model_len,
+                   max_num_seqs=rollout_cfg.max_num_seqs, gpu_memory_utilization=gpu_memory_utilization,
+                   kv_cache_gib=rollout_cfg.kv_cache_gib, tensor_parallel_size=tensor_parallel_size,
+                   enforce_eager=rollout_cfg.enforce_eager, max_logprobs=max_logprobs, lora=lora)
+
     def __init__(self, model_path: str, *, dtype: str = "auto", seed: int = 0, max_model_len: int = 4096,
                  max_num_seqs: int = 64, gpu_memory_utilization: float = 0.85, kv_cache_gib: float = 1.0,
                  tensor_parallel_size: int = 1, enforce_eager: bool = True, max_logprobs: int = 64,

@@ -18,7 +18,8 @@ import os
 import shutil
 import tempfile
 
-from piplay_ray.engines import adapter, named_tensors
+from piplay_ray.engines import adapter
+from piplay_ray.engines.base import named_tensors
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
 

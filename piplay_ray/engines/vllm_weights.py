@@ -23,7 +23,7 @@ from collections.abc import Iterable
 import torch
 
 from piplay_ray.engines.vllm_lora import AdapterReceiving, shm_dir
-from piplay_ray.learner.weight_sync.collective import Receiver
+from piplay_ray.weight_sync.collective import Receiver
 
 
 class WeightLoader(AdapterReceiving):

@@ -14,9 +14,9 @@ import time
 
 import ray
 
-from piplay_ray.console import say
 from piplay_ray.evolution.state import LoopState
 from piplay_ray.fault import TaskLedger, actor_state, describe
+from piplay_ray.monitor.console import say
 from piplay_ray.records import Task
 from piplay_ray.rundir import RunDir, write_atomic
 

@@ -15,14 +15,15 @@ from piplay_ray import assets
 from piplay_ray.actors.replay import ReplayStore
 from piplay_ray.actors.rollout_pool import RolloutPool
 from piplay_ray.actors.search_env import SearchEnvPool
-from piplay_ray.actors.shared_teacher import SharedTeacher
-from piplay_ray.actors.teacher import create_teacher
-from piplay_ray.actors.teacher_client import TeacherClient
 from piplay_ray.config import Config
 from piplay_ray.learner.checkpoint import latest_checkpoint
 from piplay_ray.learner.learner import LearnerGroup
-from piplay_ray.learner.weight_sync.coordinator import GroupSync
 from piplay_ray.roles import MODELS, TRAINED
+from piplay_ray.teacher.actor import create_teacher
+from piplay_ray.teacher.client import TeacherClient
+from piplay_ray.teacher.shared import SharedTeacher
+from piplay_ray.weight_sync import transport_class
+from piplay_ray.weight_sync.coordinator import GroupSync
 
 
 @dataclass
@@ -70,7 +71,7 @@ def start_actors(cfg: Config, run_path: Path) -> Actors:
                                form="adapter" if cfg.learner.lora.rank else "full")
     learner = LearnerGroup(cfg, TRAINED)
     syncs = None
-    if cfg.weight_sync.transport == "collective":  # one group per role; the student's holds the teacher too
+    if transport_class(cfg.weight_sync.transport).pushes:  # one group per role; the student's holds the teacher
         syncs = {r: GroupSync(r, learner, pools[r], teacher if r == "student" else None, cfg.fault.max_task_retries)
                  for r in TRAINED}
 

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import ray
 
-from piplay_ray.console import say
 from piplay_ray.evolution.accounting import Accounting
 from piplay_ray.evolution.state import LoopState
-from piplay_ray.examiner import load_tasks
 from piplay_ray.fault import actor_state
 from piplay_ray.learner.checkpoint import checkpoint_dir, latest_checkpoint
+from piplay_ray.method.examiner import load_tasks
+from piplay_ray.monitor.console import say
 from piplay_ray.roles import TRAINED
 
 

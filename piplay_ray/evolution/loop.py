@@ -20,16 +20,17 @@ import asyncio
 import random
 
 from piplay_ray import assets
-from piplay_ray.console import say
-from piplay_ray.evaluation import evaluate_pool
 from piplay_ray.evolution.book import RunBook
+from piplay_ray.evolution.evaluation import evaluate_pool
 from piplay_ray.evolution.phase import LearnerFailure, Phase
 from piplay_ray.evolution.policy import Policy, StudentPolicy
 from piplay_ray.evolution.steps import examiner_step, step_tasks, student_step
 from piplay_ray.evolution.taskset import write_task_set
-from piplay_ray.examiner import ExaminerSampler, gate_failures, load_tasks, save_tasks
 from piplay_ray.fault import describe, is_actor_failure
-from piplay_ray.metrics import MetricsSink
+from piplay_ray.method import privileged
+from piplay_ray.method.examiner import ExaminerSampler, gate_failures, load_tasks, save_tasks
+from piplay_ray.monitor.console import say
+from piplay_ray.monitor.metrics import MetricsSink
 from piplay_ray.records import Task, to_dict
 from piplay_ray.retrieval.corpus import Corpus
 from piplay_ray.rundir import attempts_path, eval_dir, task_set_path
@@ -47,7 +48,7 @@ class EvolutionLoop:
         self.metrics = metrics or MetricsSink(run.path, cfg.logging, config=cfg.model_dump(mode="json"))
         self.book = RunBook(cfg, run, self.metrics, actors, self.docs)
         state, log, syncs = (lambda: self.book.state), self.book.log, actors.syncs or {}
-        teach = cfg.teacher.privileged != "none"  # with `none` nothing reads the teacher
+        teach = privileged.arm(cfg.teacher.privileged).teaches  # an arm that does not teach: nothing reads the teacher
         self.policies = {
             "examiner": Policy("examiner", actors.pools["examiner"], actors.learner, state, log, syncs.get("examiner")),
             "student": StudentPolicy(actors.pools["student"], actors.learner, state, log, actors.teacher_client,

@@ -13,10 +13,10 @@ import time
 
 from tqdm import tqdm
 
-from piplay_ray.console import say
 from piplay_ray.evolution.steps import mean
 from piplay_ray.fault import describe, is_actor_failure
-from piplay_ray.metrics import learner_metrics
+from piplay_ray.monitor.console import say
+from piplay_ray.monitor.metrics import learner_metrics
 from piplay_ray.rundir import step_eval_name
 
 

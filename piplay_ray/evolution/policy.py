@@ -19,8 +19,9 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from piplay_ray.learner.weight_sync.coordinator import pool_form
-from piplay_ray.replay import within_bound
+from piplay_ray.actors.replay_buffer import within_bound
+from piplay_ray.teacher import TeacherHandle
+from piplay_ray.weight_sync.coordinator import pool_form
 
 
 class Policy:
@@ -102,7 +103,7 @@ class StudentPolicy(Policy):
     def __init__(self, pool, learner, state: Callable, log: Callable, teacher, teach: bool,
                  lam: Callable[[int], float], sync=None, groups_per_step: int = 1):
         super().__init__("student", pool, learner, state, log, sync, groups_per_step)
-        self.teacher = teacher  # actors.teacher_client.TeacherClient or actors.shared_teacher.SharedTeacher
+        self.teacher: TeacherHandle = teacher
         self.teach = teach  # False with teacher.privileged = none: nothing reads the teacher
         self.lam = lam
 

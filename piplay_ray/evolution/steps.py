@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from piplay_ray import privileged
 from piplay_ray.config import Config
-from piplay_ray.diagnostics import StepDiagnostics, sample_row
-from piplay_ray.examiner import ExaminerSampler, build_task, examiner_rewards, gate_failures
 from piplay_ray.fault import partial
-from piplay_ray.losses import group_advantages
+from piplay_ray.method import privileged
+from piplay_ray.method.diagnostics import StepDiagnostics, sample_row
+from piplay_ray.method.examiner import ExaminerSampler, build_task, examiner_rewards, gate_failures
+from piplay_ray.method.rewards import exact_match, f1, group_advantages
 from piplay_ray.records import Experience, Task, group_id
-from piplay_ray.rewards import exact_match, f1
+from piplay_ray.registry import REWARDS
 
 
 @dataclass
@@ -90,9 +90,10 @@ def step_tasks(task_set: Sequence[Task], step: int, k: int) -> list[Task]:
 
 async def student_step(step: int, cfg: Config, task_set: Sequence[Task], student_pool, teacher,
                        tokenizer) -> StepResult:
-    """One student step: `student.group_size` rollouts per task, exact match, group advantages, and the
-    teacher's top-K over the student's tokens with the privileged context (`teacher.privileged`); one group
-    per task. `teacher` needs `score(trajs, tasks, with_stats=True)`; unused with `teacher.privileged=none`."""
+    """One student step: `student.group_size` rollouts per task, the outcome reward (`student.reward`),
+    group advantages, and the teacher's top-K over the student's tokens with the privileged context
+    (`teacher.privileged`); one group per task. `teacher` needs `score(trajs, tasks, with_stats=True)`; unused
+    with an arm that does not teach (`none`)."""
     g, tcfg = cfg.student.group_size, cfg.teacher
     tasks = step_tasks(task_set, step, cfg.student.tasks_per_step)
     groups, reason = await partial(student_pool.student_rollouts([t.question for t in tasks], g))
@@ -102,11 +103,12 @@ async def student_step(step: int, cfg: Config, task_set: Sequence[Task], student
     slot, tasks, groups = zip(*[(i, t, gr) for i, (t, gr) in enumerate(zip(tasks, groups, strict=True))
                                 if gr is not None], strict=True)  # slot: a task used twice is two groups
     flat = [(task, traj) for task, group in zip(tasks, groups, strict=True) for traj in group]
-    rewards = [exact_match(traj.answer, task.answer) for task, traj in flat]
-    advantages = group_advantages(rewards, g, cfg.learner.loss.std_normalize).tolist()
-    if tcfg.privileged != "none":
+    reward = REWARDS.load(cfg.student.reward)
+    rewards = [float(reward(traj.answer, task.answer)) for task, traj in flat]
+    advantages = group_advantages(rewards, g, cfg.learner.loss.std_normalize)
+    if privileged.arm(tcfg.privileged).teaches:
         scores, tstats = await teacher.score([tr for _, tr in flat], [t for t, _ in flat], with_stats=True)
-    else:  # no teacher: the learner gets no teacher fields
+    else:  # an arm with no teacher: the learner gets no teacher fields
         scores, tstats = [(None, None, None)] * len(flat), {}
     texts = {t.id: privileged.render(t, tcfg.privileged, tcfg.doc_token_budget, seed=cfg.run.seed) for t in tasks}
     diag, exps, rows = StepDiagnostics(), [], []
@@ -123,7 +125,7 @@ async def student_step(step: int, cfg: Config, task_set: Sequence[Task], student
             rows.append(sample_row(task, traj, r, tokens, t_ids, t_lps, t_tail))
     trajs = [tr for _, tr in flat]
     metrics = {
-        "student/reward": mean(rewards), "student/em": mean(rewards),
+        "student/reward": mean(rewards), "student/em": mean([exact_match(tr.answer, t.answer) for t, tr in flat]),
         "student/answer_rate": mean([t.finish_reason == "answer" for t in trajs]),
         "student/groups_with_signal": mean([max(rewards[i : i + g]) > min(rewards[i : i + g])
                                             for i in range(0, len(rewards), g)]),

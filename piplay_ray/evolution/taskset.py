@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from piplay_ray.config import Config
-from piplay_ray.evaluation import builtin_eval_set
-from piplay_ray.examiner import ExaminerSampler, compose_task_set, select_tasks, write_tasks
+from piplay_ray.method.examiner import ExaminerSampler, compose_task_set, select_tasks, write_tasks
+from piplay_ray.method.qa import builtin_eval_set
 from piplay_ray.records import Hop, Task
 
 

@@ -22,8 +22,8 @@ from piplay_ray.config import Config, LearnerConfig, WeightSyncConfig
 from piplay_ray.learner import checkpoint, lora, offload, rank_checkpoint, step
 from piplay_ray.learner.rank_env import rank_env, unlink_shm_buffers
 from piplay_ray.learner.role_engine import RoleEngine
-from piplay_ray.learner.weight_sync import make_transport
 from piplay_ray.records import Experience
+from piplay_ray.weight_sync import make_transport
 
 
 def rank_args(cfg: Config, roles: Sequence[str]) -> dict:
@@ -173,13 +173,13 @@ class LearnerWorkerImpl:
         return bundle
 
     def open_sync_group(self, role: str, world: int, generation: int) -> dict:
-        """Collective transport, rank 0: start a new generation of the role's group, hosted here."""
+        """A pushing transport (collective), rank 0: start a new generation of the role's group, hosted here."""
         import dataclasses
 
         import ray
 
         ws = self.weight_sync
-        rdv = self._transport(role, "collective").open(ray.util.get_node_ip_address(), world, generation,
+        rdv = self._transport(role, self.weight_sync.transport).open(ray.util.get_node_ip_address(), world, generation,
                                                         ws.timeout_s, ws.backend)
         return dataclasses.asdict(rdv)
 

@@ -2,23 +2,20 @@
 
 Per trained role: rank 0 writes the Hugging Face folder (with LoRA, also the adapter in PEFT format) and
 every rank its share of the DeepSpeed training state (optimizer shards, scheduler), with the role's version
-and the groups it trained; then each rank's RNG state. Loading restores all of it.
+and the groups it trained; then each rank's RNG state. Loading restores all of it. `worker` is the rank's
+`rank.LearnerWorkerImpl` (not imported: rank.py imports this module).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from piplay_ray.learner import checkpoint, lora
 
-if TYPE_CHECKING:
-    from piplay_ray.learner.rank import LearnerWorkerImpl
 
-
-def save(worker: LearnerWorkerImpl, path: Path) -> None:
+def save(worker, path: Path) -> None:
     """Write this rank's part of a checkpoint into `path` (the group renames it when all are done)."""
     for role, pol in worker.policies.items():
         with worker.resident(role):
@@ -38,7 +35,7 @@ def save(worker: LearnerWorkerImpl, path: Path) -> None:
     torch.distributed.barrier()
 
 
-def load(worker: LearnerWorkerImpl, path: Path) -> dict[str, int]:
+def load(worker, path: Path) -> dict[str, int]:
     """Restore what `save` wrote: each role's training state and version, and this rank's RNG."""
     for role, pol in worker.policies.items():
         if not (path / role / "train_state").is_dir():

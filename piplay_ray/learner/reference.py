@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from piplay_ray.learner.hidden import HiddenForward
-from piplay_ray.losses import masked_logprobs
+from piplay_ray.learner.losses import masked_logprobs
 
 
 class Reference:

@@ -13,11 +13,12 @@ from collections.abc import Sequence
 
 import torch
 
-from piplay_ray import heap
+from piplay_ray.cluster import heap
 from piplay_ray.config import LearnerConfig
 from piplay_ray.learner import batching
+from piplay_ray.learner.collate import collate
+from piplay_ray.learner.losses import compute_loss, sft_loss, step_normalizers
 from piplay_ray.learner.role_engine import RoleEngine
-from piplay_ray.losses import collate, compute_loss, sft_loss, step_normalizers
 from piplay_ray.records import Experience
 
 _ADDITIVE = {"loss", "pg_loss", "tokens"}  # summed over micro-batches; every other metric is a token mean

@@ -18,6 +18,7 @@ import scipy.sparse as sp
 import Stemmer
 from bm25s.tokenization import Tokenized, Tokenizer
 
+from piplay_ray.assets import resolve_corpus
 from piplay_ray.records import Doc
 from piplay_ray.retrieval.base import Retriever
 from piplay_ray.retrieval.corpus import Corpus, build_once, index_folder
@@ -53,6 +54,15 @@ def build_bm25_index(corpus: Corpus, index_dir: str | None = None, k1: float = 0
 
 
 class BM25Retriever(Retriever):
+    @classmethod
+    def from_config(cls, cfg, show_progress: bool = False) -> BM25Retriever:
+        return cls(resolve_corpus(cfg.corpus), cfg.index_dir, show_progress=show_progress, max_topk=cfg.max_topk,
+                   max_query_chars=cfg.max_query_chars)
+
+    @classmethod
+    def build_index(cls, cfg) -> Path:
+        return build_bm25_index(Corpus(resolve_corpus(cfg.corpus)), cfg.index_dir, show_progress=True)
+
     def __init__(self, corpus: str | os.PathLike | Corpus, index_dir: str | None = None, max_topk: int = 50,
                  max_query_chars: int = 512, title_weight: float = 1.0, show_progress: bool = False):
         self.corpus = corpus if isinstance(corpus, Corpus) else Corpus(corpus)

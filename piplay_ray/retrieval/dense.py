@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from piplay_ray.assets import encoder_path
+from piplay_ray.assets import encoder_path, resolve_corpus
 from piplay_ray.records import Doc
 from piplay_ray.retrieval.base import Retriever
 from piplay_ray.retrieval.corpus import Corpus, build_once, index_folder
@@ -123,6 +123,17 @@ def build_dense_index(corpus: Corpus, encoder: str = "builtin:minilm", passage_p
 
 
 class DenseRetriever(Retriever):
+    @classmethod
+    def from_config(cls, cfg, show_progress: bool = False) -> DenseRetriever:
+        return cls(resolve_corpus(cfg.corpus), cfg.encoder, cfg.query_prefix, cfg.passage_prefix, cfg.faiss_index,
+                   cfg.index_dir, show_progress=show_progress, shard_docs=cfg.index_shard_docs,
+                   max_topk=cfg.max_topk, max_query_chars=cfg.max_query_chars)
+
+    @classmethod
+    def build_index(cls, cfg) -> Path:
+        return build_dense_index(Corpus(resolve_corpus(cfg.corpus)), cfg.encoder, cfg.passage_prefix,
+                                 cfg.faiss_index, cfg.index_dir, show_progress=True, shard_docs=cfg.index_shard_docs)
+
     def __init__(self, corpus: str | os.PathLike | Corpus, encoder: str = "builtin:minilm", query_prefix: str = "",
                  passage_prefix: str = "", faiss_index: str = "flat", index_dir: str | None = None,
                  max_topk: int = 50, max_query_chars: int = 512, show_progress: bool = False,

@@ -34,6 +34,13 @@ def doc_from_wire(item: dict) -> Doc:
 
 
 class HttpRetriever(Retriever):
+    """The server owns the index: `build_index` has nothing to build."""
+
+    @classmethod
+    def from_config(cls, cfg, show_progress: bool = False) -> HttpRetriever:
+        return cls(cfg.url, cfg.timeout_s, cfg.retries, cfg.backoff_s, max_topk=cfg.max_topk,
+                   max_query_chars=cfg.max_query_chars)
+
     def __init__(self, url: str = "http://127.0.0.1:8000", timeout_s: float = 10.0, retries: int = 3,
                  backoff_s: float = 0.5, max_topk: int = 50, max_query_chars: int = 512, pool_size: int = 16):
         self.endpoint = url.rstrip("/") + "/retrieve"

@@ -1,0 +1,118 @@
+"""The weight-sync transport interface, its registry, and the bucket packing both transports share.
+
+A transport turns the learner's full (gathered) parameters, under Hugging Face names, into a *bundle*:
+a small picklable object that travels to every receiver (rollout workers, the teacher) and yields
+`(name, tensor)` pairs there through `named_tensors()` (object store), or a *receipt* saying the weights were
+already broadcast to every member of the role's group (collective). Parameters are packed into a few
+contiguous byte buckets so a sync costs a handful of transfers, not one per tensor. This module never
+imports a transport; `registry.TRANSPORTS` names them.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import ClassVar, Protocol, runtime_checkable
+
+import torch
+
+ALIGN = 64  # bytes: every tensor starts aligned, so a dtype view of the bucket is always legal
+
+
+@runtime_checkable
+class WeightBundle(Protocol):
+    version: int
+    nbytes: int
+
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]: ...
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # torch dtype name without the "torch." prefix, e.g. "bfloat16"
+    shape: tuple[int, ...]
+    offset: int  # byte offset in its bucket
+    nbytes: int
+
+
+def _dtype(name: str) -> torch.dtype:
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"unknown tensor dtype {name!r}")
+    return dt
+
+
+def _aligned(n: int) -> int:
+    return -(-n // ALIGN) * ALIGN
+
+
+def pack_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
+                 scratch: list[torch.Tensor] | None = None,
+                 device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, list[TensorSpec]]]:
+    """Yield (uint8 bucket on `device`, specs) pairs; a tensor larger than `bucket_bytes` gets its own bucket.
+
+    Tensors are consumed one at a time, so a generator that gathers ZeRO-3 shards on demand never holds
+    more than one bucket of full parameters. With `scratch` (a list the caller keeps), bucket memory is
+    reused across calls instead of freshly allocated and page-faulted each time; the yielded bucket is
+    then only valid until the next one is requested.
+    """
+    pending: list[tuple[str, torch.Tensor]] = []
+    size = 0
+    index = 0
+
+    def flush() -> tuple[torch.Tensor, list[TensorSpec]]:
+        nonlocal index
+        if scratch is None:
+            buf = torch.empty(size, dtype=torch.uint8, device=device)
+        else:
+            if index == len(scratch):
+                scratch.append(torch.empty(0, dtype=torch.uint8))
+            if scratch[index].numel() < size or scratch[index].device != torch.device(device):
+                scratch[index] = torch.empty(max(size, bucket_bytes), dtype=torch.uint8, device=device)
+            buf = scratch[index][:size]
+            index += 1
+        specs, off = [], 0
+        for name, t in pending:
+            n = t.numel() * t.element_size()
+            buf[off: off + n].copy_(t.reshape(-1).view(torch.uint8))
+            specs.append(TensorSpec(name, str(t.dtype).removeprefix("torch."), tuple(t.shape), off, n))
+            off += _aligned(n)
+        return buf, specs
+
+    for name, tensor in named:
+        t = tensor.detach().to(device).contiguous()
+        n = _aligned(t.numel() * t.element_size())
+        if pending and size + n > bucket_bytes:
+            yield flush()
+            pending, size = [], 0
+        pending.append((name, t))
+        size += n
+    if pending:
+        yield flush()
+
+
+def unpack_bucket(buf: torch.Tensor, specs: Iterable[TensorSpec]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Views into `buf` (no copy) with each tensor's dtype and shape."""
+    for s in specs:
+        yield s.name, buf[s.offset: s.offset + s.nbytes].view(_dtype(s.dtype)).view(s.shape)
+
+
+class Transport(abc.ABC):
+    """Publishes one version of a policy's weights as a bundle; one subclass per file, named in
+    `registry.TRANSPORTS`."""
+
+    name: ClassVar[str]
+    # True: `publish` delivers to every member of the role's group, which the driver runs (coordinator.py);
+    # False: receivers pull the returned bundle
+    pushes: ClassVar[bool] = False
+    in_shared_memory: ClassVar[bool] = False  # bundles live in the node's /dev/shm (cluster.host_memory counts them)
+
+    def __init__(self, bucket_mb: int = 256, device: torch.device | str = "cpu"):
+        self.bucket_bytes = int(bucket_mb) << 20
+
+    @abc.abstractmethod
+    def publish(self, version: int, named: Iterable[tuple[str, torch.Tensor]]) -> WeightBundle:
+        """Called on the learner's rank 0 with full parameters; the bundle it returns is sent to receivers."""
+
