@@ -150,7 +150,7 @@ class StudentConfig(Section):
 class TeacherConfig(Section):
     # what serves the teacher: its own transformers model or vLLM engine (a separate actor, teacher.num_gpus),
     # or `shared`: the student's rollout engines with the teacher's EMA adapter as a second adapter (needs
-    # learner.lora; no teacher actor, model or GPU; actors/shared_teacher.py)
+    # learner.lora; no teacher actor, model or GPU; teacher/shared.py)
     backend: plugin(ENGINES, "shared") = "transformers"
     top_k: PosInt = 20
     tail_bucket: bool = True

@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 from pydantic import Field, ValidationError
 
-from piplay_ray.cluster import run_tasks as experiment_tasks
+from piplay_ray.cluster import run_tasks
 from piplay_ray.cluster.layout import layout
 from piplay_ray.config import ConfigError, Section, load_config
 from piplay_ray.rundir import METRICS, SUMMARY, eval_dir, step_eval_name
@@ -140,7 +140,7 @@ class Experiment:
                                     *overrides, f"run.dir={run_dir}"], run_dir)
             if todo and self.spec.parallel:
                 address = address or self._connect()
-                failed = experiment_tasks.run_together(todo, address)
+                failed = run_tasks.run_together(todo, address)
             else:
                 failed = [self._run_here(label, cmd, run_dir) for label, (cmd, run_dir) in todo.items()]
             if any(failed):
@@ -169,5 +169,5 @@ class Experiment:
     def _connect(self) -> str:
         """The Ray cluster the runs join, with room on this machine for the largest wave when started here."""
         configs = [load_config(self.spec.config, overrides) for *_, overrides in self.runs()]
-        return experiment_tasks.connect(configs[0], max(len(w) for w in self.waves()) *
+        return run_tasks.connect(configs[0], max(len(w) for w in self.waves()) *
                                         max(layout(c).total_cpus for c in configs))

@@ -94,7 +94,7 @@ def train(cfg: Config, make_loop: Callable[[Config, RunDir], EvolutionLoop] = st
     once Ray is up (tests hand in one that keeps a reference to it)."""
     check_resume(cfg, run_path(cfg))
     run = RunDir.create(cfg)
-    say(f"run directory: {run.path}")
+    say(f"run directory: {console.shown(run.path)}")
     init_ray(cfg, run.path)
     check_cluster(cfg)  # too few CPUs/GPUs: fail now, naming them, not at a placement-group timeout
     cfg = warmup.prepare(cfg)  # a warm start named by the config: built once, then cached
@@ -123,5 +123,5 @@ def train(cfg: Config, make_loop: Callable[[Config, RunDir], EvolutionLoop] = st
             ray.shutdown()
     if loop.state.phase == "done":
         say("run summary (summary.json):\n  " + "\n  ".join(summary.lines(summary.write(run.path))))
-    say(f"done: {loop.state.global_step} learner steps; run directory {run.path}")
+    say(f"done: {loop.state.global_step} learner steps; run directory {console.shown(run.path)}")
     return run.path

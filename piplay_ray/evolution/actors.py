@@ -19,6 +19,7 @@ from piplay_ray.config import Config
 from piplay_ray.learner.checkpoint import latest_checkpoint
 from piplay_ray.learner.learner import LearnerGroup
 from piplay_ray.roles import MODELS, TRAINED
+from piplay_ray.teacher import TeacherHandle
 from piplay_ray.teacher.actor import create_teacher
 from piplay_ray.teacher.client import TeacherClient
 from piplay_ray.teacher.shared import SharedTeacher
@@ -31,7 +32,7 @@ class Actors:
     search: object  # SearchEnvPool
     pools: dict[str, object]  # role -> RolloutPool
     teacher: object  # the Teacher actor; None with teacher.backend=shared
-    teacher_client: object  # TeacherClient on `teacher`, or the SharedTeacher on the student's engines
+    teacher_client: TeacherHandle  # TeacherClient on `teacher`, or the SharedTeacher on the student's engines
     learner: object  # LearnerGroup
     replay: object  # ReplayStore actor
     syncs: dict[str, object] | None = None  # role -> GroupSync with weight_sync.transport=collective

@@ -22,7 +22,7 @@ from piplay_ray.evolution.state import LoopState
 from piplay_ray.fault import actor_state
 from piplay_ray.learner.checkpoint import checkpoint_dir, latest_checkpoint
 from piplay_ray.method.examiner import load_tasks
-from piplay_ray.monitor.console import say
+from piplay_ray.monitor.console import say, shown
 from piplay_ray.roles import TRAINED
 
 
@@ -50,7 +50,7 @@ class RunBook(Accounting):
         self.restore(ckpt)
         asyncio.run(self.actors.teacher_client.load_checkpoint(str(Path(ckpt) / "teacher")))
         st = self.state
-        say(f"resumed from {ckpt}: iteration {st.iteration}, phase {st.phase}, {st.phase_steps} steps done in "
+        say(f"resumed from {shown(ckpt)}: iteration {st.iteration}, phase {st.phase}, {st.phase_steps} steps done in "
             f"it, versions {st.versions}")
         return True
 
@@ -87,7 +87,7 @@ class RunBook(Accounting):
             self.write_accounting()
             raise SystemExit(f"piplay: the replay store failed {n} times (fault.max_actor_restarts={limit}); last "
                              f"error: {error}. Stopping. Rerun the same command to resume from {ckpt}.")
-        say(f"replay store failed ({error}); a new one, and everything back to {ckpt} ({n}/{limit})")
+        say(f"replay store failed ({error}); a new one, and everything back to {shown(ckpt)} ({n}/{limit})")
         await self.roll_back(ckpt)
 
     async def roll_back(self, ckpt: Path) -> None:

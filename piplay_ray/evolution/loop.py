@@ -29,7 +29,7 @@ from piplay_ray.evolution.taskset import write_task_set
 from piplay_ray.fault import describe, is_actor_failure
 from piplay_ray.method import privileged
 from piplay_ray.method.examiner import ExaminerSampler, gate_failures, load_tasks, save_tasks
-from piplay_ray.monitor.console import say
+from piplay_ray.monitor.console import say, shown
 from piplay_ray.monitor.metrics import MetricsSink
 from piplay_ray.records import Task, to_dict
 from piplay_ray.retrieval.corpus import Corpus
@@ -137,7 +137,7 @@ class EvolutionLoop:
             self.book.task_set = load_tasks(task_set_path(shared, it))
             save_tasks(self.run.task_set(it), self.book.task_set)
             self.state.accounting[f"iter-{it}-tasks"] = {"issued": len(self.book.task_set), "from": str(shared)}
-            say(f"iteration {it}: task set of {len(self.book.task_set)} from {task_set_path(shared, it)}")
+            say(f"iteration {it}: task set of {len(self.book.task_set)} from {shown(task_set_path(shared, it))}")
             return
         await examiner.sync_pool()
         found = self.state.candidates  # examiner step -> its gate-passing tasks, oldest step first
@@ -157,7 +157,7 @@ class EvolutionLoop:
                        "tasks/training_candidates": ts.training_candidates, "tasks/rule_built": ts.rule_built},
                       "examiner")
         say(f"iteration {it}: task set of {len(ts.tasks)} ({ts.examiner_written} by the final examiner, "
-            f"{ts.training_candidates} training candidates) -> {path}")
+            f"{ts.training_candidates} training candidates) -> {shown(path)}")
 
     def close_task_set(self) -> None:
         """End of a student phase: every task of the set is trained or dropped with a reason."""

@@ -9,7 +9,7 @@ Weights move one of two ways (`weight_sync.transport`): the object store, where 
 from the learner and `sync_pool` pushes it to the pool; or a collective group per role, where nothing moves
 at `publish` and `sync_pool` runs one broadcast from learner rank 0 to the pool (and, for the student, the
 teacher). With `learner.lora` and engines that serve LoRA, what moves to the pool is the adapter alone
-(`form` "adapter"); the teacher's EMA is then over the adapter too (its `form`, teacher_adapter.py), so it gets
+(`form` "adapter"); the teacher's EMA is then over the adapter too (its `form`, teacher/adapter.py), so it gets
 the adapter alone, in the broadcast when the pool's form is its own, else through the object store.
 """
 

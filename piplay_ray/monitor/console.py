@@ -60,9 +60,19 @@ def quiet_driver(verbose: bool) -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def shown(path: str | os.PathLike) -> str:
+    """`path` as the terminal shows it: relative to the working directory when inside it, else absolute."""
+    full = Path(path).resolve()
+    try:
+        return str(full.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(full)
+
+
 def where(run_dir: str | os.PathLike) -> str:
     """The hint added to an actor error: which folder holds the actors' output."""
-    return f"actor output: {log_dir(run_dir)}/ (worker-<pid>.log; `grep -l Error {log_dir(run_dir)}/*`)"
+    logs = shown(log_dir(run_dir))
+    return f"actor output: {logs}/ (worker-<pid>.log; `grep -l Error {logs}/*`)"
 
 
 def say(msg: str) -> None:

@@ -3,10 +3,10 @@
 It keeps the EMA master weights psi in float32 (so tau * (theta - psi) steps are not rounded away) and a
 scoring backend: a transformers model (batched, left-padded forward; only the response logits are
 materialised) or a vLLM engine (`prompt_topk`, i.e. prompt logprobs); what is scored and how is
-`teacher_scoring.py`. Under `learner.lora` (`lora`) the masters are the EMA *adapter* over the frozen base
-(teacher_adapter.py): each update is the student's adapter only. Every update carries the student's version;
+`scoring.py`. Under `learner.lora` (`lora`) the masters are the EMA *adapter* over the frozen base
+(adapter.py): each update is the student's adapter only. Every update carries the student's version;
 an EMA step for a version the teacher already holds is skipped, so a retried call cannot apply the same step
-twice. The driver reaches it through `actors.teacher_client.TeacherClient`.
+twice. The driver reaches it through `client.TeacherClient`.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The teacher as a second adapter on the student's rollout engines (`teacher.backend: shared`, with learner.lora).
 
-No teacher model, actor or GPU: the teacher's EMA adapter (teacher_adapter.py: float32 masters, megabytes)
+No teacher model, actor or GPU: the teacher's EMA adapter (adapter.py: float32 masters, megabytes)
 lives here, on the driver, and each score request hands it to the student's engines by object-store reference;
 an engine fetches it only when it holds another version (a new EMA step, or a restarted worker) and scores
 the teacher context with it in place of the student's adapter: prompt logprobs, top-K and tail as a separate
-teacher on an engine gives them (`teacher_scoring`). It has the `TeacherClient` interface, so the loop does not
+teacher on an engine gives them (`scoring.py`). It is a `TeacherHandle` like `TeacherClient`, so the loop does not
 know which teacher it has; its EMA is driver state, saved in the checkpoint's teacher file like a teacher's.
 """
 

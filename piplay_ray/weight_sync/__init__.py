@@ -2,20 +2,28 @@
 
 | transport | sender (learner rank 0) | receiver | `pushes` | in /dev/shm |
 |---|---|---|---|---|
-| `object_store` | packs buckets, `ray.put`s each once; returns a bundle | `bundle.named_tensors()`, zero-copy views | no | yes |
-| `collective` | broadcasts frames to the role's group (NCCL on GPUs, gloo on CPU); returns a receipt | `collective.Receiver.receive(ticket)` | yes | no |
+| `object_store` | packs buckets, `ray.put`s each once; returns a bundle | the bundle (`WeightBundle`): zero-copy views | no | yes |
+| `collective` | broadcasts frames to the role's group (NCCL on GPUs, gloo on CPU); returns a receipt | `collective.Receiver` (a `Receiver`) | yes | no |
 
 A pulling transport's bundle travels to each receiver, which reads it; a pushing one delivers during
 `publish` to every member of a role's group, which the driver runs (`coordinator.GroupSync`) so every member
-takes part. `base.py` holds the interface and the bucket packing both share, `group.py` the process group of a
-pushing transport. A new transport is a `base.Transport` subclass in a file of its own and one line in
-`registry.TRANSPORTS`; this package never imports a transport until one is asked for.
+takes part. `base.py` holds both sides' interface (`Transport`; `WeightBundle`, `Receiver`) and the bucket
+packing they share, `group.py` the process group of a pushing transport. A new transport is a `base.Transport`
+subclass (and its receiving side) in a file of its own and one line in `registry.TRANSPORTS`; this package
+never imports a transport until one is asked for.
 """
 
 from __future__ import annotations
 
 from piplay_ray.registry import TRANSPORTS
-from piplay_ray.weight_sync.base import TensorSpec, Transport, WeightBundle, pack_buckets, unpack_bucket
+from piplay_ray.weight_sync.base import (
+    Receiver,
+    TensorSpec,
+    Transport,
+    WeightBundle,
+    pack_buckets,
+    unpack_bucket,
+)
 
 
 def transport_class(kind: str) -> type[Transport]:
@@ -28,5 +36,5 @@ def make_transport(kind: str, bucket_mb: int = 256, **kwargs) -> Transport:
     return transport_class(kind)(bucket_mb=bucket_mb, **kwargs)
 
 
-__all__ = ["TensorSpec", "Transport", "WeightBundle", "make_transport", "pack_buckets", "transport_class",
+__all__ = ["Receiver", "TensorSpec", "Transport", "WeightBundle", "make_transport", "pack_buckets", "transport_class",
            "unpack_bucket"]

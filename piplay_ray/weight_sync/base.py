@@ -22,10 +22,24 @@ ALIGN = 64  # bytes: every tensor starts aligned, so a dtype view of the bucket 
 
 @runtime_checkable
 class WeightBundle(Protocol):
+    """The receiving side of a pulling transport: the bundle travels to the receiver, which reads it."""
+
     version: int
     nbytes: int
 
     def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]: ...
+
+
+class Receiver(abc.ABC):
+    """The receiving side of a pushing transport: one per receiving process, taking part in each sync."""
+
+    @abc.abstractmethod
+    def receive(self, ticket: dict, rank_offset: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+        """The weights of the sync `ticket` names as they arrive; consume it to the end (every member must)."""
+
+    def drain(self, ticket: dict, rank_offset: int = 0) -> int:
+        """Take part in a sync without loading anything; returns the tensors skipped."""
+        return sum(1 for _ in self.receive(ticket, rank_offset))
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import base
 from .base import TensorSpec, Transport, pack_buckets, unpack_bucket
 from .group import Rendezvous, host_store, make_group
 
@@ -58,7 +59,7 @@ class Member:
         return self._pg.broadcast(t, 0)
 
 
-class Receiver(Member):
+class Receiver(Member, base.Receiver):
     def receive(self, ticket: dict, rank_offset: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
         """The weights of `ticket['version']` as they arrive, one bucket at a time; consume it to the end.
         A ticket whose version is None takes the version the sender holds (a resync); `self.version` says
@@ -84,10 +85,6 @@ class Receiver(Member):
         except BaseException:
             self.leave()  # a sync cut short leaves the group out of step: rejoin at the next generation
             raise
-
-    def drain(self, ticket: dict, rank_offset: int = 0) -> int:
-        """Take part in a sync without loading anything; returns the tensors skipped."""
-        return sum(1 for _ in self.receive(ticket, rank_offset))
 
 
 @dataclass

@@ -1,0 +1,19 @@
+"""A toy privileged arm and a toy outcome reward: plug-ins from outside the package, named in a config as
+`helpers.plugins:TOY_ARM` and `helpers.plugins:toy_reward` (tests/ is on every Ray worker's PYTHONPATH)."""
+
+from __future__ import annotations
+
+from piplay_ray.method.privileged import Arm
+
+
+def _hint(task, budget, cap, seed) -> str:
+    return f"Hint: the answer has {len(task.answer.split())} word(s) and starts with {task.answer[:1]!r}."
+
+
+TOY_ARM = Arm("toy_hint", _hint, shortens=False)
+TOY_REWARD = 0.5
+
+
+def toy_reward(prediction: str | None, golden) -> float:
+    """TOY_REWARD for any answer at all, 0 for none: unlike exact match, so a run shows which one it used."""
+    return TOY_REWARD if prediction else 0.0
