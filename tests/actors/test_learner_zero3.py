@@ -12,13 +12,12 @@ from __future__ import annotations
 import pytest
 import ray
 import torch
-from helpers.learner import LR, experience_batch, learner_config, load_model
+from helpers.learner import W_ATOL, experience_batch, learner_config, load_model
 from transformers import AutoModelForCausalLM
 
 from piplay_ray.learner.learner import LearnerGroup
 
 # Adam moves each weight by about lr a step; ZeRO-3 and ZeRO-2 sum gradients in different orders, so weights agree to 1% of lr and losses and gradient norms to 1e-4 relative.
-W_ATOL = LR * 0.01
 SCHEDULE = [("examiner", 31), ("student", 32), ("examiner", 33), ("student", 34)]  # every step switches role
 
 

@@ -11,9 +11,9 @@ def _hint(task, budget, cap, seed) -> str:
 
 
 TOY_ARM = Arm("toy_hint", _hint, shortens=False)
-TOY_REWARD = 0.5
+TOY_REWARD = 0.37  # no mean of exact matches over the tiny config's 4 samples a step
 
 
 def toy_reward(prediction: str | None, golden) -> float:
-    """TOY_REWARD for any answer at all, 0 for none: unlike exact match, so a run shows which one it used."""
-    return TOY_REWARD if prediction else 0.0
+    """TOY_REWARD whatever the answer: a run's `student/reward` then shows which reward it used."""
+    return TOY_REWARD

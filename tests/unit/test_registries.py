@@ -30,6 +30,9 @@ def test_every_entry_loads_as_its_kind(registry):
             assert isinstance(entry, Arm) and entry.name == name
         else:
             assert entry("Paris", ["Paris"]) == 1.0 and entry("Lyon", ["Paris"]) == 0.0
+    if registry in (ENGINES, RETRIEVERS):  # what make_engine / make_retriever call
+        base = KINDS[registry].__dict__.get("from_config")
+        assert all(registry.load(n).__dict__.get("from_config") not in (None, base) for n in registry.names())
     if registry is TRANSPORTS:
         assert all(registry.load(n).name == n for n in registry.names())
 
