@@ -124,4 +124,3 @@ def context_ids(tokenizer, task: Task, name: str, budget: int | None, room: int 
 
     cap, ok = fit_cap(length_at, room, longest_doc_words(task))
     return (ids_at(cap), True) if ok else (None, False)
-

@@ -129,4 +129,3 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def publish(self, version: int, named: Iterable[tuple[str, torch.Tensor]]) -> WeightBundle:
         """Called on the learner's rank 0 with full parameters; the bundle it returns is sent to receivers."""
-

@@ -126,4 +126,3 @@ def test_zero3_checkpoint_with_an_offloaded_role_resumes_exactly(runs, tmp_path)
     for r in ("examiner", "student"):
         for name, t in z3.state_dict(r).items():
             assert torch.equal(t, after[r][name]), (r, name)
-
