@@ -1,5 +1,5 @@
 """Deployment artefacts: cluster configs, their resource layout, the KubeRay manifests and the submit wrapper's
-pure parts. No cluster needed; tests/runs/test_deploy_submit.py submits to a real local Ray head."""
+pure parts. No cluster needed; tests/integration/test_deploy_submit.py submits to a real local Ray head."""
 
 from __future__ import annotations
 
