@@ -159,7 +159,7 @@ class TransformersEngine(Engine):
 
     @torch.inference_mode()
     def _copy_adapter(self, into: dict[str, torch.nn.Parameter], weights) -> None:
-        new = dict(named_tensors(weights))
+        new = adapter.as_dict(named_tensors(weights))  # a transport's views last only until its next bucket
         adapter.check(new, self._lora)
         if set(new) != set(into):
             missing, extra = sorted(set(into) - set(new)), sorted(set(new) - set(into))

@@ -20,6 +20,11 @@ import torch
 ALIGN = 64  # bytes: every tensor starts aligned, so a dtype view of the bucket is always legal
 
 
+class SyncError(RuntimeError):
+    """A sync cut short by a peer: a stalled or dead member, a timed-out or aborted collective. Every member
+    raises it within `weight_sync.timeout_s`; the coordinator retries the sync on a new generation."""
+
+
 @runtime_checkable
 class WeightBundle(Protocol):
     """The receiving side of a pulling transport: the bundle travels to the receiver, which reads it."""
@@ -62,31 +67,69 @@ def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def pack_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int,
-                 scratch: list[torch.Tensor] | None = None,
+class BucketRing:
+    """At most `slots` bucket buffers on one device, handed out in turn; a slot is reused only after the
+    transfer that last used it has completed (`sent(work)` records it, `take` waits on it).
+
+    A sync makes one and drops it at the end (`release`), so its extra memory is at most `slots` x the
+    largest bucket and nothing outlives the sync (a transport cached per role would otherwise keep every
+    bucket of the model: the whole model again). `peak` is the most bucket bytes it held at once.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", slots: int = 2, wait=None):
+        self.device, self.slots = torch.device(device), slots
+        self._wait = wait or (lambda work: work.wait())
+        self._bufs: list[torch.Tensor | None] = [None] * slots
+        self._works: list = [None] * slots
+        self._i = -1
+        self.peak = 0
+
+    def take(self, size: int) -> torch.Tensor:
+        """A uint8 buffer of `size` bytes: the next slot, once its last transfer is done."""
+        self._i = (self._i + 1) % self.slots
+        if self._works[self._i] is not None:
+            work, self._works[self._i] = self._works[self._i], None
+            self._wait(work)
+        buf = self._bufs[self._i]
+        if buf is None or buf.numel() < size:
+            self._bufs[self._i] = None  # free the small one before allocating its successor
+            buf = self._bufs[self._i] = torch.empty(size, dtype=torch.uint8, device=self.device)
+        self.peak = max(self.peak, sum(b.numel() for b in self._bufs if b is not None))
+        return buf[:size]
+
+    def sent(self, work) -> None:
+        """The buffer last taken is on the wire until `work` completes."""
+        self._works[self._i] = work
+
+    def flush(self) -> None:
+        """Wait for every transfer still in flight."""
+        for i, work in enumerate(self._works):
+            if work is not None:
+                self._works[i] = None
+                self._wait(work)
+
+    def release(self) -> None:
+        """Drop every buffer (after `flush`); on a GPU also hand the cached blocks back to the driver, which
+        a vLLM worker's allocator would otherwise keep for the rest of the run."""
+        self._bufs = [None] * self.slots
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def pack_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, ring: BucketRing | None = None,
                  device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, list[TensorSpec]]]:
     """Yield (uint8 bucket on `device`, specs) pairs; a tensor larger than `bucket_bytes` gets its own bucket.
 
     Tensors are consumed one at a time, so a generator that gathers ZeRO-3 shards on demand never holds
-    more than one bucket of full parameters. With `scratch` (a list the caller keeps), bucket memory is
-    reused across calls instead of freshly allocated and page-faulted each time; the yielded bucket is
-    then only valid until the next one is requested.
+    more than one bucket of full parameters. With a `ring` the buckets are its buffers (reused, so a bucket
+    is valid until the ring hands its slot out again); without, each is freshly allocated.
     """
     pending: list[tuple[str, torch.Tensor]] = []
     size = 0
-    index = 0
 
     def flush() -> tuple[torch.Tensor, list[TensorSpec]]:
-        nonlocal index
-        if scratch is None:
-            buf = torch.empty(size, dtype=torch.uint8, device=device)
-        else:
-            if index == len(scratch):
-                scratch.append(torch.empty(0, dtype=torch.uint8))
-            if scratch[index].numel() < size or scratch[index].device != torch.device(device):
-                scratch[index] = torch.empty(max(size, bucket_bytes), dtype=torch.uint8, device=device)
-            buf = scratch[index][:size]
-            index += 1
+        buf = (ring.take(size) if ring is not None
+               else torch.empty(size, dtype=torch.uint8, device=device))
         specs, off = [], 0
         for name, t in pending:
             n = t.numel() * t.element_size()

@@ -21,14 +21,21 @@ from dataclasses import dataclass, field
 import torch
 
 from . import base
-from .base import TensorSpec, Transport, pack_buckets, unpack_bucket
-from .group import Rendezvous, host_store, make_group
+from .base import BucketRing, SyncError, TensorSpec, Transport, pack_buckets, unpack_bucket
+from .group import Rendezvous, backend_for, host_store, make_group
 
 END = -1
+POLL_S = 0.002
 
 
 class Member:
-    """One process's place in a role's group; (re)joins whenever a ticket names another generation or rank."""
+    """One process's place in a role's group; (re)joins whenever a ticket names another generation or rank.
+
+    Every collective it runs ends within the group's `timeout_s` or raises `SyncError`: gloo's own timeout
+    blocks and raises; an NCCL work returns to the CPU at once, so `wait` polls it against the deadline and
+    aborts the communicator when a peer never comes (NCCL's watchdog is set to fire later, so it never tears
+    the process down first). A group left (a sync failed, a new generation) is aborted, not just dropped.
+    """
 
     def __init__(self, device: torch.device | str = "cpu"):
         self.device = torch.device(device)
@@ -36,6 +43,8 @@ class Member:
         self._key: tuple | None = None
         self._pg = None
         self._store = None
+        self._timeout_s = 0.0
+        self._polled = False  # NCCL: poll works against the deadline
 
     @property
     def generation(self) -> int | None:
@@ -44,28 +53,60 @@ class Member:
     def join(self, rdv: Rendezvous, rank: int, store=None):
         if self._key != (rdv, rank):
             self.leave()
-            self._pg, self._store = make_group(rdv, rank, self.device, store)
-            self._key = (rdv, rank)
+            try:
+                self._pg, self._store = make_group(rdv, rank, self.device, store)
+            except RuntimeError as e:  # a peer that never joined: the store's timeout
+                raise SyncError(f"weight sync: joining generation {rdv.generation} as rank {rank}: {e}") from e
+            self._key, self._timeout_s = (rdv, rank), rdv.timeout_s
+            self._polled = backend_for(self.device, rdv.backend) == "nccl"
         return self._pg
 
     def leave(self) -> None:
-        self._pg = self._store = self._key = None
+        pg, self._pg, self._store, self._key = self._pg, None, None, None
+        if pg is not None:
+            try:
+                pg.abort()  # NCCL: frees the communicator and unblocks its kernels; gloo: closes its pairs
+            except Exception:  # a backend without abort, or one already torn down
+                pass
+
+    def wait(self, work) -> None:
+        """Wait for a collective `work` to finish, or raise `SyncError` within the group's timeout."""
+        try:
+            if self._polled:
+                deadline = time.monotonic() + self._timeout_s
+                while not work.is_completed():
+                    if time.monotonic() > deadline:
+                        self.leave()
+                        raise SyncError(f"weight sync: no peer progress for {self._timeout_s:g} s (communicator aborted)")
+                    time.sleep(POLL_S)
+            work.wait()
+        except SyncError:
+            raise
+        except RuntimeError as e:  # gloo: timed out, or a peer closed its connection
+            raise SyncError(f"weight sync: {e}") from e
 
     def broadcast(self, t: torch.Tensor) -> None:
-        self._pg.broadcast(t, 0).wait()
+        self.wait(self.start_broadcast(t))
 
     def start_broadcast(self, t: torch.Tensor):
-        """An asynchronous broadcast from rank 0; `.wait()` on the returned work before touching `t`."""
-        return self._pg.broadcast(t, 0)
+        """An asynchronous broadcast from rank 0; `wait` on the returned work before touching `t`."""
+        try:
+            return self._pg.broadcast(t, 0)
+        except RuntimeError as e:
+            raise SyncError(f"weight sync: {e}") from e
 
 
 class Receiver(Member, base.Receiver):
+    peak = 0  # the most bucket bytes the last sync held at once
     def receive(self, ticket: dict, rank_offset: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
         """The weights of `ticket['version']` as they arrive, one bucket at a time; consume it to the end.
-        A ticket whose version is None takes the version the sender holds (a resync); `self.version` says
-        which arrived."""
+        Each tensor is a view into the one bucket buffer, valid until the next tensor of a later bucket is
+        asked for: copy it into place (every loader does) or clone it to keep it. The buffer is freed when
+        the sync ends. A ticket whose version is None takes the version the sender holds (a resync);
+        `self.version` says which arrived."""
         self.join(Rendezvous.of(ticket), int(ticket["rank"]) + rank_offset)
         want = ticket.get("version")
+        ring = BucketRing(self.device, slots=1, wait=self.wait)
         try:
             while True:
                 head = torch.zeros(3, dtype=torch.int64, device=self.device)
@@ -79,12 +120,15 @@ class Receiver(Member, base.Receiver):
                 raw = torch.empty(spec_bytes, dtype=torch.uint8, device=self.device)
                 self.broadcast(raw)
                 specs = [TensorSpec(n, d, tuple(s), o, b) for n, d, s, o, b in json.loads(bytes(raw.cpu().tolist()))]
-                buf = torch.empty(size, dtype=torch.uint8, device=self.device)  # fresh: loaders may keep views
+                buf = ring.take(size)
                 self.broadcast(buf)
                 yield from unpack_bucket(buf, specs)
         except BaseException:
             self.leave()  # a sync cut short leaves the group out of step: rejoin at the next generation
             raise
+        finally:
+            self.peak = ring.peak
+            ring.release()
 
 
 @dataclass
@@ -112,7 +156,6 @@ class CollectiveTransport(Transport):
         self.member = Member(device)
         self.rdv: Rendezvous | None = None
         self._store = None
-        self._scratch: list[torch.Tensor] = []
 
     def open(self, host: str, world: int, generation: int, timeout_s: float, backend: str = "auto") -> Rendezvous:
         """Start a new generation of the group (a fresh store); members join it at the next publish."""
@@ -122,29 +165,32 @@ class CollectiveTransport(Transport):
         return self.rdv
 
     def publish(self, version: int, named: Iterable[tuple[str, torch.Tensor]]) -> CollectiveReceipt:
+        """Broadcast every bucket to the group. Two buffers: the next bucket is gathered and packed while the
+        previous one is on the wire; both are freed when the sync ends (`receipt.meta['buffer_peak']`)."""
         if self.rdv is None:
             raise RuntimeError("collective transport: open() a group generation before publishing")
         t0 = time.perf_counter()
         member, dev = self.member, self.member.device
+        ring = BucketRing(dev, slots=2, wait=member.wait)
         try:
             member.join(self.rdv, 0, self._store)
             names, nbytes, sending = [], 0, None
-            # each bucket has its own scratch buffer, so the next one is gathered and packed while the
-            # previous one is still on the wire
-            for buf, specs in pack_buckets(named, self.bucket_bytes, self._scratch, device=dev):
+            for buf, specs in pack_buckets(named, self.bucket_bytes, ring, device=dev):
                 if sending is not None:
-                    sending.wait()
+                    member.wait(sending)
                 raw = json.dumps([[s.name, s.dtype, list(s.shape), s.offset, s.nbytes] for s in specs]).encode()
                 member.broadcast(torch.tensor([version, buf.numel(), len(raw)], dtype=torch.int64, device=dev))
                 member.broadcast(torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(dev))
                 sending = member.start_broadcast(buf)
+                ring.sent(sending)
                 names += [s.name for s in specs]
                 nbytes += sum(s.nbytes for s in specs)
-            if sending is not None:
-                sending.wait()
+            ring.flush()
             member.broadcast(torch.tensor([version, END, 0], dtype=torch.int64, device=dev))
         except BaseException:
             member.leave()
             raise
+        finally:
+            ring.release()
         return CollectiveReceipt(version=version, nbytes=nbytes, names=names, publish_s=time.perf_counter() - t0,
-                                 generation=self.rdv.generation)
+                                 generation=self.rdv.generation, meta={"buffer_peak": ring.peak})

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .base import TensorSpec, Transport, pack_buckets, unpack_bucket
+from .base import BucketRing, TensorSpec, Transport, pack_buckets, unpack_bucket
 
 
 @dataclass
@@ -48,16 +48,16 @@ class ObjectStoreTransport(Transport):
 
     def __init__(self, bucket_mb: int = 256, device: torch.device | str = "cpu"):
         super().__init__(bucket_mb)  # buckets go to host memory whatever the parameters' device
-        self._scratch: list[torch.Tensor] = []  # reused packing memory: ray.put copies it out at once
 
     def publish(self, version: int, named: Iterable[tuple[str, torch.Tensor]]) -> ObjectStoreBundle:
         import ray
 
         t0 = time.perf_counter()
         refs, specs, nbytes = [], [], 0
-        for buf, bucket_specs in pack_buckets(named, self.bucket_bytes, self._scratch):
+        ring = BucketRing(slots=1)  # ray.put copies each bucket out at once: one buffer serves them all
+        for buf, bucket_specs in pack_buckets(named, self.bucket_bytes, ring):
             refs.append(ray.put(buf.numpy()))
             specs.append(bucket_specs)
             nbytes += sum(s.nbytes for s in bucket_specs)
         return ObjectStoreBundle(version=version, refs=refs, specs=specs, nbytes=nbytes,
-                                 publish_s=time.perf_counter() - t0)
+                                 publish_s=time.perf_counter() - t0, meta={"buffer_peak": ring.peak})

@@ -5,6 +5,7 @@ import ray
 import torch
 
 from piplay_ray.weight_sync import make_transport, pack_buckets, unpack_bucket
+from piplay_ray.weight_sync.base import BucketRing
 
 
 def _named():
@@ -52,11 +53,30 @@ def test_object_store_bundle_reaches_two_actors(ray_local):
             assert torch.equal(got[name], t)
 
 
-def test_scratch_memory_is_reused_across_publishes():
-    named, scratch = _named(), []
-    for _ in range(2):
-        out = [(n, t.clone()) for buf, specs in pack_buckets(named, 1024, scratch) for n, t in unpack_bucket(buf, specs)]
-        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(named, out, strict=True))
-    first = [s.data_ptr() for s in scratch]
-    list(pack_buckets(named, 1024, scratch))
-    assert [s.data_ptr() for s in scratch] == first
+class _Work:
+    """A transfer in flight: done only once waited on (what NCCL's asynchronous works look like)."""
+
+    def __init__(self):
+        self.done = False
+
+    def wait(self):
+        self.done = True
+
+
+def test_a_ring_reuses_at_most_its_slots_and_only_after_their_transfer_is_done():
+    named = [(f"t{i}", torch.full((200,), float(i))) for i in range(12)]  # 800 B each: one per 1 KiB bucket
+    ring = BucketRing(slots=2)
+    storages, works = set(), []
+    for buf, specs in pack_buckets(named, 1024, ring):
+        # the slot handed out again must have finished its previous transfer
+        assert all(w.done for w in works[:-1]), "a slot was reused while its transfer was in flight"
+        storages.add(buf.untyped_storage().data_ptr())
+        (name, t), = unpack_bucket(buf, specs)
+        assert torch.equal(t, dict(named)[name])
+        works.append(_Work())
+        ring.sent(works[-1])
+    ring.flush()
+    assert len(storages) == 2 and all(w.done for w in works)
+    assert ring.peak == 2 * 832  # two buffers of one bucket each (800 B aligned to 64), never more
+    ring.release()
+    assert all(b is None for b in ring._bufs)  # nothing kept after the sync

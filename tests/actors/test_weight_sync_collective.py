@@ -102,3 +102,51 @@ def test_new_generation_lets_a_restarted_receiver_rejoin_and_versions_are_checke
 def test_unopened_collective_transport_refuses_to_publish():
     with pytest.raises(RuntimeError, match="open"):
         make_transport("collective").publish(1, iter(_named(0)))
+
+
+MB = 1 << 20
+
+
+def _peak_rss_reset() -> int:
+    """Reset this process's peak RSS (Linux: clear_refs 5) and return the current RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status("VmRSS")
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def _receive_and_measure(ticket, out):
+    rx = Receiver("cpu")
+    base = _peak_rss_reset()
+    sums = {n: float(t.sum()) for n, t in rx.receive(ticket)}  # consumed in place, nothing kept
+    out.put((sums, _status("VmHWM") - base, rx.peak))
+
+
+def test_a_sync_holds_at_most_two_buckets_on_either_side_and_nothing_after():
+    """Measured from outside the ring (the processes' peak RSS): 32 tensors of 4 MiB in 4 MiB buckets. A
+    sender that kept a buffer per bucket (as before) would add the whole 128 MiB model; the ring adds two
+    buckets, the receiver one."""
+    named = [(f"layer{i}.weight", torch.randn(MB)) for i in range(32)]  # 4 MiB each, pages touched
+    ctx = mp.get_context("spawn")
+    tx = make_transport("collective", bucket_mb=4)
+    rdv = tx.open(_host(), world=2, generation=1, timeout_s=60)
+    out = ctx.Queue()
+    p = ctx.Process(target=_receive_and_measure, args=(rdv.ticket(1, 1), out))
+    p.start()
+    try:
+        base = _peak_rss_reset()
+        receipt = tx.publish(1, iter(named))
+        sent_peak = _status("VmHWM") - base
+        sums, received_peak, rx_ring = out.get(timeout=120)
+    finally:
+        p.join(timeout=30)
+    assert sums == {n: float(t.sum()) for n, t in named}
+    bucket = 4 * MB + 64  # a 4 MiB tensor plus alignment does not fit a 4 MiB bucket with another
+    assert receipt.meta["buffer_peak"] <= 2 * bucket and rx_ring <= bucket
+    assert sent_peak < 4 * bucket, f"the sender's RSS grew {sent_peak / MB:.0f} MiB for a 128 MiB model"
+    assert received_peak < 3 * bucket, f"the receiver's RSS grew {received_peak / MB:.0f} MiB"
+    assert not [v for v in vars(tx).values() if isinstance(v, torch.Tensor)]  # no buffer outlives the sync
