@@ -10,14 +10,21 @@ client, the weight-sync coordinator and the loop's run book.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
+import logging
+import os
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 from ray.exceptions import (  # ActorDied/ActorUnavailable derive from the latter
     ObjectLostError,
     OutOfMemoryError,
     RayActorError,
 )
+
+log = logging.getLogger(__name__)
+ENGINE_DEAD = ("EngineDeadError",)  # vLLM: its engine core or a worker process died; the engine cannot recover
 
 
 class RolloutFailed(RuntimeError):
@@ -42,7 +49,43 @@ def is_actor_failure(e: BaseException) -> bool:
     also an object lost with it, e.g. weights owned by a dead learner rank (OwnerDiedError, which Ray
     raises wrapped in a RayTaskError that is an instance of it too), or a worker Ray's memory monitor killed
     (OutOfMemoryError: the actor restarts like after any other death)."""
-    return isinstance(e, (RayActorError, ObjectLostError, OutOfMemoryError))
+    return isinstance(e, (RayActorError, ObjectLostError, OutOfMemoryError)) or engine_dead(e)
+
+
+def engine_dead(e: BaseException) -> bool:
+    """An engine whose worker died (vLLM's `EngineDeadError`, named, not imported: no vLLM needed here),
+    raised here or inside a remote call (Ray's `cause`)."""
+    return any(type(x).__name__ in ENGINE_DEAD for x in (e, e.__cause__, getattr(e, "cause", None)) if x is not None)
+
+
+def dies_with_engine(method: Callable) -> Callable:
+    """For an actor method that uses its engine: when the engine is dead, end the actor's process, so Ray
+    restarts it with a fresh engine (its callers see an actor failure and retry, a weight sync rejoins it);
+    otherwise a live actor would answer every call with the same dead engine's error for the rest of the run."""
+
+    def die(e: BaseException):
+        if engine_dead(e):
+            log.error("%s: the engine died (%s); exiting so the actor restarts", method.__qualname__, describe(e))
+            os._exit(70)
+
+    if inspect.iscoroutinefunction(method):
+        @functools.wraps(method)
+        async def guarded_async(*args, **kwargs):
+            try:
+                return await method(*args, **kwargs)
+            except BaseException as e:
+                die(e)
+                raise
+        return guarded_async
+
+    @functools.wraps(method)
+    def guarded(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except BaseException as e:
+            die(e)
+            raise
+    return guarded
 
 
 def describe(e: BaseException, limit: int = 300) -> str:

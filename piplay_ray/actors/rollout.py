@@ -17,9 +17,11 @@ from dataclasses import replace
 
 import ray
 
+from piplay_ray.cluster import devices
 from piplay_ray.config import Config, LoraConfig, RolloutConfig
 from piplay_ray.engines import make_engine
 from piplay_ray.engines.base import SamplingSpec
+from piplay_ray.fault import dies_with_engine
 from piplay_ray.method import protocol
 from piplay_ray.method.agent import run_agent
 from piplay_ray.records import Doc, Trajectory
@@ -46,6 +48,7 @@ class RolloutWorkerImpl:
         torch.set_num_threads(max(1, int(rollout.num_cpus_per_worker)))  # no oversubscription
         self.role, self.rollout, self.search = role, rollout, search
         r = rollout
+        devices.claim()  # before the engine starts its processes: they must see only this actor's GPUs
         self.engine = make_engine(r.engine, model_path, r, dtype=dtype, seed=seed, lora=lora)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.spec = SamplingSpec(max_tokens=r.max_tokens_per_turn, temperature=r.temperature, top_p=r.top_p)
@@ -73,6 +76,7 @@ class RolloutWorkerImpl:
         """(incarnation, ranks taken in the role's weight-sync group, weight version) for the coordinator."""
         return self.incarnation, self.engine.group_ranks, self.engine.version
 
+    @dies_with_engine
     async def receive_weights(self, ticket: dict) -> int:
         """Take part in a collective sync of this role's group; trajectories started later carry its version."""
         return await self.engine.areceive_weights(ticket)
@@ -98,6 +102,7 @@ class RolloutWorkerImpl:
         self.stats["inserted_tokens"] += len(traj.mask) - generated
         return traj
 
+    @dies_with_engine
     async def rollouts(self, prompts: list[list[int]], role: str | None = None,
                        temperature: float | None = None) -> list[Trajectory]:
         """One trajectory per prompt (token ids), all in flight together; `role` sets the turn format,
@@ -117,6 +122,7 @@ class RolloutWorkerImpl:
             t.extra.update(hop_target=h, source_id=d.id)
         return trajs
 
+    @dies_with_engine
     async def teacher_topk(self, jobs: list[tuple[list[int], int]], k: int, teacher: tuple[int, list]) -> list:
         """The top-K of each (token ids, start) job with the teacher's adapter (teacher.backend: shared).
         `teacher` is (version, [adapter]): the adapter as an object-store reference, fetched only when the
@@ -128,6 +134,7 @@ class RolloutWorkerImpl:
             await self.engine.aload_teacher(version, weights)
         return list(await asyncio.gather(*(self.engine.teacher_topk(ids, start, k) for ids, start in jobs)))
 
+    @dies_with_engine
     async def update_weights(self, version: int, weights) -> int:
         """Replace the engine's weights; trajectories started later carry `version`."""
         await self.engine.aupdate_weights(version, weights)

@@ -20,8 +20,10 @@ from typing import Any
 import ray
 import torch
 
+from piplay_ray.cluster import devices
 from piplay_ray.config import Config, LoraConfig, RolloutConfig, TeacherConfig
 from piplay_ray.engines import make_engine, named_tensors
+from piplay_ray.fault import dies_with_engine
 from piplay_ray.records import Task, Trajectory
 from piplay_ray.teacher import adapter as teacher_adapter
 from piplay_ray.teacher import context as T
@@ -50,7 +52,8 @@ class TeacherImpl(EmaState):
         self.max_len = rollout.max_model_len
         self.version = 0
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.device = torch.device("cuda" if self.tcfg.num_gpus > 0 and torch.cuda.is_available() else "cpu")
+        index = devices.claim().index if self.tcfg.num_gpus > 0 and torch.cuda.is_available() else None
+        self.device = torch.device("cpu") if index is None else torch.device("cuda", index)
         serve = self.serve_dtype = _DTYPES.get(dtype, torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         self.alias: dict[str, str] | None = None  # canonical name of every full parameter, tied aliases included
@@ -115,6 +118,7 @@ class TeacherImpl(EmaState):
             self._copy_masters()
         self.version = version
 
+    @dies_with_engine
     async def ema_update(self, version: int, weights: Any) -> bool:
         """Blend the student's weights of `version` in with tau = teacher.ema_tau; False if already applied."""
         async with self._lock:
@@ -125,6 +129,7 @@ class TeacherImpl(EmaState):
             await self._push(version)
             return True
 
+    @dies_with_engine
     async def load(self, version: int, weights: Any) -> None:
         """psi <- theta exactly (teacher.init = iteration: the driver calls this at each iteration start)."""
         async with self._lock:
@@ -138,6 +143,7 @@ class TeacherImpl(EmaState):
         """(incarnation, ranks in the student's weight-sync group, EMA version) for the coordinator."""
         return self.incarnation, 1, self.version
 
+    @dies_with_engine
     async def receive_weights(self, ticket: dict, mode: str = "skip") -> bool:
         """Take part in a collective sync of the student's group: `ema` blends the broadcast in (skipped,
         i.e. only drained, for a version already held), `load` sets psi to it, `skip` only drains it."""
@@ -162,6 +168,7 @@ class TeacherImpl(EmaState):
 
     # ------------------------------------------------------------------------------------- scoring
 
+    @dies_with_engine
     async def score(self, trajectories: Sequence[Trajectory], tasks: Sequence[Task],
                     with_stats: bool = False) -> list[T.Scores] | tuple[list[T.Scores], dict[str, int]]:
         """Teacher top-K (ids, logprobs, tail) per response position of each trajectory, given its task

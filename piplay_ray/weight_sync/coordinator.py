@@ -5,8 +5,10 @@ role (an engine with tensor parallelism takes that many consecutive ranks), then
 teacher. Before each sync the coordinator asks every member who it is (an incarnation token that changes
 when Ray restarts the actor); when anyone is new, the learner opens a new generation (a new store) and all
 join it during the sync, which is how a restarted receiver rejoins. A sync is the learner's broadcast and
-every member's receive, run together; a member that dies during it fails the sync, which is retried on a new
-generation up to `fault.max_task_retries` times. Under LoRA with engines that serve it, the broadcast carries
+every member's receive, run together; a member that dies during it, or a collective cut short (`SyncError`:
+every member raises it within the group's `timeout_s`), fails the sync, which is retried on a new generation
+up to `fault.max_task_retries` times. A member still busy `timeout_s` after the learner's side ended is stalled:
+it is killed, so Ray restarts it and it rejoins the retry with the current weights. Under LoRA with engines that serve it, the broadcast carries
 only the adapter (`pool_form`), which the teacher's EMA takes as well (an adapter EMA under LoRA); where the
 forms differ the teacher only drains it and the student's policy sends it its form through the object store.
 A shared teacher (`teacher.backend: shared`) is no member: it lives on the driver.
@@ -15,11 +17,20 @@ A shared teacher (`teacher.backend: shared`) is no member: it lives on the drive
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from piplay_ray.fault import is_actor_failure, wait_alive
 
+from .base import SyncError
 from .group import Rendezvous
+
+log = logging.getLogger(__name__)
+
+
+def retryable(e: BaseException) -> bool:
+    """A sync that failed this way is retried on a new generation: a member died, or a peer cut it short."""
+    return is_actor_failure(e) or isinstance(e, SyncError)
 
 
 def pool_form(pool) -> str:
@@ -80,13 +91,14 @@ class GroupSync:
                     await self._open(members)
                 form = await asyncio.to_thread(pool_form, self.pool)
                 t0 = time.perf_counter()
-                calls, rank = [asyncio.to_thread(self.learner.weights, self.role, "collective", form)], 1
+                calls, rank = [], 1
                 for handle, _, ranks, _ in workers:
                     calls.append(handle.receive_weights.remote(self.rdv.ticket(rank, version)))
                     rank += ranks
                 if self.teacher is not None:
                     calls.append(self.teacher.receive_weights.remote(self.rdv.ticket(rank, version), teacher_mode))
-                outs = await asyncio.gather(*calls, return_exceptions=True)
+                sender = asyncio.to_thread(self.learner.weights, self.role, "collective", form)
+                outs = await self._together(sender, calls, [m[0] for m in members])
                 errors = [o for o in outs if isinstance(o, BaseException)]
                 if not errors:
                     receipt = outs[0]
@@ -96,6 +108,23 @@ class GroupSync:
                                  "generation": self.rdv.generation}
                     return self.last
                 self.rdv = None  # whatever went wrong, the next try meets on a new generation
-                if attempt == self.retries or not any(is_actor_failure(e) for e in errors):
-                    raise next((e for e in errors if is_actor_failure(e)), errors[0])
+                if attempt == self.retries or not all(retryable(e) for e in errors):
+                    raise next((e for e in errors if not retryable(e)), errors[0])
         raise AssertionError("unreachable")
+
+    async def _together(self, sender, calls, handles) -> list:
+        """The sender's and every member's outcome (a result or the exception). A member's collective waits at
+        most `timeout_s` (its last one began before the sender ended), so one still running `grace_s` after
+        the sender ended is stalled: killed (Ray restarts it), so its call fails too."""
+        import ray
+
+        tasks = [asyncio.ensure_future(c) for c in (sender, *calls)]
+        await asyncio.wait(tasks[:1])
+        grace_s = self.rdv.timeout_s + max(5.0, 0.25 * self.rdv.timeout_s)  # + scheduling slack
+        _, stalled = await asyncio.wait(tasks[1:], timeout=grace_s)
+        for task, handle in zip(tasks[1:], handles, strict=True):
+            if task in stalled:
+                log.warning("weight sync %s: a member is still busy %g s after the sender; restarting it",
+                            self.role, grace_s)
+                ray.kill(handle, no_restart=False)
+        return list(await asyncio.gather(*tasks, return_exceptions=True))

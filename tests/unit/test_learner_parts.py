@@ -14,7 +14,8 @@ import torch
 from piplay_ray.config import LearnerConfig, LossConfig, load_config
 from piplay_ray.learner import losses
 from piplay_ray.learner.rank import LearnerWorkerImpl, rank_args
-from piplay_ray.learner.rank_env import NOSET, device_index, rank_env
+from piplay_ray.cluster.devices import NOSET
+from piplay_ray.learner.rank_env import rank_env
 from piplay_ray.learner.schedule import lr_factor, make_scheduler
 
 
@@ -29,11 +30,8 @@ def test_rank_env_one_visible_device_is_local_rank_0():
 def test_rank_env_noset_mode_uses_the_real_index():
     env, dev = rank_env(1, 2, 1, 2, "h", 1, [5], {NOSET: "1"})
     assert dev == 5 and env["LOCAL_RANK"] == "5"
-    # the node's own CUDA_VISIBLE_DEVICES still applies: GPU 6 is the second visible device
-    assert device_index(["6"], {NOSET: "1", "CUDA_VISIBLE_DEVICES": "4,6,7"}) == 1
-    with pytest.raises(ValueError, match="does not list"):
-        device_index(["2"], {NOSET: "1", "CUDA_VISIBLE_DEVICES": "4,6"})
-    assert device_index(["5"], {NOSET: "0"}) == 0  # "0" does not turn the mode on
+    env, dev = rank_env(1, 2, 1, 2, "h", 1, ["6"], {NOSET: "1", "CUDA_VISIBLE_DEVICES": "4,6,7"})
+    assert dev == 1 and env["LOCAL_RANK"] == "1"  # GPU 6 is the second visible device
 
 
 def test_rank_env_cpu_keeps_the_node_rank():
