@@ -65,14 +65,18 @@ class RolloutPool:
 
     def __init__(self, role: str, model_path: str, rollout: RolloutConfig, search_pool, fault: FaultConfig, *,
                  max_turns: Mapping[str, int], dtype: str = "auto", seed: int = 0, local: bool = True,
-                 lora: LoraConfig | None = None, name: str | None = None):
+                 lora: LoraConfig | None = None, name: str | None = None, placement=None):
         if role not in TRAINED:
             raise ValueError(f"role must be one of {TRAINED}, got {role!r}")
         r = rollout
         self.role, self.fault, self.lora = role, fault, lora
+        def resources(i: int) -> dict:  # the run's placement reserved the engine's bundle (cluster/placement.py)
+            if placement is not None and placement.holds(f"rollout-{role}-{i}"):
+                return placement.options(f"rollout-{role}-{i}")
+            return {"num_cpus": r.num_cpus_per_worker, "num_gpus": r.num_gpus_per_worker * r.tensor_parallel_size}
+
         self.workers = [
-            RolloutWorker.options(num_cpus=r.num_cpus_per_worker, num_gpus=r.num_gpus_per_worker * r.tensor_parallel_size,
-                                  max_restarts=fault.max_actor_restarts,
+            RolloutWorker.options(**resources(i), max_restarts=fault.max_actor_restarts,
                                   name=f"{name}-{i}" if name else None,
                                   runtime_env={"env_vars": cpu_core_binding(r, local, role, i)})
             .remote(role, model_path, r, search_pool, max_turns=max_turns, dtype=dtype, seed=seed + 1000 * i,
@@ -103,11 +107,12 @@ class RolloutPool:
         return self._form
 
     @classmethod
-    def from_config(cls, role: str, model_path: str, cfg: Config, search_pool, name: str | None = None) -> RolloutPool:
+    def from_config(cls, role: str, model_path: str, cfg: Config, search_pool, name: str | None = None,
+                    placement=None) -> RolloutPool:
         """The pool with what it reads of the whole config `cfg`."""
         return cls(role, model_path, cfg.rollout, search_pool, cfg.fault, max_turns=turn_limits(cfg),
                    dtype=cfg.model.dtype, seed=cfg.run.seed, local=cfg.run.mode == "local",
-                   lora=cfg.learner.lora if cfg.learner.lora.rank else None, name=name)
+                   lora=cfg.learner.lora if cfg.learner.lora.rank else None, name=name, placement=placement)
 
     def wait_ready(self, timeout_s: float = 900) -> None:
         ray.get([w.ready.remote() for w in self.workers], timeout=timeout_s)

@@ -4,8 +4,10 @@ Pure arithmetic over the config: no Ray. The units are the ones Ray schedules wi
 A rollout engine is a placement group of `tensor_parallel_size` bundles of `num_gpus_per_worker` GPUs each,
 and all of an engine's bundles must sit on one node (tensor parallelism needs NVLink/shared memory); learner
 ranks and the teacher are single-node placements (no teacher with `teacher.backend: shared`: it is an adapter
-on the student's engines). :func:`fits` checks a layout against a list of node sizes,
-which is how the manifests' GPU worker pods are tested against the configs.
+on the student's engines). :func:`plan` places every GPU actor (a `Slot`) on a node, the learner's ranks
+first and together where one node holds them all; `placement.py` reserves exactly that plan on Ray before
+any actor starts, so the plan is what runs, not an estimate. :func:`fits` (a plan exists) is how the
+manifests' GPU worker pods are tested against the configs.
 
 `python -m piplay_ray.cluster.layout CONFIG [overrides...]` prints the layout as JSON (used by the Slurm script), with
 the host shared memory the config needs per node next to what its KubeRay manifests give (host_memory.py),
@@ -24,6 +26,20 @@ from piplay_ray.roles import TRAINED
 
 
 @dataclass(frozen=True)
+class Slot:
+    """One GPU actor's resource request, under its name in health.json (`learner-0`, `rollout-student-1`,
+    `teacher`); the real actors and the placement both take it from here."""
+
+    name: str
+    cpus: float
+    gpus: float
+
+    @property
+    def bundle(self) -> dict[str, float]:
+        return {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
+
+
+@dataclass(frozen=True)
 class Layout:
     learner_gpus: float  # world_size * num_gpus_per_rank
     rollout_gpus: dict[str, float]  # role -> workers_per_role * tensor_parallel_size * num_gpus_per_worker
@@ -33,6 +49,7 @@ class Layout:
     teacher_cpus: float
     search_cpus: float  # search-env replicas (the retriever service itself runs outside Ray)
     placements: tuple[float, ...]  # GPU demand of each placement that must land on a single node
+    slots: tuple[Slot, ...] = ()  # every GPU actor, learner ranks first
 
     @property
     def total_gpus(self) -> float:
@@ -51,8 +68,10 @@ def layout(cfg: Config, roles: tuple[str, ...] = TRAINED) -> Layout:
     r, lr, t = cfg.rollout, cfg.learner, cfg.teacher
     own = t.backend != "shared"  # a shared teacher is an adapter on the student's engines: no actor of its own
     engine_gpus = r.tensor_parallel_size * r.num_gpus_per_worker
-    placements = [lr.num_gpus_per_rank] * lr.world_size
-    placements += [engine_gpus] * (r.workers_per_role * len(roles)) + [t.num_gpus * own]
+    slots = [Slot(f"learner-{i}", lr.num_cpus_per_rank, lr.num_gpus_per_rank) for i in range(lr.world_size)]
+    slots += [Slot(f"rollout-{role}-{i}", r.num_cpus_per_worker, engine_gpus)
+              for role in roles for i in range(r.workers_per_role)]
+    slots += [Slot("teacher", t.num_cpus, t.num_gpus)] if own else []
     return Layout(
         learner_gpus=lr.world_size * lr.num_gpus_per_rank,
         rollout_gpus={role: r.workers_per_role * engine_gpus for role in roles},
@@ -61,25 +80,44 @@ def layout(cfg: Config, roles: tuple[str, ...] = TRAINED) -> Layout:
         rollout_cpus={role: r.workers_per_role * r.num_cpus_per_worker for role in roles},
         teacher_cpus=t.num_cpus * own,
         search_cpus=cfg.search.replicas * cfg.search.num_cpus_per_replica,
-        placements=tuple(sorted((p for p in placements if p > 0), reverse=True)),
+        placements=tuple(sorted((s.gpus for s in slots if s.gpus > 0), reverse=True)),
+        slots=tuple(s for s in slots if s.gpus > 0),
     )
 
 
-def fits(lay: Layout, node_gpus: list[float]) -> bool:
-    """Whether every single-node placement of `lay` fits on nodes of the given GPU counts (first-fit decreasing).
+def plan(lay: Layout, node_gpus: list[float]) -> list[list[Slot]] | None:
+    """The GPU slots of `lay` on each node (in `node_gpus`' order), or None when no plan is found.
 
-    First-fit decreasing can miss a packing that exists, so False means "not found"; the shipped layouts are
-    simple enough that it finds theirs.
+    The learner's ranks go first, all on one node when a node can hold them (ZeRO-3 gathers every layer every
+    step: NVLink, not the network), trying the tightest such node first; else spread first-fit. Then the
+    engines and the teacher, largest first, first-fit. First-fit can miss a packing that exists, so None
+    means "not found"; the shipped layouts are simple enough that it finds theirs.
     """
-    free = sorted(node_gpus, reverse=True)
-    for need in lay.placements:
-        for i, room in enumerate(free):
-            if room + 1e-9 >= need:
-                free[i] = room - need
-                break
-        else:
-            return False
-    return True
+    learner = [s for s in lay.slots if s.name.startswith("learner-")]
+    rest = sorted((s for s in lay.slots if s not in learner), key=lambda s: -s.gpus)
+    need = sum(s.gpus for s in learner)
+    together = sorted((i for i, g in enumerate(node_gpus) if g + 1e-9 >= need), key=lambda i: node_gpus[i])
+    for learner_nodes in [[i] for i in together] + ([] if together else [list(range(len(node_gpus)))]):
+        free, nodes = list(node_gpus), [[] for _ in node_gpus]
+        if all(_put(s, learner_nodes, free, nodes) for s in learner) and \
+                all(_put(s, range(len(free)), free, nodes) for s in rest):
+            return nodes
+    return None
+
+
+def _put(slot: Slot, order, free: list[float], nodes: list[list[Slot]]) -> bool:
+    """First fit of `slot` over the nodes in `order`."""
+    for i in order:
+        if free[i] + 1e-9 >= slot.gpus:
+            free[i] -= slot.gpus
+            nodes[i].append(slot)
+            return True
+    return False
+
+
+def fits(lay: Layout, node_gpus: list[float]) -> bool:
+    """Whether every single-node placement of `lay` fits on nodes of the given GPU counts (`plan` finds one)."""
+    return plan(lay, node_gpus) is not None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,8 @@ from piplay_ray import assets
 from piplay_ray.actors.replay import ReplayStore
 from piplay_ray.actors.rollout_pool import RolloutPool
 from piplay_ray.actors.search_env import SearchEnvPool
+from piplay_ray.cluster.layout import layout
+from piplay_ray.cluster.placement import Placement
 from piplay_ray.config import Config
 from piplay_ray.learner.checkpoint import latest_checkpoint
 from piplay_ray.learner.learner import LearnerGroup
@@ -57,9 +59,13 @@ def start_actors(cfg: Config, run_path: Path) -> Actors:
     the student's engines), the learner group and the replay store. The teacher client falls back on the
     newest checkpoint's teacher under `run_path`."""
     paths = model_paths(cfg)
+    lay = layout(cfg)
+    # every GPU actor's bundle where the plan puts it, the learner's node first, before any actor starts; the
+    # engines then load while the learner's ranks set up
+    placement = Placement(lay) if lay.slots else None
     search = SearchEnvPool(cfg.search, fault=cfg.fault)
-    pools = {r: RolloutPool.from_config(r, paths[r], cfg, search) for r in TRAINED}
-    teacher = None if cfg.teacher.backend == "shared" else create_teacher(paths["teacher"], cfg)
+    pools = {r: RolloutPool.from_config(r, paths[r], cfg, search, placement=placement) for r in TRAINED}
+    teacher = None if cfg.teacher.backend == "shared" else create_teacher(paths["teacher"], cfg, placement)
 
     def teacher_fallback() -> Path | None:
         ckpt = latest_checkpoint(run_path)
@@ -70,7 +76,7 @@ def start_actors(cfg: Config, run_path: Path) -> Actors:
     else:
         client = TeacherClient(teacher, cfg.fault.max_task_retries, teacher_fallback,
                                form="adapter" if cfg.learner.lora.rank else "full")
-    learner = LearnerGroup(cfg, TRAINED)
+    learner = LearnerGroup(cfg, TRAINED, placement)
     syncs = None
     if transport_class(cfg.weight_sync.transport).pushes:  # one group per role; the student's holds the teacher
         syncs = {r: GroupSync(r, learner, pools[r], teacher if r == "student" else None, cfg.fault.max_task_retries)
@@ -80,4 +86,4 @@ def start_actors(cfg: Config, run_path: Path) -> Actors:
         return ReplayStore.remote(cfg.replay.capacity_groups, cfg.replay.max_staleness, spill)
 
     return Actors(search, pools, teacher, client, learner, new_replay(), syncs,
-                  new_learner=lambda: LearnerGroup(cfg, TRAINED), new_replay=new_replay)
+                  new_learner=lambda: LearnerGroup(cfg, TRAINED, placement), new_replay=new_replay)

@@ -30,7 +30,9 @@ LearnerWorker = ray.remote(LearnerWorkerImpl)
 class LearnerGroup:
     """Driver-side handle over the learner ranks; every method fans out to all ranks and waits."""
 
-    def __init__(self, cfg: Config, roles: Sequence[str] = TRAINED):
+    def __init__(self, cfg: Config, roles: Sequence[str] = TRAINED, placement=None):
+        """`placement`: the run's `cluster.placement.Placement`, which reserved the ranks' bundles with every
+        other GPU actor's; without one (a learner alone, e.g. the warm start) the group reserves its own."""
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -41,20 +43,22 @@ class LearnerGroup:
         self._order = threading.Lock()
         lc = cfg.learner
         ws = lc.world_size
-        bundle = {"CPU": lc.num_cpus_per_rank, **({"GPU": lc.num_gpus_per_rank} if lc.num_gpus_per_rank else {})}
-        self.pg = placement_group([dict(bundle) for _ in range(ws)], strategy="PACK")
-        ray.get(self.pg.ready(), timeout=600)
+        self.pg = None
+        if placement is not None and placement.holds("learner-0"):
+            options = [placement.options(f"learner-{r}") for r in range(ws)]
+        else:
+            bundle = {"CPU": lc.num_cpus_per_rank, **({"GPU": lc.num_gpus_per_rank} if lc.num_gpus_per_rank else {})}
+            self.pg = placement_group([dict(bundle) for _ in range(ws)], strategy="PACK")
+            ray.get(self.pg.ready(), timeout=600)
+            options = [{"num_cpus": lc.num_cpus_per_rank, "num_gpus": lc.num_gpus_per_rank,
+                        "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r)}
+                       for r in range(ws)]
         args = rank_args(cfg, self.roles)
         env = {"OMP_NUM_THREADS": str(max(1, int(lc.num_cpus_per_rank)))}
         if not lc.num_gpus_per_rank:
             env["DS_ACCELERATOR"] = "cpu"
-        self.workers = [
-            LearnerWorker.options(num_cpus=lc.num_cpus_per_rank, num_gpus=lc.num_gpus_per_rank,
-                          scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r),
-                          runtime_env={"env_vars": env})
-            .remote(r, ws, **args)
-            for r in range(ws)
-        ]
+        self.workers = [LearnerWorker.options(**options[r], runtime_env={"env_vars": env}).remote(r, ws, **args)
+                        for r in range(ws)]
         infos = ray.get([w.node_info.remote() for w in self.workers])
         master_ip, master_port = infos[0][0], infos[0][1]
         ips = [ip for ip, _, _ in infos]
@@ -162,5 +166,6 @@ class LearnerGroup:
             log.warning("learner shutdown: %s", e)
         for w in self.workers:
             ray.kill(w)
-        remove_placement_group(self.pg)
+        if self.pg is not None:  # the run's placement keeps its bundles for the group rebuilt after a failure
+            remove_placement_group(self.pg)
         self.workers = []

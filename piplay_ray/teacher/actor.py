@@ -202,9 +202,10 @@ def teacher_args(cfg: Config) -> dict:
             "lora": cfg.learner.lora if cfg.learner.lora.rank else None}
 
 
-def create_teacher(model_path: str, cfg: Config):
-    """Start the `Teacher` actor with the resources of the `teacher` config section, restarted up to
-    `fault.max_actor_restarts` times."""
-    return Teacher.options(num_cpus=cfg.teacher.num_cpus, num_gpus=cfg.teacher.num_gpus,
-                           max_restarts=cfg.fault.max_actor_restarts, max_concurrency=64).remote(model_path,
-                                                                                                 **teacher_args(cfg))
+def create_teacher(model_path: str, cfg: Config, placement=None):
+    """Start the `Teacher` actor with the resources of the `teacher` config section (in its bundle of the
+    run's `placement` when it has one), restarted up to `fault.max_actor_restarts` times."""
+    resources = (placement.options("teacher") if placement is not None and placement.holds("teacher")
+                 else {"num_cpus": cfg.teacher.num_cpus, "num_gpus": cfg.teacher.num_gpus})
+    return Teacher.options(**resources, max_restarts=cfg.fault.max_actor_restarts,
+                           max_concurrency=64).remote(model_path, **teacher_args(cfg))
