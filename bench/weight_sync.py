@@ -14,6 +14,10 @@ With `--lora-rank R` (default 16; 0 = off) every model and transport is also run
 on every linear layer and engines serving LoRA: the sync then moves only the adapter, and its line gives the
 bytes and seconds against the full-weight sync of the same model (`vs_full`).
 
+Each line also gives the peak extra memory of the sync's bucket buffers (`publish_buffer_peak` on the
+learner, `receive_buffer_peak` on a receiver, bytes) next to `bucket_bytes` (`--bucket-mb`, 32 by default:
+below the models' size, so a sender keeping every bucket would show the whole model there).
+
 Prints one JSON line per model, transport and form, then a final JSON line with all of them.
 """
 
@@ -60,6 +64,10 @@ class Worker:
 
         return asyncio.run(self.engine.areceive_weights(ticket))
 
+    def receive_peak(self) -> int | None:
+        """The most bucket bytes the engine's receiver held at once in its last sync (transformers engine)."""
+        return getattr(getattr(self.engine, "_receiver", None), "peak", None)
+
     def shutdown(self) -> None:
         if hasattr(self.engine, "shutdown"):
             self.engine.shutdown()
@@ -83,7 +91,8 @@ def _object_store_run(group, workers, form: str) -> dict:
     loads = ray.get([w.update_weights.remote(bundle.version, bundle) for w in workers])
     t2 = time.perf_counter()
     run = {"publish_s": t1 - t0, "pack_s": bundle.publish_s, "receive_s": t2 - t1, "seconds": t2 - t0,
-           "worker_load_s": max(loads), "bytes": bundle.nbytes, "buckets": len(bundle.refs)}
+           "worker_load_s": max(loads), "bytes": bundle.nbytes, "buckets": len(bundle.refs),
+           "publish_buffer_peak": bundle.meta["buffer_peak"]}
     del bundle
     return run
 
@@ -93,10 +102,12 @@ def _collective_run(sync) -> dict:
 
     sync.pool.version = -1  # else a resync of workers already current is skipped
     done = asyncio.run(sync.sync(None))
-    return {"seconds": done["seconds"], "bytes": done["bytes"], "generation": done["generation"]}
+    receive_peaks = [p for p in ray.get([w.receive_peak.remote() for w in sync.pool.workers]) if p is not None]
+    return {"seconds": done["seconds"], "bytes": done["bytes"], "generation": done["generation"],
+            "publish_buffer_peak": done["buffer_peak"], "receive_buffer_peak": max(receive_peaks, default=None)}
 
 
-def bench_model(name: str, engine: str, repeats: int, transport: str, lora_rank: int = 0) -> dict:
+def bench_model(name: str, engine: str, repeats: int, transport: str, lora_rank: int = 0, bucket_mb: int = 32) -> dict:
     from types import SimpleNamespace
 
     from piplay_ray.weight_sync.coordinator import GroupSync
@@ -104,6 +115,7 @@ def bench_model(name: str, engine: str, repeats: int, transport: str, lora_rank:
     path = assets.resolve_model(f"builtin:{name}")
     cfg = load_config("configs/tiny.yaml", [f"model.base={path}", "learner.world_size=1",
                                             f"weight_sync.transport={transport}", f"learner.lora.rank={lora_rank}",
+                                            f"weight_sync.bucket_mb={bucket_mb}",
                                             f"learner.lora.alpha={2 * max(lora_rank, 1)}"])
     group = LearnerGroup(cfg, roles=("student",))
     lora = cfg.learner.lora.model_dump() if lora_rank else None
@@ -126,7 +138,7 @@ def bench_model(name: str, engine: str, repeats: int, transport: str, lora_rank:
         group.shutdown()
     copy = best.pop("memcpy_gbps")
     gbps = best["bytes"] / best["seconds"] / 1e9
-    return {"model": name, "transport": transport, "form": form, "lora_rank": lora_rank,
+    return {"model": name, "transport": transport, "form": form, "lora_rank": lora_rank, "bucket_bytes": bucket_mb << 20,
             **{k: round(v, 4) if isinstance(v, float) else v for k, v in best.items()},
             "gbps": round(gbps, 3), "delivered_gbps": round(2 * gbps, 3),
             "memcpy_gbps": round(copy, 3), "ratio": round(gbps / copy, 4)}
@@ -140,6 +152,8 @@ def main() -> None:
     ap.add_argument("--transports", default="object_store,collective")
     ap.add_argument("--num-cpus", type=int, default=4)
     ap.add_argument("--lora-rank", type=int, default=16, help="also run LoRA syncs at this rank (0: only full)")
+    ap.add_argument("--bucket-mb", type=int, default=32, help="weight_sync.bucket_mb: below the model's size, so "
+                    "the buffers' peak shows against the bucket")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
@@ -148,11 +162,12 @@ def main() -> None:
     try:
         for name in args.models.split(","):
             for transport in args.transports.split(","):
-                full = bench_model(name.strip(), args.engine, args.repeats, transport.strip())
+                full = bench_model(name.strip(), args.engine, args.repeats, transport.strip(), 0, args.bucket_mb)
                 results.append(full)
                 print(json.dumps(full), flush=True)
                 if args.lora_rank:
-                    r = bench_model(name.strip(), args.engine, args.repeats, transport.strip(), args.lora_rank)
+                    r = bench_model(name.strip(), args.engine, args.repeats, transport.strip(), args.lora_rank,
+                                    args.bucket_mb)
                     r["vs_full"] = {"bytes_ratio": round(r["bytes"] / full["bytes"], 5),
                                     "seconds_ratio": round(r["seconds"] / full["seconds"], 4),
                                     "full_bytes": full["bytes"], "full_seconds": full["seconds"]}

@@ -118,7 +118,8 @@ class BucketRing:
 
 def pack_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, ring: BucketRing | None = None,
                  device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, list[TensorSpec]]]:
-    """Yield (uint8 bucket on `device`, specs) pairs; a tensor larger than `bucket_bytes` gets its own bucket.
+    """Yield (uint8 bucket on `device`, specs) pairs; a tensor larger than `bucket_bytes` is its own bucket
+    (a byte view of it, not a copy), so packing never holds more than the ring's buffers beside the tensors.
 
     Tensors are consumed one at a time, so a generator that gathers ZeRO-3 shards on demand never holds
     more than one bucket of full parameters. With a `ring` the buckets are its buffers (reused, so a bucket
@@ -144,6 +145,11 @@ def pack_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, r
         if pending and size + n > bucket_bytes:
             yield flush()
             pending, size = [], 0
+        if n > bucket_bytes:  # travels as itself: copying it into a buffer of its size would double it
+            raw = t.numel() * t.element_size()
+            yield t.reshape(-1).view(torch.uint8), [TensorSpec(name, str(t.dtype).removeprefix("torch."),
+                                                               tuple(t.shape), 0, raw)]
+            continue
         pending.append((name, t))
         size += n
     if pending:

@@ -76,7 +76,7 @@ class GroupSync:
         receive (None: whatever the learner holds, e.g. from a producer while the learner trains on). With
         version None and nothing for the teacher, a sync that would change nothing (every worker at the
         pool's version, at least `minimum`, nobody restarted) is skipped. Returns {version, seconds, bytes,
-        generation}."""
+        generation, buffer_peak (the sender's bucket buffers at most, bytes)}."""
 
         async with self._lock:
             for attempt in range(self.retries + 1):
@@ -105,7 +105,7 @@ class GroupSync:
                     self.pool.version = receipt.version
                     seconds = time.perf_counter() - t0
                     self.last = {"version": receipt.version, "seconds": seconds, "bytes": receipt.nbytes,
-                                 "generation": self.rdv.generation}
+                                 "generation": self.rdv.generation, "buffer_peak": receipt.meta.get("buffer_peak")}
                     return self.last
                 self.rdv = None  # whatever went wrong, the next try meets on a new generation
                 if attempt == self.retries or not all(retryable(e) for e in errors):

@@ -80,3 +80,12 @@ def test_a_ring_reuses_at_most_its_slots_and_only_after_their_transfer_is_done()
     assert ring.peak == 2 * 832  # two buffers of one bucket each (800 B aligned to 64), never more
     ring.release()
     assert all(b is None for b in ring._bufs)  # nothing kept after the sync
+
+
+def test_a_tensor_larger_than_a_bucket_travels_as_itself_not_as_a_copy():
+    big, small = torch.randn(1000), torch.randn(10)  # 4000 B > the 1 KiB bucket
+    out = list(pack_buckets([("small", small), ("big", big), ("small2", small)], 1024, BucketRing(slots=2)))
+    assert [[s.name for s in specs] for _, specs in out] == [["small"], ["big"], ["small2"]]
+    buf, specs = out[1]
+    assert buf.untyped_storage().data_ptr() == big.untyped_storage().data_ptr()
+    assert torch.equal(dict(unpack_bucket(buf, specs))["big"], big)

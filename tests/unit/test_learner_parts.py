@@ -11,10 +11,10 @@ import types
 import pytest
 import torch
 
+from piplay_ray.cluster.devices import NOSET
 from piplay_ray.config import LearnerConfig, LossConfig, load_config
 from piplay_ray.learner import losses
 from piplay_ray.learner.rank import LearnerWorkerImpl, rank_args
-from piplay_ray.cluster.devices import NOSET
 from piplay_ray.learner.rank_env import rank_env
 from piplay_ray.learner.schedule import lr_factor, make_scheduler
 

@@ -49,7 +49,7 @@ class FakeLearner:
     def weights(self, role, kind, form="full"):
         assert kind == "collective"
         self.sent += 1
-        return SimpleNamespace(version=7, nbytes=100)
+        return SimpleNamespace(version=7, nbytes=100, meta={})
 
 
 def _setup():
