@@ -84,7 +84,8 @@ class LearnerWorkerImpl:
             path = assets.resolve_model(self.models[role])
             self.policies[role] = RoleEngine(role, path, self.learner, self.world_size, self.device)
         self.activate(self.roles[0])
-        return {"rank": self.rank, "device": str(self.device), "bf16": self.policies[self.roles[0]].bf16}
+        return {"rank": self.rank, "device": str(self.device), "bf16": self.policies[self.roles[0]].bf16,
+                "load_rss": {role: pol.load_rss.bytes for role, pol in self.policies.items()}}
 
     # ------------------------------------------------------------------------------------------ phases
 
@@ -110,7 +111,8 @@ class LearnerWorkerImpl:
         return self.device.type == "cuda"
 
     def resident(self, role: str) -> contextlib.AbstractContextManager[RoleEngine]:
-        """The role's states on the device for one gather, save or load; an idle role goes back after."""
+        """The role's states on the device for one save or load; an idle role goes back after. A gather
+        needs none of them: the weights' partitions never leave (`offload.include`)."""
         return self._policy(role).resident(self._pin)
 
     def _policy(self, role: str) -> RoleEngine:
@@ -140,6 +142,10 @@ class LearnerWorkerImpl:
     def offloaded_states(self, role: str) -> list[str]:
         return offload.offloaded_states(self._policy(role).engine)
 
+    def reloads(self, role: str) -> int:
+        """Times the role's offloaded states came back to the device."""
+        return self._policy(role).reloads
+
     def reference_loaded(self, role: str) -> bool:
         return self._policy(role).reference is not None
 
@@ -155,17 +161,17 @@ class LearnerWorkerImpl:
         that load adapters; the bundle's meta then says the adapter's rank, alpha and targets)."""
         if form not in ("full", "adapter"):
             raise ValueError(f"publish form must be full or adapter, got {form!r}")
-        with self.resident(role) as pol:
-            if form == "adapter" and not pol.lora:
-                raise ValueError(f"publish({role!r}, form='adapter') needs learner.lora.rank > 0")
-            params = (lora.adapter_tensors(pol.engine.module, pol.gathered, copy=pol.zero3) if form == "adapter"
-                      else pol.full_parameters())
-            if self.rank != 0:
-                for _ in params:
-                    pass
-                return None
-            kind = transport_kind or self.weight_sync.transport
-            bundle = self._transport(role, kind).publish(pol.version, params)
+        pol = self._policy(role)  # an idle role's weight partitions stay on the device: no reload (offload.py)
+        if form == "adapter" and not pol.lora:
+            raise ValueError(f"publish({role!r}, form='adapter') needs learner.lora.rank > 0")
+        params = (lora.adapter_tensors(pol.engine.module, pol.gathered, copy=pol.zero3) if form == "adapter"
+                  else pol.full_parameters())
+        if self.rank != 0:
+            for _ in params:
+                pass
+            return None
+        kind = transport_kind or self.weight_sync.transport
+        bundle = self._transport(role, kind).publish(pol.version, params)
         bundle.meta.update(role=role, form=form)
         if form == "adapter":
             lc = self.learner.lora
@@ -185,21 +191,19 @@ class LearnerWorkerImpl:
 
     def export_hf(self, role: str, path: str) -> None:
         """Write `role` as a Hugging Face folder (rank 0; every rank iterates for ZeRO-3's gathers)."""
-        with self.resident(role) as pol:
-            sd = self.state_dict(role)
-            if self.rank == 0:
-                checkpoint.save_hf(lora.hf_module(pol.engine.module), pol.tokenizer, sd, path)
+        pol, sd = self._policy(role), self.state_dict(role)
+        if self.rank == 0:
+            checkpoint.save_hf(lora.hf_module(pol.engine.module), pol.tokenizer, sd, path)
 
     def state_dict(self, role: str) -> dict[str, torch.Tensor] | None:
         """Full CPU parameters (rank 0; None elsewhere): for tests and the HF export."""
-        with self.resident(role) as pol:
-            sd = {n: t.to("cpu", copy=True) for n, t in pol.full_parameters()}
+        sd = {n: t.to("cpu", copy=True) for n, t in self._policy(role).full_parameters()}
         return sd if self.rank == 0 else None
 
     def adapter_state(self, role: str) -> dict[str, torch.Tensor] | None:
         """The role's LoRA matrices as CPU tensors under PEFT names (rank 0; None elsewhere)."""
-        with self.resident(role) as pol:
-            sd = lora.adapter_state(pol.engine.module, pol.gathered)
+        pol = self._policy(role)
+        sd = lora.adapter_state(pol.engine.module, pol.gathered)
         return sd if self.rank == 0 else None
 
     def optimizer_state(self, role: str) -> dict:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import torch
 
+from piplay_ray.cluster.heap import peak_rss
 from piplay_ray.config import LearnerConfig
 from piplay_ray.learner import lora, offload
 from piplay_ray.learner.hidden import HiddenForward
@@ -58,20 +59,40 @@ def make_optimizer(params, lc: LearnerConfig, device: torch.device) -> torch.opt
                            "where nvcc is available, or set learner.offload_inactive=false") from e
 
 
+def load_model(path: str, config: dict, bf16: bool) -> torch.nn.Module:
+    """The role's model. Under ZeRO-3 each rank builds only its partition: while an `HfDeepSpeedConfig` is alive,
+    transformers runs `from_pretrained` inside `deepspeed.zero.Init` (in the dtype DeepSpeed trains in) and
+    rank 0 alone copies the checkpoint in, layer by layer. Otherwise every rank would build the whole model on
+    the CPU in float32 (33 GB of host memory per rank for an 8B model) and DeepSpeed would move it whole to
+    the device before partitioning it. The config lives only for the load: a model loaded later in the same
+    process (the KL reference) is whole."""
+    from transformers import AutoModelForCausalLM
+
+    if config["zero_optimization"]["stage"] != 3:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    from transformers.integrations import HfDeepSpeedConfig
+
+    alive = HfDeepSpeedConfig(config)  # noqa: F841  transformers holds only a weak reference to it
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if bf16 else torch.float32)
+
+
 class RoleEngine:
     """One trained role on one rank: its DeepSpeed engine, tokenizer, version counter and the groups it
     trained; `offloaded` while its states are in host memory."""
 
     def __init__(self, role: str, path: str, lc: LearnerConfig, world_size: int, device: torch.device):
         import deepspeed
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.role, self.path, self.version = role, path, 0
         self.trained: list[str] = []  # the group ids of every step, in order: the learner's own record
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        self.bf16 = use_bf16(lc.bf16, device)
+        config = ds_config(lc, world_size, self.bf16)
+        with peak_rss() as self.load_rss:  # what the rank itself holds at most while it loads
+            model = load_model(path, config, self.bf16)
         if lc.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
@@ -80,11 +101,11 @@ class RoleEngine:
             model = lora.wrap(model, lc.lora)
         opt = make_optimizer([p for p in model.parameters() if p.requires_grad], lc, device)
         sched = make_scheduler(opt, lc.lr_warmup_steps)
-        self.bf16 = use_bf16(lc.bf16, device)
         self.forward = HiddenForward(model, share_prefix=not lc.gradient_checkpointing)  # before DeepSpeed wraps it
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=opt, lr_scheduler=sched, config=ds_config(lc, world_size, self.bf16))
+            model=model, optimizer=opt, lr_scheduler=sched, config=config)
         self.offloaded = False
+        self.reloads = 0  # times its offloaded states came back (a phase switch, a save or a load)
         self.reference = None
         if lc.loss.kl_beta > 0:  # beta * KL to the frozen initial policy; beta = 0 loads nothing
 
@@ -137,10 +158,11 @@ class RoleEngine:
         if self.offloaded:
             offload.reload(self.engine)
             self.offloaded = False
+            self.reloads += 1
 
     @contextlib.contextmanager
     def resident(self, pin: bool) -> Iterator[RoleEngine]:
-        """Its states on the device for one gather, save or load; an idle role goes back after."""
+        """Its states on the device for one save or load; an idle role goes back after."""
         was = self.offloaded
         self.reload()
         try:

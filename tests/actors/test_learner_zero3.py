@@ -69,8 +69,9 @@ def test_alternating_zero3_offload_steps_match_zero2(runs, tiny_model):
 
 def test_idle_role_is_offloaded_and_the_active_one_resident(runs):
     # ZeRO-3 with torch's AdamW: the fp32 master weights and Adam moments stay (DeepSpeed moves them only
-    # for its FusedAdam); the parameter partitions, gradient partitions and gradient buckets go
-    moved = {"lp_params", "lp_grads", "contiguous_grad_buffer"}
+    # for its FusedAdam), and so do the weights' partitions (a publish gathers them); the gradient
+    # partitions and gradient buckets go
+    moved = {"lp_grads", "contiguous_grad_buffer"}
     for per_rank in runs["offloaded"]:
         assert len(per_rank) == 2
         for idle, active in per_rank:
@@ -126,3 +127,17 @@ def test_zero3_checkpoint_with_an_offloaded_role_resumes_exactly(runs, tmp_path)
     for r in ("examiner", "student"):
         for name, t in z3.state_dict(r).items():
             assert torch.equal(t, after[r][name]), (r, name)
+
+
+def test_publishing_the_idle_role_brings_none_of_its_states_back(runs):
+    z3, (active, _) = runs["z3"], SCHEDULE[-1]
+    idle = "student" if active == "examiner" else "examiner"
+    z3.activate(idle)
+    z3.activate(active)  # the idle role goes to host memory (whatever the tests before did)
+    before = ray.get([w.reloads.remote(idle) for w in z3.workers])
+    states = ray.get([w.offloaded_states.remote(idle) for w in z3.workers])
+    assert all(states)  # it is offloaded
+    assert z3.weights(idle).version == z3.version(idle)  # gathered and published
+    assert z3.state_dict(idle)  # and gathered again for an export
+    assert ray.get([w.reloads.remote(idle) for w in z3.workers]) == before  # without a reload
+    assert ray.get([w.offloaded_states.remote(idle) for w in z3.workers]) == states
