@@ -12,20 +12,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from piplay_ray import assets
+from piplay_ray.cluster.gpu_memory import ARCHS
 from piplay_ray.config import Config
 from piplay_ray.weight_sync import transport_class
 
 GiB = 1 << 30
 HEADROOM = 4 * GiB
-# published parameter counts, for layouts computed where the model's files are not at hand
-KNOWN_PARAMS = {"Qwen/Qwen3-4B": 4.02e9, "Qwen/Qwen3-8B": 8.19e9}
 
 
 def param_count(cfg: Config) -> float | None:
-    """Parameters of the trained model: from its files when they resolve locally, else KNOWN_PARAMS."""
+    """Parameters of the trained model: from the shapes `gpu_memory.ARCHS` knows (layouts computed where the
+    model's files are not at hand), else from its files when they resolve locally."""
     name = cfg.model.path_for("student")
-    if name in KNOWN_PARAMS:
-        return KNOWN_PARAMS[name]
+    if name in ARCHS:
+        return ARCHS[name].params
     try:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
