@@ -65,7 +65,9 @@ bench: setup assets
 	$(PY) bench/protocol_parse.py
 
 # On a machine with one GPU and the `gpu` extra installed (pip install -e '.[gpu]'): the whole loop with vLLM
-# on CUDA, ZeRO-3, collective (NCCL) weight sync and fractional GPUs; fails at once without a GPU.
+# on CUDA, ZeRO-3, collective (NCCL) weight sync and fractional GPUs. Prints torch's CUDA, nvcc's and the
+# driver's versions first (warning when nvcc's CUDA is not torch's: FusedAdam's JIT build would fail), on any
+# machine; then fails at once without a GPU.
 gpu-check:
 	$(PY) bench/gpu_check.py
 

@@ -3,10 +3,13 @@ pure parts. No cluster needed; tests/integration/test_deploy_submit.py submits t
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -407,3 +410,188 @@ def test_the_shared_volume_holds_a_run_of_each_cluster_config():
         cfg = load_config(path)
         need = storage.need(cfg, storage.param_count(cfg))
         assert need["total"] <= volume, f"{path.name} needs {need['total'] / 2**30:.0f} GiB of {volume / 2**30:.0f}"
+
+
+# ------------------------------------------------------------------ CUDA of the image, FusedAdam, gpu-check
+
+DOCKERFILE = ROOT / "deploy" / "Dockerfile"
+# CUDA of the torch wheel PyPI serves for a torch line (what `make setup-gpu` installs): the image must run the same.
+# torch 2.11-2.13 publish CUDA 13.0 to PyPI (12.6 and 13.2 from download.pytorch.org); 2.14 moves to 13.2.
+PYPI_TORCH_CUDA = {"2.13": "13.0"}
+
+NVCC_13_0 = """nvcc: NVIDIA (R) Cuda compiler driver
+Copyright (c) 2005-2025 NVIDIA Corporation
+Built on Wed_Aug_20_01:58:59_PM_PDT_2025
+Cuda compilation tools, release 13.0, V13.0.88
+Build cuda_13.0.r13.0/compiler.36424714_0
+"""
+NVCC_12_1 = """nvcc: NVIDIA (R) Cuda compiler driver
+Copyright (c) 2005-2023 NVIDIA Corporation
+Built on Tue_Feb__7_19:32:13_PST_2023
+Cuda compilation tools, release 12.1, V12.1.66
+Build cuda_12.1.r12.1/compiler.32415258_0
+"""
+NVCC_11_8 = """nvcc: NVIDIA (R) Cuda compiler driver
+Copyright (c) 2005-2022 NVIDIA Corporation
+Built on Wed_Sep_21_10:33:58_PDT_2022
+Cuda compilation tools, release 11.8, V11.8.89
+Build cuda_11.8.r11.8/compiler.31833905_0
+"""
+
+
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("bench_gpu_check", ROOT / "bench" / "gpu_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def dockerfile() -> tuple[dict[str, str], str, list[tuple[str, str]]]:
+    """(ARG defaults, the resolved FROM image, the instructions after FROM with ${ARG}s resolved)."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    instructions = [tuple((line.split(None, 1) + [""])[:2]) for line in text.splitlines()
+                    if line.strip() and not line.lstrip().startswith("#")]
+    args: dict[str, str] = {}
+
+    def resolve(s: str) -> str:
+        return re.sub(r"\$\{(\w+)\}", lambda m: args[m[1]], s)
+
+    image, after = None, []
+    for op, rest in instructions:
+        if op == "ARG" and "=" in rest:
+            name, value = rest.split("=", 1)
+            args[name] = resolve(value.strip('"'))
+        elif op == "FROM":
+            image = resolve(rest)
+        elif image is not None:
+            after.append((op, resolve(rest)))
+    return args, image, after
+
+
+def cuda_of_tag(tag: str) -> str:
+    """"13.0" from a Ray / PyTorch-index CUDA tag "cu130" (cu + major + one-digit minor)."""
+    m = re.fullmatch(r"cu(\d+)(\d)", tag)
+    assert m, f"{tag!r} is not a cuXYZ CUDA tag"
+    return f"{int(m[1])}.{m[2]}"
+
+
+def test_nvcc_release_parses_real_nvcc_output():
+    g = gpu_check()
+    assert g.nvcc_release(NVCC_13_0) == "13.0"
+    assert g.nvcc_release(NVCC_12_1) == "12.1"
+    assert g.nvcc_release(NVCC_11_8) == "11.8"
+    assert g.nvcc_release("") is None
+    assert g.nvcc_release("sh: 1: nvcc: not found") is None
+    assert g.major_minor("12.8.1") == (12, 8) and g.major_minor("V13.0.88") == (13, 0)
+    assert g.major_minor(None) is None and g.major_minor("unknown") is None
+
+
+def test_cuda_mismatch_names_both_versions():
+    g = gpu_check()
+    assert g.cuda_mismatch("13.0", g.nvcc_release(NVCC_13_0)) is None
+    warning = g.cuda_mismatch("13.0", g.nvcc_release(NVCC_12_1))
+    assert warning and warning.startswith("WARNING") and "12.1" in warning and "13.0" in warning
+    assert "FusedAdam" in warning
+    assert g.cuda_mismatch("13.0", "13.2")  # the minor counts: DeepSpeed accepts no other CUDA 13 minor
+    assert g.cuda_mismatch("12.8", "11.8")
+    # nothing to compare: a CPU build of torch, or no nvcc
+    assert g.cuda_mismatch(None, "13.0") is None and g.cuda_mismatch("13.0", None) is None
+
+
+def test_find_nvcc_looks_where_torch_does(tmp_path):
+    g = gpu_check()
+    which = {"nvcc": "/opt/bin/nvcc"}.get
+    assert g.find_nvcc({"CUDA_HOME": "/usr/local/cuda-12.1"}, which) == "/usr/local/cuda-12.1/bin/nvcc"
+    assert g.find_nvcc({"CUDA_PATH": "/cuda"}, which) == "/cuda/bin/nvcc"
+    assert g.find_nvcc({}, which) == "/opt/bin/nvcc"
+    assert g.find_nvcc({}, lambda _: None, default=str(tmp_path / "nvcc")) is None
+    (tmp_path / "nvcc").write_text("")
+    assert g.find_nvcc({}, lambda _: None, default=str(tmp_path / "nvcc")) == str(tmp_path / "nvcc")
+
+
+def test_driver_version_and_fused_adam_prebuilt_parse():
+    g = gpu_check()
+    assert g.driver_version("580.95.05\n") == "580.95.05"
+    assert g.driver_version("580.95.05\n580.95.05\n") == "580.95.05"  # one line per GPU
+    assert g.driver_version("") is None
+    assert g.driver_version("NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.") is None
+    built = ("version='0.19.8'\ninstalled_ops={'cpu_adam': False, 'fused_adam': 1, 'pin_memory': False}\n"
+             "accelerator_name='cuda'\ntorch_info={'version': '2.13', 'cuda_version': '13.0'}\n")
+    assert g.fused_adam_prebuilt(built) is True
+    assert g.fused_adam_prebuilt(built.replace("'cuda'", "'cpu'")) is False  # built while DeepSpeed saw no GPU
+    assert g.fused_adam_prebuilt(built.replace("'fused_adam': 1", "'fused_adam': False")) is False
+    assert g.fused_adam_prebuilt("installed_ops={broken\n") is False
+
+
+def test_version_report_lines():
+    g = gpu_check()
+    lines = g.version_report({"torch_cuda": "13.0", "nvcc": "12.1", "driver": "580.95.05",
+                              "fused_adam_prebuilt": False})
+    assert lines[:3] == ["torch CUDA: 13.0", "nvcc: release 12.1", "driver: 580.95.05"]
+    assert lines[-1].startswith("WARNING: nvcc is CUDA 12.1 but torch is built for CUDA 13.0")
+    bare = g.version_report({"torch_cuda": None, "nvcc": None, "driver": None, "fused_adam_prebuilt": None})
+    assert bare == ["torch CUDA: none (a CPU build of torch, or no torch)", "nvcc: not found", "driver: no driver"]
+
+
+def test_gpu_check_prints_versions_and_warns_without_a_gpu(tmp_path, monkeypatch, capsys):
+    """No GPU here: gpu-check still reports the CUDA stack (fake nvcc 12.1 and nvidia-smi on PATH, torch said to
+    be CUDA 13.0) with the mismatch warning, then stops with exit 2 and its JSON line."""
+    import torch
+
+    for name, out in {"nvcc": NVCC_12_1, "nvidia-smi": "580.95.05\n"}.items():
+        (tmp_path / name).write_text(f"#!/bin/sh\ncat <<'X'\n{out}X\n")
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check().main([]) == 2
+    out = capsys.readouterr()
+    assert f"gpu-check: nvcc: release 12.1 ({tmp_path}/nvcc)" in out.err and "gpu-check: driver: 580.95.05" in out.err
+    assert "WARNING: nvcc is CUDA 12.1 but torch is built for CUDA 13.0" in out.err
+    row = json.loads(out.out)
+    assert row["ok"] is False and row["versions"]["nvcc"] == "12.1" and row["versions"]["torch_cuda"] == "13.0"
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))  # no nvidia-smi, and no nvcc where torch would look
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "no-cuda"))
+    assert gpu_check().main([]) == 2
+    err = capsys.readouterr().err
+    assert "gpu-check: nvcc: not found" in err and "gpu-check: driver: no driver" in err and "WARNING" not in err
+
+
+def test_dockerfile_builds_fused_adam_with_the_cuda_of_torch():
+    """One CUDA (ARG CUDA) picks the devel base and torch's index; that is the CUDA of the `gpu` extra's torch
+    from PyPI, and DeepSpeed is installed with FusedAdam built for it, checked after the last install."""
+    args, image, steps = dockerfile()
+    cuda = cuda_of_tag(args["CUDA"])
+    # the base: Ray's image of that CUDA (Ray builds -cuXYZ images on nvidia/cuda:X.Y.Z-...devel, so nvcc is there)
+    m = re.fullmatch(r"rayproject/ray:[\w.]+-py\d+-(cu\d+)", image)
+    assert m, f"the base {image} is not a Ray CUDA image (Ray's -gpu alias is CUDA 12.1)"
+    assert cuda_of_tag(m[1]) == cuda
+    runs = [rest for op, rest in steps if op == "RUN"]
+    (torch_run,) = [r for r in runs if "download.pytorch.org" in r]
+    assert re.search(r"--index-url \"?https://download\.pytorch\.org/whl/(cu\d+)", torch_run)[1] == args["CUDA"]
+    # torch is the `gpu` extra's pin, and the image's CUDA is that torch's CUDA on PyPI
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (gpu_torch,) = [r for r in project["optional-dependencies"]["gpu"] if r.startswith("torch")]
+    assert f'"torch=={args["TORCH"]}"' in torch_run and gpu_torch == f"torch=={args['TORCH']}"
+    line = ".".join(args["TORCH"].split(".")[:2])
+    assert line in PYPI_TORCH_CUDA, f"torch {line}: add the CUDA of its PyPI wheel to PYPI_TORCH_CUDA"
+    assert cuda == PYPI_TORCH_CUDA[line], f"the image is CUDA {cuda}, torch {line} on PyPI CUDA {PYPI_TORCH_CUDA[line]}"
+    # FusedAdam built at install, for CUDA (no GPU at build), against the torch above, for A100 and H100/H200
+    (ds_run,) = [r for r in runs if "DS_BUILD_FUSED_ADAM" in r]
+    assert "DS_BUILD_FUSED_ADAM=1" in ds_run and "DS_ACCELERATOR=cuda" in ds_run
+    assert "--no-build-isolation" in ds_run and "--no-binary deepspeed" in ds_run
+    (ds_req,) = [r for r in project["dependencies"] if r.startswith("deepspeed")]
+    assert f'"{ds_req}"' in ds_run
+    assert runs.index(torch_run) < runs.index(ds_run)
+    archs = args["TORCH_CUDA_ARCH_LIST"].split(";")
+    assert {"8.0", "9.0"} <= set(archs)
+    assert all(re.fullmatch(r"\d+\.\d+(\+PTX)?", a) for a in archs), "DeepSpeed's builder cannot parse 9.0a"
+    # the nvcc of the base is torch's CUDA, checked before compiling
+    (nvcc_run,) = [r for r in runs if "nvcc --version" in r]
+    assert "torch.version.cuda" in nvcc_run and runs.index(nvcc_run) < runs.index(ds_run)
+    # the prebuilt op is loaded at build, after the last pip install (which could replace DeepSpeed)
+    last_pip = max(i for i, r in enumerate(runs) if "pip install" in r)
+    assert "FusedAdamBuilder().load()" in runs[-1] and "installed_ops" in runs[-1] and last_pip < len(runs) - 1
