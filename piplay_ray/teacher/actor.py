@@ -29,6 +29,7 @@ from piplay_ray.teacher import adapter as teacher_adapter
 from piplay_ray.teacher import context as T
 from piplay_ray.teacher import scoring as teacher_scoring
 from piplay_ray.teacher.ema import EmaState, blend_
+from piplay_ray.teacher.gate import UpdateGate
 from piplay_ray.weight_sync.collective import Receiver
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,9 @@ class TeacherImpl(EmaState):
                 self._served = dict(self.model.named_parameters())
                 self._aliased = serve == torch.float32 and self.device.type == "cpu"
                 self.master = ({n: p.data for n, p in self._served.items()} if self._aliased  # the model is the master
-                               else {n: p.detach().float().cpu() for n, p in self._served.items()})
-        self._lock = asyncio.Lock()
+                               else {n: p.detach().float() for n, p in self._served.items()})  # on its device
+        self._gate = UpdateGate()  # scoring calls together, an EMA update alone (and before later calls)
+        self._forward = asyncio.Lock()  # the transformers backend runs one batched forward at a time
         self._receiver = None  # its place in the student's weight-sync group (collective transport)
         self.incarnation = uuid.uuid4().hex  # new on every (re)start of this actor
 
@@ -121,7 +123,7 @@ class TeacherImpl(EmaState):
     @dies_with_engine
     async def ema_update(self, version: int, weights: Any) -> bool:
         """Blend the student's weights of `version` in with tau = teacher.ema_tau; False if already applied."""
-        async with self._lock:
+        async with self._gate.updating():
             if version <= self.version:
                 log.warning("teacher: EMA for version %d skipped (holding %d)", version, self.version)
                 return False
@@ -132,7 +134,7 @@ class TeacherImpl(EmaState):
     @dies_with_engine
     async def load(self, version: int, weights: Any) -> None:
         """psi <- theta exactly (teacher.init = iteration: the driver calls this at each iteration start)."""
-        async with self._lock:
+        async with self._gate.updating():
             self._blend(weights, 1.0)
             await self._push(version)
 
@@ -157,7 +159,7 @@ class TeacherImpl(EmaState):
             await asyncio.to_thread(rx.drain, ticket)
             return False
         version = int(ticket["version"])
-        async with self._lock:
+        async with self._gate.updating():
             if mode == "ema" and version <= self.version:
                 log.warning("teacher: EMA for version %d skipped (holding %d)", version, self.version)
                 await asyncio.to_thread(rx.drain, ticket)
@@ -176,14 +178,15 @@ class TeacherImpl(EmaState):
         also returns the counts of shortened contexts and unscored responses."""
         k, tail = self.tcfg.top_k, self.tcfg.tail_bucket
         jobs, out, stats = teacher_scoring.plan(self.tokenizer, self.tcfg, self.max_len, self.seed, trajectories, tasks)
-        async with self._lock:
+        async with self._gate.scoring():
             if self.engine is not None:
                 tops = await asyncio.gather(*(self.engine.prompt_topk(j.ids, j.start, k) for j in jobs))
                 results = [teacher_scoring.rows_from_topk(top, j.mask, tail) for top, j in zip(tops, jobs, strict=True)]
             else:
                 pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-                results = await asyncio.to_thread(teacher_scoring.score_batched, self.model, pad, self.device, jobs,
-                                                  k, tail, self.max_batch_tokens)
+                async with self._forward:
+                    results = await asyncio.to_thread(teacher_scoring.score_batched, self.model, pad, self.device,
+                                                      jobs, k, tail, self.max_batch_tokens)
         teacher_scoring.fill(out, jobs, results)
         return (out, stats) if with_stats else out
 

@@ -6,6 +6,9 @@ The masters are float32 (a bf16 lerp would round the update away); `EmaState` is
 
 from __future__ import annotations
 
+import json
+import os
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -52,14 +55,30 @@ def blend_(master: dict[str, Tensor], weights: Iterable[tuple[str, Tensor]], tau
 EMA_FILE = "teacher.safetensors"  # in a checkpoint's teacher folder: the EMA masters, version in the metadata
 
 
-def save_ema(folder: str | Path, master: dict[str, Tensor], version: int) -> str:
-    """Write the EMA masters (full weights, or the EMA adapter under learner.lora) exactly, with their version."""
-    from safetensors.torch import save_file
+_SAFE_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
+
+def save_ema(folder: str | Path, master: dict[str, Tensor], version: int) -> str:
+    """Write the EMA masters (full weights, or the EMA adapter under learner.lora) exactly, with their version,
+    as a safetensors file streamed one tensor at a time: the masters may live on the teacher's GPU, and a copy
+    of all of them in host memory (what `safetensors.save_file` needs) would be the model again in float32.
+    Written beside and renamed, so a crash mid-write leaves the previous file."""
+    header: dict = {"__metadata__": {"version": str(version)}}
+    offset = 0
+    for name, t in master.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFE_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data to 8 bytes
     Path(folder).mkdir(parents=True, exist_ok=True)
     path = Path(folder) / EMA_FILE
-    save_file({n: t.detach().cpu().contiguous() for n, t in master.items()}, str(path),
-              metadata={"version": str(version)})
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for t in master.values():
+            f.write(t.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy().data)
+    os.replace(tmp, path)
     return str(path)
 
 
@@ -92,5 +111,5 @@ class EmaState:
         return version
 
     def state(self) -> dict[str, Tensor]:
-        """A copy of the EMA masters (tests, the client's snapshot)."""
-        return {n: t.clone() for n, t in self.master.items()}
+        """A host copy of the EMA masters (tests, the client's snapshot), wherever they live."""
+        return {n: t.detach().to("cpu", copy=True) for n, t in self.master.items()}
