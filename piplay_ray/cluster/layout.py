@@ -9,9 +9,10 @@ first and together where one node holds them all; `placement.py` reserves exactl
 any actor starts, so the plan is what runs, not an estimate. :func:`fits` (a plan exists) is how the
 manifests' GPU worker pods are tested against the configs.
 
-`python -m piplay_ray.cluster.layout CONFIG [overrides...]` prints the layout as JSON (used by the Slurm script), with
-the host shared memory the config needs per node next to what its KubeRay manifests give (host_memory.py),
-and the persistent storage a run needs next to the shared volume's claim (storage.py).
+`python -m piplay_ray.cluster.layout CONFIG [overrides...]` prints the layout as JSON (used by the Slurm script),
+with each GPU actor's memory against its card (gpu_memory.py), the host shared memory the config needs per
+node next to what its KubeRay manifests give (host_memory.py), and the persistent storage a run needs next
+to the shared volume's claim (storage.py).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 
-from piplay_ray.cluster import host_memory, storage
+from piplay_ray.cluster import gpu_memory, host_memory, storage
 from piplay_ray.config import Config, ConfigError, load_config
 from piplay_ray.roles import TRAINED
 
@@ -131,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"piplay: {e}", file=sys.stderr)
         return 2
 
-    print(json.dumps({**layout(cfg).to_dict(), "shared_memory": host_memory.report(cfg, args[0]),
+    lay = layout(cfg)
+    memory = gpu_memory.report(cfg) if lay.slots else []  # per GPU actor; the table: python -m ...gpu_memory
+    print(json.dumps({**lay.to_dict(), "gpu_memory": memory, "shared_memory": host_memory.report(cfg, args[0]),
                       "storage": storage.report(cfg)}))
     return 0
 
