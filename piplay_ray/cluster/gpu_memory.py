@@ -1,6 +1,6 @@
 """GPU memory per GPU actor of a config, so a layout is sized before a run, not by an out-of-memory error.
 
-Pure arithmetic over the config and an embedded table of model shapes (no torch, no Ray); GB = 1e9 B.
+Pure arithmetic over the config and the model shapes (`shapes.py`; no torch, no Ray); GB = 1e9 B.
 - Learner rank: per trained role bf16 weights + grads and fp32 master + 2 Adam moments (16 B/param), split
   over `learner.world_size` by ZeRO stage (3: all, 2: grads + states, 1: states). With `offload_inactive`
   (stage >= 1) the idle role's gradients and optimizer states wait in host memory; its bf16 weight partitions
@@ -21,11 +21,10 @@ Pure arithmetic over the config and an embedded table of model shapes (no torch,
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from piplay_ray.cluster.shapes import Arch, arch
 from piplay_ray.config import Config, load_config
 from piplay_ray.roles import TRAINED
 
@@ -35,67 +34,6 @@ VLLM_NON_TORCH = 1.5e9  # CUDA context, cuBLAS and TP NCCL workspaces: inside vL
 VLLM_GRAPHS = 1e9  # CUDA graphs when enforce_eager is off: inside the share
 VLLM_OUTSIDE = 1e9  # the sync group's NCCL communicator and allocator slack, created after vLLM's profile
 DS_LIVE_PARAMS, DS_BUCKET = 1e9, 5e7  # DeepSpeed defaults / role_engine.ds_config (elements)
-LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class Arch:
-    """The figures of a decoder (Qwen3: no biases, q/k RMSNorm per head) that size its memory."""
-
-    hidden: int
-    layers: int
-    inter: int  # MLP width
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool  # output head shares the embedding
-
-    def linears(self) -> dict[str, tuple[int, int]]:
-        h, q, kv, i = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.inter
-        return dict(zip(LINEARS, [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)], strict=True))
-
-    @property
-    def params(self) -> float:
-        block = sum(a * b for a, b in self.linears().values()) + 2 * self.hidden + 2 * self.head_dim
-        return float(self.layers * block + self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden)
-
-    def adapted(self, targets: list[str]) -> list[tuple[int, int]]:
-        """(in, out) of each linear LoRA adapts in a block (`all-linear`: every one; never the output head)."""
-        return [d for n, d in self.linears().items() if "all-linear" in targets or any(n.endswith(t) for t in targets)]
-
-    def lora_params(self, rank: int, targets: list[str]) -> float:  # A: r x in, B: out x r
-        return float(self.layers * rank * sum(i + o for i, o in self.adapted(targets)))
-
-    def block_values(self, lora_targets: list[str] | None = None) -> int:
-        """Values per token one block keeps for its backward: 6 on the residual stream, q/k/v with their norms
-        and rotary outputs and the attention output, 4 of the MLP width, and each LoRA branch's output."""
-        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return 6 * h + 4 * q + 4 * kv + 4 * self.inter + sum(o for _, o in self.adapted(lora_targets or []))
-
-    kv_bytes_per_token = property(lambda self: 2 * self.layers * self.kv_heads * self.head_dim * 2)  # K+V, bf16
-
-
-# from each model's public config.json on the Hugging Face hub (no network here)
-ARCHS = {
-    "Qwen/Qwen3-0.6B": Arch(1024, 28, 3072, 16, 8, 128, 151936, True),
-    "Qwen/Qwen3-1.7B": Arch(2048, 28, 6144, 16, 8, 128, 151936, True),
-    "Qwen/Qwen3-4B": Arch(2560, 36, 9728, 32, 8, 128, 151936, True),
-    "Qwen/Qwen3-8B": Arch(4096, 36, 12288, 32, 8, 128, 151936, False),
-}
-
-
-def arch(name: str) -> Arch:
-    """The table's entry for `name`, else the config.json of a local model folder; else a clear error."""
-    if name in ARCHS:
-        return ARCHS[name]
-    if (path := Path(name) / "config.json").is_file():
-        c = json.loads(path.read_text())
-        h, heads = c["hidden_size"], c["num_attention_heads"]
-        return Arch(h, c["num_hidden_layers"], c["intermediate_size"], heads, c.get("num_key_value_heads", heads),
-                    c.get("head_dim") or h // heads, c["vocab_size"], c.get("tie_word_embeddings", False))
-    raise ValueError(f"gpu memory model: unknown model {name!r}; known: {', '.join(ARCHS)} "
-                     "(or a local folder with a config.json)")
 
 
 @dataclass

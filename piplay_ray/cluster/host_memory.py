@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from piplay_ray import assets
-from piplay_ray.cluster.gpu_memory import ARCHS
+from piplay_ray.cluster.shapes import ARCHS
 from piplay_ray.config import Config
 from piplay_ray.weight_sync import transport_class
 
@@ -21,7 +21,7 @@ HEADROOM = 4 * GiB
 
 
 def param_count(cfg: Config) -> float | None:
-    """Parameters of the trained model: from the shapes `gpu_memory.ARCHS` knows (layouts computed where the
+    """Parameters of the trained model: from the shapes `shapes.ARCHS` knows (layouts computed where the
     model's files are not at hand), else from its files when they resolve locally."""
     name = cfg.model.path_for("student")
     if name in ARCHS:

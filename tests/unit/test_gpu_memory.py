@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from piplay_ray.cluster import gpu_memory as G
+from piplay_ray.cluster.shapes import arch
 from piplay_ray.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +40,7 @@ def states(m: G.ActorMemory) -> float:
 @pytest.mark.parametrize("model", sorted(PUBLISHED))
 def test_parameter_counts_match_the_published_ones(model):
     total, non_embedding = PUBLISHED[model]
-    a = G.arch(model)
+    a = arch(model)
     embeddings = a.vocab * a.hidden * (1 if a.tied else 2)
     assert a.params == pytest.approx(total, rel=0.02)
     # the model cards round non-embedding counts to 2 digits (0.44B, 1.4B): 3% covers the rounding
@@ -54,7 +55,7 @@ def test_an_unknown_model_is_a_clear_error(tmp_path):
     (folder / "config.json").write_text('{"hidden_size": 4096, "num_hidden_layers": 36, "intermediate_size": 12288, '
                                         '"num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, '
                                         '"vocab_size": 151936, "tie_word_embeddings": false}')
-    assert G.arch(str(folder)) == G.arch("Qwen/Qwen3-8B")
+    assert arch(str(folder)) == arch("Qwen/Qwen3-8B")
 
 
 @pytest.mark.parametrize("stage,scaled", [(3, ("weights", "grads", "optimizer")), (2, ("grads", "optimizer")),
@@ -89,8 +90,8 @@ def test_lora_adapter_of_rank_32_on_qwen3_8b():
     down 12288->4096; 36 blocks (the yaml header's 87.3e6)."""
     per_block = 32 * ((4096 + 4096) + 2 * (4096 + 1024) + (4096 + 4096) + 3 * (4096 + 12288))
     assert per_block * 36 == pytest.approx(87.3e6, rel=0.001)
-    assert G.arch("Qwen/Qwen3-8B").lora_params(32, ["all-linear"]) == per_block * 36
-    assert G.arch("Qwen/Qwen3-8B").lora_params(32, ["q_proj", "v_proj"]) == 32 * 36 * (8192 + 5120)
+    assert arch("Qwen/Qwen3-8B").lora_params(32, ["all-linear"]) == per_block * 36
+    assert arch("Qwen/Qwen3-8B").lora_params(32, ["q_proj", "v_proj"]) == 32 * 36 * (8192 + 5120)
 
 
 def test_the_lora_config_header_is_reproduced():
@@ -106,7 +107,7 @@ def test_the_lora_config_header_is_reproduced():
     engine = actor(c, "rollout-student-0")
     assert engine.parts["weights"] == pytest.approx(2 * P8, rel=0.03)
     assert engine.parts["kv_cache"] == pytest.approx(47e9, rel=0.05)
-    assert G.arch("Qwen/Qwen3-8B").kv_bytes_per_token == 36 * 2 * 8 * 128 * 2
+    assert arch("Qwen/Qwen3-8B").kv_bytes_per_token == 36 * 2 * 8 * 128 * 2
     assert engine.kv_tokens == pytest.approx(320e3, rel=0.05)
     # what the weight sync moves: the adapter only (~175 MB in bf16), received into one buffer
     assert engine.parts["weight_sync"] == pytest.approx(175e6, rel=0.02)
