@@ -138,7 +138,8 @@ def bench_model(name: str, engine: str, repeats: int, transport: str, lora_rank:
         group.shutdown()
     copy = best.pop("memcpy_gbps")
     gbps = best["bytes"] / best["seconds"] / 1e9
-    return {"model": name, "transport": transport, "form": form, "lora_rank": lora_rank, "bucket_bytes": bucket_mb << 20,
+    return {"model": name, "transport": transport, "form": form, "lora_rank": lora_rank,
+            "bucket_bytes": bucket_mb << 20,
             **{k: round(v, 4) if isinstance(v, float) else v for k, v in best.items()},
             "gbps": round(gbps, 3), "delivered_gbps": round(2 * gbps, 3),
             "memcpy_gbps": round(copy, 3), "ratio": round(gbps / copy, 4)}

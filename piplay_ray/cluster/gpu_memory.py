@@ -4,9 +4,9 @@ Pure arithmetic over the config and the model shapes (`shapes.py`; no torch, no 
 - Learner rank: per trained role bf16 weights + grads and fp32 master + 2 Adam moments (16 B/param), split
   over `learner.world_size` by ZeRO stage (3: all, 2: grads + states, 1: states). With `offload_inactive`
   (stage >= 1) the idle role's gradients and optimizer states wait in host memory; its bf16 weight partitions
-  stay, so a publish gathers them without a reload (learner/offload.py). LoRA: frozen bf16 base of both roles, adapter with full states. ZeRO-3 keeps up to
-  stage3_max_live_parameters gathered (DeepSpeed's default 1e9: role_engine.ds_config leaves it) + its
-  5e7-element buckets. Activations at `micro_batch_tokens` (checkpointing: block inputs + one recomputed
+  stay, so a publish gathers them without a reload (learner/offload.py). LoRA: frozen bf16 base of both
+  roles, adapter with full states. ZeRO-3 keeps up to stage3_max_live_parameters gathered (DeepSpeed's
+  default 1e9: role_engine.ds_config leaves it) + its 5e7-element buckets. Activations at `micro_batch_tokens` (checkpointing: block inputs + one recomputed
   block and its gradients; else every block) and the loss's float32 logits of `loss.chunk_tokens` (x3).
 - vLLM engine, per GPU of its TP group: `gpu_memory_utilization` x card holds weights, profiled activations,
   CUDA graphs, non-torch memory, and the KV cache takes the rest. On top: the weight-sync receive buffer

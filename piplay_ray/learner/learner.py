@@ -51,7 +51,8 @@ class LearnerGroup:
             self.pg = placement_group([dict(bundle) for _ in range(ws)], strategy="PACK")
             ray.get(self.pg.ready(), timeout=600)
             options = [{"num_cpus": lc.num_cpus_per_rank, "num_gpus": lc.num_gpus_per_rank,
-                        "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=r)}
+                        "scheduling_strategy": PlacementGroupSchedulingStrategy(self.pg,
+                                                                               placement_group_bundle_index=r)}
                        for r in range(ws)]
         args = rank_args(cfg, self.roles)
         env = {"OMP_NUM_THREADS": str(max(1, int(lc.num_cpus_per_rank)))}

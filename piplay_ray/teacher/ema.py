@@ -67,7 +67,8 @@ def save_ema(folder: str | Path, master: dict[str, Tensor], version: int) -> str
     offset = 0
     for name, t in master.items():
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _SAFE_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": _SAFE_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format aligns the data to 8 bytes

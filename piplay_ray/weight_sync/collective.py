@@ -77,7 +77,8 @@ class Member:
                 while not work.is_completed():
                     if time.monotonic() > deadline:
                         self.leave()
-                        raise SyncError(f"weight sync: no peer progress for {self._timeout_s:g} s (communicator aborted)")
+                        raise SyncError(f"weight sync: no peer progress for {self._timeout_s:g} s "
+                                        "(communicator aborted)")
                     time.sleep(POLL_S)
             work.wait()
         except SyncError:

@@ -7,10 +7,11 @@ when Ray restarts the actor); when anyone is new, the learner opens a new genera
 join it during the sync, which is how a restarted receiver rejoins. A sync is the learner's broadcast and
 every member's receive, run together; a member that dies during it, or a collective cut short (`SyncError`:
 every member raises it within the group's `timeout_s`), fails the sync, which is retried on a new generation
-up to `fault.max_task_retries` times. A member still busy `timeout_s` after the learner's side ended is stalled:
-it is killed, so Ray restarts it and it rejoins the retry with the current weights. Under LoRA with engines that serve it, the broadcast carries
-only the adapter (`pool_form`), which the teacher's EMA takes as well (an adapter EMA under LoRA); where the
-forms differ the teacher only drains it and the student's policy sends it its form through the object store.
+up to `fault.max_task_retries` times. A member still busy well past `timeout_s` after the learner's side
+ended is stalled: it is killed, so Ray restarts it and it rejoins the retry with the current weights. Under
+LoRA with engines that serve it, the broadcast carries only the adapter (`pool_form`), which the teacher's
+EMA takes as well (an adapter EMA under LoRA); where the forms differ the teacher only drains it and the
+student's policy sends it its form through the object store.
 A shared teacher (`teacher.backend: shared`) is no member: it lives on the driver.
 """
 
