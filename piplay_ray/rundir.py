@@ -19,6 +19,7 @@ METRICS = "metrics.jsonl"
 HEALTH = "health.json"
 ACCOUNTING = "accounting.json"
 SUMMARY = "summary.json"
+TEACHER_SNAPSHOT = "teacher-snapshot"  # the teacher's EMA after its latest update (restart recovery)
 TENSORBOARD = "tensorboard"
 FOLDERS = ("tasks", "samples", "checkpoints", "logs")
 

@@ -2,8 +2,8 @@
 
 Ray's object store lives in /dev/shm. With `weight_sync.transport=object_store` it holds each role's latest
 weight bundle (training dtype) and every vLLM receiver writes one more file of the same size while it
-reloads; with `collective` no weights pass through host shared memory at all. In both cases the teacher
-client keeps a float32 snapshot of the EMA there (restart recovery). The estimate is an upper bound per node
+reloads; with `collective` no weights pass through host shared memory at all (the teacher's EMA snapshot for
+restart recovery is a file in the run's folder, `storage.py`). The estimate is an upper bound per node
 (a node may hold all of it) plus a fixed headroom for experiences, NCCL and vLLM's own segments.
 """
 
@@ -48,7 +48,7 @@ def training_bytes(cfg: Config) -> int:
 def shared_memory(cfg: Config, params: float) -> dict[str, float]:
     """Bytes of /dev/shm per node, by what holds them; `total` is their sum."""
     w = params * training_bytes(cfg)
-    parts = {"teacher_ema_snapshot": params * 4, "headroom": float(HEADROOM)}
+    parts = {"headroom": float(HEADROOM)}
     if transport_class(cfg.weight_sync.transport).in_shared_memory:
         parts["weight_bundles"] = 2 * w  # the latest bundle of each role
         if cfg.rollout.engine == "vllm":

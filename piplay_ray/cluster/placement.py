@@ -24,7 +24,8 @@ class Placement:
             raise ResourceError(f"no node plan for the GPU actors {[s.gpus for s in lay.slots]} on nodes with "
                                 f"{sorted(node_gpus, reverse=True)} GPUs")
         self.groups, self._where = [], {}
-        for slots in (n for n in nodes if n):  # the learner's node first: plan() placed it first
+        learner_first = sorted((n for n in nodes if n), key=lambda n: not any(s.name.startswith("learner-") for s in n))
+        for slots in learner_first:
             pg = placement_group([s.bundle for s in slots], strategy="STRICT_PACK")
             self.groups.append(pg)
             self._where |= {s.name: (pg, i, s) for i, s in enumerate(slots)}

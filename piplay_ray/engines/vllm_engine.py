@@ -25,6 +25,7 @@ from piplay_ray.engines.vllm_lora import LoraServing
 from piplay_ray.engines.vllm_weights import WeightLoader, sweep_orphans, write_shared
 
 GiB = 1 << 30
+STREAM_BUCKET_MB, STREAM_TIMEOUT_S = 256, 600.0  # astream_weights: its buckets and a stalled worker's deadline
 
 
 class VLLMEngine(LoraServing, Engine):
@@ -205,6 +206,22 @@ class VLLMEngine(LoraServing, Engine):
         finally:
             os.unlink(path)
         self.version = version
+
+    async def astream_weights(self, version: int, weights) -> None:
+        """Full weights from this process into the engine's workers without a file: a private group of this
+        process (rank 0) and the workers, with the frames and receiver of every collective sync. Over gloo,
+        since this process may share the workers' GPU (NCCL refuses two ranks on one device); at most the
+        sender's two bucket buffers exist beside the weights (the teacher's load of its EMA)."""
+        from piplay_ray.weight_sync.collective import CollectiveTransport
+
+        self._streams = getattr(self, "_streams", 0) + 1
+        tx = CollectiveTransport(STREAM_BUCKET_MB)
+        rdv = tx.open("127.0.0.1", 1 + self.group_ranks, self._streams, STREAM_TIMEOUT_S, backend="gloo")
+        try:
+            await asyncio.gather(asyncio.to_thread(tx.publish, version, named_tensors(weights)),
+                                 self.areceive_weights(rdv.ticket(1, version)))
+        finally:
+            tx.member.leave()
 
     def _stop_llm(self) -> None:
         if getattr(self, "llm", None) is not None:

@@ -21,6 +21,7 @@ from piplay_ray.config import Config
 from piplay_ray.learner.checkpoint import latest_checkpoint
 from piplay_ray.learner.learner import LearnerGroup
 from piplay_ray.roles import MODELS, TRAINED
+from piplay_ray.rundir import TEACHER_SNAPSHOT
 from piplay_ray.teacher import TeacherHandle
 from piplay_ray.teacher.actor import create_teacher
 from piplay_ray.teacher.client import TeacherClient
@@ -75,7 +76,8 @@ def start_actors(cfg: Config, run_path: Path) -> Actors:
         client = SharedTeacher.from_config(pools["student"], paths["student"], cfg)
     else:
         client = TeacherClient(teacher, cfg.fault.max_task_retries, teacher_fallback,
-                               form="adapter" if cfg.learner.lora.rank else "full")
+                               form="adapter" if cfg.learner.lora.rank else "full",
+                               snapshot_dir=run_path / TEACHER_SNAPSHOT)
     learner = LearnerGroup(cfg, TRAINED, placement)
     syncs = None
     if transport_class(cfg.weight_sync.transport).pushes:  # one group per role; the student's holds the teacher

@@ -28,7 +28,7 @@ from piplay_ray.records import Task, Trajectory
 from piplay_ray.teacher import adapter as teacher_adapter
 from piplay_ray.teacher import context as T
 from piplay_ray.teacher import scoring as teacher_scoring
-from piplay_ray.teacher.ema import EmaState, blend_
+from piplay_ray.teacher.ema import EmaState, blend_, save_ema
 from piplay_ray.teacher.gate import UpdateGate
 from piplay_ray.weight_sync.collective import Receiver
 
@@ -112,10 +112,13 @@ class TeacherImpl(EmaState):
             p.copy_(self.master[name].to(p.device, p.dtype))
 
     async def _push(self, version: int) -> None:
-        if self.engine is not None:  # the serving dtype goes to the engine's file, never the fp32 masters
+        if self.engine is not None:  # the serving dtype goes to the engine, never the fp32 masters
             weights = (teacher_adapter.merged(self._base, self.master, self.lora, self.serve_dtype)
                        if self._base is not None else ((n, t.to(self.serve_dtype)) for n, t in self.master.items()))
-            await self.engine.aupdate_weights(version, weights)
+            if self.engine.weight_form == "adapter":  # vLLM loads an adapter from a folder
+                await self.engine.aupdate_weights(version, weights)
+            else:  # full weights stream into its workers, bucket by bucket: no file
+                await self.engine.astream_weights(version, weights)
         elif not self._aliased:
             self._copy_masters()
         self.version = version
@@ -140,6 +143,12 @@ class TeacherImpl(EmaState):
 
     def get_version(self) -> int:
         return self.version
+
+    async def save(self, folder: str) -> str:
+        """The EMA to `folder/teacher.safetensors`, streamed in a thread, never beside an update (a sync's EMA
+        step would tear the file): checkpoints and the client's snapshot after every update."""
+        async with self._gate.scoring():
+            return await asyncio.to_thread(save_ema, folder, self.master, self.version)
 
     def sync_member(self) -> tuple[str, int, int]:
         """(incarnation, ranks in the student's weight-sync group, EMA version) for the coordinator."""

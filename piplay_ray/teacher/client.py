@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import ray
 
@@ -16,38 +20,45 @@ log = logging.getLogger(__name__)
 class TeacherClient:
     """Driver-side handle on the `Teacher` actor that survives its restarts.
 
-    A restarted teacher comes back with the base model's weights, i.e. without its EMA. The client keeps a
-    snapshot of the EMA (an object-store reference to `state()`, owned by the driver, so it outlives the
-    actor) taken after every update, checks the teacher's version before and after each call, and on a
-    mismatch or an actor error restores the snapshot with `load(version, snapshot)` and retries the call, up
-    to `fault.max_task_retries` times. Without a snapshot it falls back to `fallback_folder()` (the latest
-    checkpoint's teacher folder), if any. Scoring runs beside EMA updates; the client's state (version,
+    A restarted teacher comes back with the base model's weights, i.e. without its EMA. After every update
+    the client has the teacher stream its EMA to a file under `snapshot_dir` (the run's folder: it outlives the
+    actor, and no float32 copy of the model passes through the object store each step), checks the teacher's
+    version before and after each call, and on a mismatch or an actor error restores the snapshot
+    (`load_checkpoint`) and retries the call, up to `fault.max_task_retries` times. Without a snapshot it falls
+    back to `fallback_folder()` (the latest checkpoint's teacher folder), if any. Scoring runs beside EMA updates; the client's state (version,
     snapshot) changes and is read only under one lock, so a score never restores an EMA an update is replacing.
     """
 
-    def __init__(self, actor, retries: int = 3, fallback_folder=None, form: str = "full"):
+    def __init__(self, actor, retries: int = 3, fallback_folder=None, form: str = "full",
+                 snapshot_dir: str | os.PathLike | None = None):
+        """`snapshot_dir`: where the teacher can write and the driver can delete (the run's folder on a cluster's
+        shared volume); by default a temporary folder, for one machine."""
         self.actor, self.retries, self.fallback_folder = actor, retries, fallback_folder
         self.form = form  # what its EMA takes: "full" weights, or the student's "adapter" (learner.lora)
         self.version = 0  # the EMA version the teacher must hold
-        self._snapshot = None  # (version, ObjectRef of state())
+        self.snapshot_dir = Path(snapshot_dir or tempfile.mkdtemp(prefix="piplay-teacher-snapshot-"))
+        self._snapshot: tuple[int, Path] | None = None  # (version, the folder holding that EMA)
         self.restarts = 0
         self.last_error: str | None = None
         self._lock = asyncio.Lock()
 
     async def _take_snapshot(self) -> bool:
-        """Snapshot the EMA of `self.version`; False when the teacher restarted meanwhile (EMA lost)."""
-
-        ref = self.actor.state.remote()
+        """Snapshot the EMA of `self.version` (a folder of its own: a teacher that restarted meanwhile writes its
+        base weights there, never over the good snapshot); False when it restarted (EMA lost)."""
+        folder = self.snapshot_dir / f"v{self.version:06d}"
         try:
-            await asyncio.to_thread(ray.wait, [ref], fetch_local=False)  # materialised, not copied here
-            held = await self.actor.get_version.remote()  # runs after state(): same caller, in order
+            await self.actor.save.remote(str(folder))
+            held = await self.actor.get_version.remote()  # runs after save(): same caller, in order
         except Exception as e:
             if not is_actor_failure(e):
                 raise
             return False
         if held != self.version:
             return False
-        self._snapshot = (self.version, ref)
+        self._snapshot = (self.version, folder)
+        for old in self.snapshot_dir.glob("v*"):  # one snapshot is kept
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
         return True
 
     async def _update(self, method: str, *args) -> int:
@@ -70,7 +81,9 @@ class TeacherClient:
             return
         self.restarts += 1
         if self._snapshot is not None and self._snapshot[0] == self.version:
-            await self.actor.load.remote(self.version, self._snapshot[1])
+            got = await self.actor.load_checkpoint.remote(str(self._snapshot[1]))
+            if got != self.version:
+                raise RuntimeError(f"teacher snapshot {self._snapshot[1]} holds version {got}, not {self.version}")
         elif self.version == 0:
             return  # the base weights are the version-0 teacher
         else:

@@ -1,11 +1,13 @@
 """The teacher client under concurrency, on a real Ray actor that stands in for the teacher (a version and
 one small tensor, with slow calls): scoring beside EMA updates neither restores an old EMA nor counts a
-restart that did not happen, and a save made while the teacher restarts is made again on the restored EMA."""
+restart that did not happen, the snapshot is a file in the run's folder, and a save made while the teacher
+restarts is made again on the EMA restored from it."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import ray
 import torch
@@ -34,14 +36,18 @@ class SlowTeacher:
     def state(self):
         return {"w": self.w.clone()}
 
+    def load_checkpoint(self, folder):
+        saved = torch.load(Path(folder) / "ema.pt")
+        self.version, self.w, self.loads = saved["version"], saved["w"].clone(), self.loads + 1
+        return self.version
+
     def get_version(self):
         return self.version
 
-    def load(self, version, weights):
-        self.version, self.w, self.loads = version, weights["w"].clone(), self.loads + 1
-
     def save(self, folder):
         self.saves.append((folder, self.version))
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        torch.save({"version": self.version, "w": self.w}, Path(folder) / "ema.pt")
         return folder
 
     def stats(self):
@@ -51,9 +57,9 @@ class SlowTeacher:
 RAY_CPUS = 1
 
 
-def test_scores_beside_updates_never_rewind_the_ema(ray_local):
+def test_scores_beside_updates_never_rewind_the_ema(ray_local, tmp_path):
     actor = SlowTeacher.remote()
-    client = TeacherClient(actor, retries=2)
+    client = TeacherClient(actor, retries=2, snapshot_dir=tmp_path / "snapshot")
 
     async def run():
         async def updates():
@@ -77,11 +83,14 @@ def test_scores_beside_updates_never_rewind_the_ema(ray_local):
     assert loads == 0 and client.restarts == 0  # no restart happened, none was "repaired"
     torch.testing.assert_close(w, want)  # every update applied once, in order, nothing rewound
     assert client.version == 4
+    # the snapshot is the EMA of version 4 in a file of the run's folder, the only one kept
+    assert [p.name for p in (tmp_path / "snapshot").iterdir()] == ["v000004"]
 
 
-def test_a_save_during_a_restart_is_made_again_on_the_restored_ema(ray_local):
+def test_a_save_during_a_restart_is_made_again_on_the_restored_ema(ray_local, tmp_path):
     actor = SlowTeacher.remote()
-    client = TeacherClient(actor, retries=3)
+    client = TeacherClient(actor, retries=3, snapshot_dir=tmp_path / "snapshot")
+    ckpt = str(tmp_path / "ckpt" / "teacher")
 
     async def run():
         await client.ema_update(1, torch.ones(3))
@@ -102,9 +111,9 @@ def test_a_save_during_a_restart_is_made_again_on_the_restored_ema(ray_local):
                 return real.remote(folder)
 
         client.actor = type("A", (), {"save": Restarting(), "__getattr__": lambda s, n: getattr(actor, n)})()
-        return await client.save("ckpt/teacher")
+        return await client.save(ckpt)
 
     asyncio.run(run())
     loads, saves, w = ray.get(actor.stats.remote())
-    assert saves[-1] == ("ckpt/teacher", 1) and loads == 1  # saved again after the EMA was restored
+    assert saves[-1] == (ckpt, 1) and loads == 1  # saved again after the EMA was restored
     torch.testing.assert_close(w, torch.full((3,), 0.5))

@@ -1,4 +1,5 @@
-"""The vLLM teacher backend (prompt logprobs) agrees with the transformers backend, before and after EMA steps.
+"""The vLLM teacher backend (prompt logprobs) agrees with the transformers backend, before and after EMA steps
+(the EMA streamed into the engine's workers, no file).
 
 One vLLM teacher (tiny model, float32) is shared by the module.
 """
@@ -57,8 +58,13 @@ def test_vllm_and_transformers_backends_agree(teachers):
     _score_both(vt, ht, ht.tokenizer)
 
 
-def test_backends_agree_after_ema(teachers):
+def test_backends_agree_after_ema(teachers, monkeypatch):
     vt, ht = teachers
+
+    def no_file(*_):
+        raise AssertionError("the teacher's EMA went to its engine through a shared-memory file")
+
+    monkeypatch.setattr("piplay_ray.engines.vllm_engine.write_shared", no_file)  # it streams into the workers
     g = torch.Generator().manual_seed(0)
     base = ht.state()
     theta = {n: t + torch.randn(t.shape, generator=g) * 0.05 for n, t in base.items()}
