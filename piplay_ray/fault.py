@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import logging
 import os
 import time
@@ -59,31 +58,18 @@ def engine_dead(e: BaseException) -> bool:
 
 
 def dies_with_engine(method: Callable) -> Callable:
-    """For an actor method that uses its engine: when the engine is dead, end the actor's process, so Ray
+    """For an async actor method that uses its engine: when the engine is dead, end the actor's process, so Ray
     restarts it with a fresh engine (its callers see an actor failure and retry, a weight sync rejoins it);
     otherwise a live actor would answer every call with the same dead engine's error for the rest of the run."""
 
-    def die(e: BaseException):
-        if engine_dead(e):
-            log.error("%s: the engine died (%s); exiting so the actor restarts", method.__qualname__, describe(e))
-            os._exit(70)
-
-    if inspect.iscoroutinefunction(method):
-        @functools.wraps(method)
-        async def guarded_async(*args, **kwargs):
-            try:
-                return await method(*args, **kwargs)
-            except BaseException as e:
-                die(e)
-                raise
-        return guarded_async
-
     @functools.wraps(method)
-    def guarded(*args, **kwargs):
+    async def guarded(*args, **kwargs):
         try:
-            return method(*args, **kwargs)
+            return await method(*args, **kwargs)
         except BaseException as e:
-            die(e)
+            if engine_dead(e):
+                log.error("%s: the engine died (%s); exiting so the actor restarts", method.__qualname__, describe(e))
+                os._exit(70)
             raise
     return guarded
 

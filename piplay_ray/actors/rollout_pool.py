@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 import ray
 
 from piplay_ray.actors.rollout import RolloutWorker, turn_limits
+from piplay_ray.cluster.placement import resources
 from piplay_ray.config import Config, FaultConfig, LoraConfig, RolloutConfig
 from piplay_ray.engines import named_tensors
 from piplay_ray.fault import RolloutFailed, actor_state, describe, is_actor_failure, wait_alive
@@ -70,13 +71,10 @@ class RolloutPool:
             raise ValueError(f"role must be one of {TRAINED}, got {role!r}")
         r = rollout
         self.role, self.fault, self.lora = role, fault, lora
-        def resources(i: int) -> dict:  # the run's placement reserved the engine's bundle (cluster/placement.py)
-            if placement is not None and placement.holds(f"rollout-{role}-{i}"):
-                return placement.options(f"rollout-{role}-{i}")
-            return {"num_cpus": r.num_cpus_per_worker, "num_gpus": r.num_gpus_per_worker * r.tensor_parallel_size}
-
+        default = {"num_cpus": r.num_cpus_per_worker, "num_gpus": r.num_gpus_per_worker * r.tensor_parallel_size}
         self.workers = [
-            RolloutWorker.options(**resources(i), max_restarts=fault.max_actor_restarts,
+            RolloutWorker.options(**resources(placement, f"rollout-{role}-{i}", default),
+                                  max_restarts=fault.max_actor_restarts,
                                   name=f"{name}-{i}" if name else None,
                                   runtime_env={"env_vars": cpu_core_binding(r, local, role, i)})
             .remote(role, model_path, r, search_pool, max_turns=max_turns, dtype=dtype, seed=seed + 1000 * i,

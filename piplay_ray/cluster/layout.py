@@ -49,8 +49,12 @@ class Layout:
     rollout_cpus: dict[str, float]
     teacher_cpus: float
     search_cpus: float  # search-env replicas (the retriever service itself runs outside Ray)
-    placements: tuple[float, ...]  # GPU demand of each placement that must land on a single node
-    slots: tuple[Slot, ...] = ()  # every GPU actor, learner ranks first
+    slots: tuple[Slot, ...]  # every GPU actor, learner ranks first
+
+    @property
+    def placements(self) -> tuple[float, ...]:
+        """The GPU demand of each placement that must land on a single node, largest first."""
+        return tuple(sorted((s.gpus for s in self.slots), reverse=True))
 
     @property
     def total_gpus(self) -> float:
@@ -61,7 +65,8 @@ class Layout:
         return self.learner_cpus + sum(self.rollout_cpus.values()) + self.teacher_cpus + self.search_cpus
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "total_gpus": self.total_gpus, "total_cpus": self.total_cpus}
+        return {**asdict(self), "placements": self.placements, "total_gpus": self.total_gpus,
+                "total_cpus": self.total_cpus}
 
 
 def layout(cfg: Config, roles: tuple[str, ...] = TRAINED) -> Layout:
@@ -81,7 +86,6 @@ def layout(cfg: Config, roles: tuple[str, ...] = TRAINED) -> Layout:
         rollout_cpus={role: r.workers_per_role * r.num_cpus_per_worker for role in roles},
         teacher_cpus=t.num_cpus * own,
         search_cpus=cfg.search.replicas * cfg.search.num_cpus_per_replica,
-        placements=tuple(sorted((s.gpus for s in slots if s.gpus > 0), reverse=True)),
         slots=tuple(s for s in slots if s.gpus > 0),
     )
 

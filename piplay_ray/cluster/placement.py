@@ -24,8 +24,7 @@ class Placement:
             raise ResourceError(f"no node plan for the GPU actors {[s.gpus for s in lay.slots]} on nodes with "
                                 f"{sorted(node_gpus, reverse=True)} GPUs")
         self.groups, self._where = [], {}
-        learner_first = sorted((n for n in nodes if n), key=lambda n: not any(s.name.startswith("learner-") for s in n))
-        for slots in learner_first:
+        for slots in sorted((n for n in nodes if n), key=lambda n: not any(s.name.startswith("learner-") for s in n)):
             pg = placement_group([s.bundle for s in slots], strategy="STRICT_PACK")
             self.groups.append(pg)
             self._where |= {s.name: (pg, i, s) for i, s in enumerate(slots)}
@@ -53,3 +52,9 @@ class Placement:
         for pg in self.groups:
             remove_placement_group(pg)
         self.groups, self._where = [], {}
+
+
+def resources(placement: Placement | None, name: str, default: dict) -> dict:
+    """The actor `name`'s resources and bundle in the run's placement; `default` where it has none (a CPU run,
+    a test, an actor that asks for no GPU)."""
+    return placement.options(name) if placement is not None and placement.holds(name) else default

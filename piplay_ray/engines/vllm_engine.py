@@ -58,6 +58,7 @@ class VLLMEngine(LoraServing, Engine):
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine-loop", daemon=True)
         self._thread.start()
         self.group_ranks = tensor_parallel_size
+        self._streams = 0  # astream_weights' private groups so far (each a new generation)
         self._inflight = 0
         self._ready: asyncio.Event | None = None
         self._idle: asyncio.Condition | None = None
@@ -214,7 +215,7 @@ class VLLMEngine(LoraServing, Engine):
         sender's two bucket buffers exist beside the weights (the teacher's load of its EMA)."""
         from piplay_ray.weight_sync.collective import CollectiveTransport
 
-        self._streams = getattr(self, "_streams", 0) + 1
+        self._streams += 1
         tx = CollectiveTransport(STREAM_BUCKET_MB)
         rdv = tx.open("127.0.0.1", 1 + self.group_ranks, self._streams, STREAM_TIMEOUT_S, backend="gloo")
         try:

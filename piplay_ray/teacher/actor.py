@@ -21,6 +21,7 @@ import ray
 import torch
 
 from piplay_ray.cluster import devices
+from piplay_ray.cluster.placement import resources
 from piplay_ray.config import Config, LoraConfig, RolloutConfig, TeacherConfig
 from piplay_ray.engines import make_engine, named_tensors
 from piplay_ray.fault import dies_with_engine
@@ -217,7 +218,6 @@ def teacher_args(cfg: Config) -> dict:
 def create_teacher(model_path: str, cfg: Config, placement=None):
     """Start the `Teacher` actor with the resources of the `teacher` config section (in its bundle of the
     run's `placement` when it has one), restarted up to `fault.max_actor_restarts` times."""
-    resources = (placement.options("teacher") if placement is not None and placement.holds("teacher")
-                 else {"num_cpus": cfg.teacher.num_cpus, "num_gpus": cfg.teacher.num_gpus})
-    return Teacher.options(**resources, max_restarts=cfg.fault.max_actor_restarts,
+    own = resources(placement, "teacher", {"num_cpus": cfg.teacher.num_cpus, "num_gpus": cfg.teacher.num_gpus})
+    return Teacher.options(**own, max_restarts=cfg.fault.max_actor_restarts,
                            max_concurrency=64).remote(model_path, **teacher_args(cfg))

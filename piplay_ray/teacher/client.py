@@ -25,8 +25,9 @@ class TeacherClient:
     actor, and no float32 copy of the model passes through the object store each step), checks the teacher's
     version before and after each call, and on a mismatch or an actor error restores the snapshot
     (`load_checkpoint`) and retries the call, up to `fault.max_task_retries` times. Without a snapshot it falls
-    back to `fallback_folder()` (the latest checkpoint's teacher folder), if any. Scoring runs beside EMA updates; the client's state (version,
-    snapshot) changes and is read only under one lock, so a score never restores an EMA an update is replacing.
+    back to `fallback_folder()` (the latest checkpoint's teacher folder), if any. Scoring runs beside EMA
+    updates; the client's state (version, snapshot) changes and is read only under one lock, so a score never
+    restores an EMA an update is replacing.
     """
 
     def __init__(self, actor, retries: int = 3, fallback_folder=None, form: str = "full",

@@ -112,5 +112,5 @@ class EmaState:
         return version
 
     def state(self) -> dict[str, Tensor]:
-        """A host copy of the EMA masters (tests, the client's snapshot), wherever they live."""
+        """A host copy of the EMA masters, wherever they live (tests)."""
         return {n: t.detach().to("cpu", copy=True) for n, t in self.master.items()}

@@ -99,6 +99,7 @@ class Member:
 
 class Receiver(Member, base.Receiver):
     peak = 0  # the most bucket bytes the last sync held at once
+
     def receive(self, ticket: dict, rank_offset: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
         """The weights of `ticket['version']` as they arrive, one bucket at a time; consume it to the end.
         Each tensor is a view into the one bucket buffer, valid until the next tensor of a later bucket is

@@ -29,5 +29,5 @@ class Worker:
         return "tokens"
 
     @dies_with_engine
-    def bad_request(self) -> None:
+    async def bad_request(self) -> None:
         raise ValueError("a bug in the call, not a dead engine")
