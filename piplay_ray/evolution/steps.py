@@ -37,8 +37,9 @@ def mean(xs) -> float:
 
 async def examiner_step(step: int, cfg: Config, iteration: int, sampler: ExaminerSampler, examiner_pool,
                         student_pool, student_ready: Callable[[], Awaitable[None]]) -> StepResult:
-    """One examiner step: `examiner.tasks_per_step` attempts, `examiner.attempts` student tries per valid task
-    (after `student_ready()` brought the student pool to the newest weights), difficulty rewards, one group."""
+    """One examiner step: `examiner.tasks_per_step` attempts, `examiner.attempts` student tries per task that
+    passes the integrity gate (r_f > 0, Dr. Zero's rule; after `student_ready()` brought the student pool to the
+    newest weights), difficulty rewards, one group; the tasks passing the full gate are the step's candidates."""
     ecfg = cfg.examiner
     docs, hops = sampler.sample(ecfg.tasks_per_step)
     trajs, reason = await partial(examiner_pool.examiner_rollouts(docs, hops))
@@ -47,14 +48,14 @@ async def examiner_step(step: int, cfg: Config, iteration: int, sampler: Examine
         raise RuntimeError(f"examiner step {step}: no rollout could be produced: {reason}")
     trajs, docs, hops = [trajs[i] for i in keep], [docs[i] for i in keep], [hops[i] for i in keep]
     tasks = [build_task(t, d, h, ecfg, iteration) for t, d, h in zip(trajs, docs, hops, strict=True)]
-    valid = [i for i, t in enumerate(tasks) if t.valid]
+    tried = [i for i, t in enumerate(tasks) if t.format_reward > 0]  # Dr. Zero: the integrity gate, not the full one
     correct: list[int | None] = [None] * len(tasks)
     n, failures = ecfg.attempts, []
-    if valid:
+    if tried:
         await student_ready()  # r_d from the newest student, never a stale one
-        attempts, reason = await partial(student_pool.student_rollouts([tasks[i].question for i in valid], n))
-        lost = {i for i, group in zip(valid, attempts, strict=True) if group is None}
-        for i, group in zip(valid, attempts, strict=True):
+        attempts, reason = await partial(student_pool.student_rollouts([tasks[i].question for i in tried], n))
+        lost = {i for i, group in zip(tried, attempts, strict=True) if group is None}
+        for i, group in zip(tried, attempts, strict=True):
             if group is not None:
                 correct[i] = int(sum(exact_match(t.answer, tasks[i].answer) for t in group))
         if lost:  # no difficulty signal without attempts: those tasks leave this step's group, reported
@@ -62,7 +63,7 @@ async def examiner_step(step: int, cfg: Config, iteration: int, sampler: Examine
             kept = [i for i in range(len(tasks)) if i not in lost]
             trajs, tasks = [trajs[i] for i in kept], [tasks[i] for i in kept]
             correct = [correct[i] for i in kept]
-            valid = [i for i, t in enumerate(tasks) if t.valid]
+    valid = [i for i, t in enumerate(tasks) if t.valid]  # the full gate: what may enter the student's task set
     rewards, advantages = examiner_rewards(tasks, correct, n, ecfg.format_weight,
                                            std_normalize=cfg.learner.loss.std_normalize)
     by_hop = {h: [t.valid for t in tasks if t.hops == h] for h in range(1, len(ecfg.hop_weights) + 1)}
@@ -70,10 +71,11 @@ async def examiner_step(step: int, cfg: Config, iteration: int, sampler: Examine
         "examiner/difficulty_reward": mean(rewards),
         "examiner/format_reward": mean([t.format_reward for t in tasks]),
         "examiner/gate_pass_rate": len(valid) / len(tasks),
+        "examiner/attempted_rate": mean([k is not None for k in correct]),  # tasks the student tried (integrity)
         "examiner/attempts": len(tasks),
         **{f"examiner/gate_fail/{k}": v for k, v in gate_failures(tasks).items()},
         **{f"examiner/gate_pass_rate_h{h}": mean(v) for h, v in by_hop.items() if v},
-        "examiner/solve_rate_hist": [correct[i] / n for i in valid],
+        "examiner/solve_rate_hist": [k / n for k in correct if k is not None],
         **_rollout_metrics(trajs),
     }
     group = [Experience(group_id=group_id("examiner", step), role="examiner", prompt_ids=t.prompt_ids,
@@ -139,5 +141,8 @@ async def student_step(step: int, cfg: Config, task_set: Sequence[Task], student
 
 
 def _rollout_metrics(trajs) -> dict:
+    """Per role: searches, failed tool calls, and the share of rollouts cut off by a token limit (a turn's or
+    the whole response's): they end without an action and earn nothing."""
     return {"rollout/searches_per_traj": mean([t.num_searches for t in trajs]),
+            "rollout/ended_by_length": mean([t.finish_reason == "length" for t in trajs]),
             "search/tool_failures": sum(not h.ok for t in trajs for h in t.hops)}

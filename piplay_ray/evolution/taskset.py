@@ -48,10 +48,10 @@ def rule_tasks(corpus, n: int, iteration: int, seed: int, eval_size: int) -> lis
 async def write_task_set(cfg: Config, iteration: int, examiner_pool, sampler: ExaminerSampler,
                          candidates: Sequence[Task], corpus, rng: random.Random, top_up=None) -> TaskSet:
     """The examiner (its pool already at the final version) writes in up to `examiner.task_set_rounds`
-    rounds until `examiner.task_set_size` tasks pass; training-time `candidates` fill in only with
+    rounds until `cfg.task_set_size` tasks pass; training-time `candidates` fill in only with
     `examiner.task_set_fallback`; `top_up` (rule-built tasks) fills what is left. Shuffled with `rng`."""
     ecfg = cfg.examiner
-    size = ecfg.task_set_size
+    size = cfg.task_set_size
     written: list[Task] = []
     for _ in range(ecfg.task_set_rounds):  # the examiner writes until the set is full (bounded)
         written += await write_tasks(examiner_pool, sampler, size, ecfg, iteration)

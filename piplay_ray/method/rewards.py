@@ -81,9 +81,10 @@ def answer_is_short(answer: str | None, max_words: int) -> bool:
 
 
 def answer_not_in_question(question: str | None, answer: str | None) -> bool:
-    """The question must not give its answer away (whole-word match after normalisation)."""
+    """The question must not give its answer away: the normalised answer is not a substring of the normalised
+    question (Dr. Zero's rule: "Paris" is given away by "Parisian" too)."""
     a = normalize_answer(answer)
-    return bool(a) and not _contains(normalize_answer(question), a)
+    return bool(a) and a not in normalize_answer(question)
 
 
 def not_an_example(question: str | None) -> bool:
@@ -117,20 +118,21 @@ def answer_supported(answer: str | None, docs: Iterable[Doc]) -> bool:
 
 def tool_score(hops: Sequence[Hop], hop_target: int) -> float:
     """Dr. Zero's tool-use credit: a 1-hop task needs no search (1); an h-hop task earns
-    min((1 + valid searches) / h, 1) only when every search it made was valid, else 0."""
+    min((1 + searches) / h, 1) when it searched and every search was answered by the tool (a repeated query
+    counts again, as Dr. Zero counts calls against tool responses), else 0."""
     if hop_target < 1:
         raise ValueError(f"hop_target must be >= 1, got {hop_target}")
     if hop_target == 1:
         return 1.0
-    valid = count_valid_searches(hops)
-    return search_score(valid, hop_target) if hops and valid == len(hops) else 0.0
+    return search_score(len(hops), hop_target) if hops and all(h.ok for h in hops) else 0.0
 
 
 def answer_score(answer: str | None, docs: Iterable[Doc], max_words: int) -> float:
-    """Dr. Zero's answer credit: a supported (or yes/no) answer of at most `max_words` words earns 1, of at
-    most 2 * `max_words` earns 0.5; anything else 0."""
+    """Dr. Zero's answer credit: an answer found in the documents (normalised substring, as Dr. Zero matches)
+    or yes/no earns 1 with at most `max_words` words, 0.5 with at most 2 * `max_words`; anything else 0."""
     a = normalize_answer(answer)
-    if not a or not (a in ("yes", "no") or answer_supported(answer, docs)):
+    found = any(a in normalize_answer(f"{d.title}\n{d.contents}") for d in docs)
+    if not a or not (a in ("yes", "no") or found):
         return 0.0
     words = len(a.split())
     return 1.0 if words <= max_words else 0.5 if words <= 2 * max_words else 0.0

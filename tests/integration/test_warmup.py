@@ -27,7 +27,7 @@ def answer_rate(model_dir: str, questions: list[str], cfg) -> tuple[float, float
 
     engine = TransformersEngine(model_dir, dtype="float32")
     search = Search(warmup._search_fn(cfg.search))
-    spec = SamplingSpec(max_tokens=cfg.rollout.max_tokens_per_turn, temperature=0.0)
+    spec = SamplingSpec(max_tokens=cfg.rollout.turn_tokens, temperature=0.0)
 
     async def one(q):
         return await run_agent(engine, search, engine.tokenizer, protocol.student_prompt_ids(engine.tokenizer, q),

@@ -158,3 +158,29 @@ def test_cross_field_conflicts_are_refused(overrides, message):
         load_config(CONFIGS / "tiny.yaml", overrides)
     assert message in str(e.value) and "{'run'" not in str(e.value)  # the message, not the whole config
     load_config(CONFIGS / "tiny.yaml", ["replay.capacity_groups=8", "student.tasks_per_step=8"])
+
+
+def test_the_task_set_is_what_a_student_phase_trains():
+    """Every task trained once a phase unless student.task_uses says otherwise; a given size that differs is
+    refused, naming the keys (before: a cluster config wrote 2,048 tasks and trained each ~6 times)."""
+    tiny = load_config(CONFIGS / "tiny.yaml", ["schedule.student_steps=5", "student.tasks_per_step=3"])
+    assert tiny.task_set_size == 15
+    assert load_config(CONFIGS / "tiny.yaml", ["schedule.student_steps=5", "student.tasks_per_step=3",
+                                               "student.task_uses=2"]).task_set_size == 8  # ceil(15 / 2)
+    assert load_config(CONFIGS / "tiny.yaml", ["schedule.student_steps=0"]).task_set_size == 2  # one step's worth
+    assert load_config(CONFIGS / "tiny.yaml", ["examiner.task_set_size=4"]).task_set_size == 4  # 2 x 2 agrees
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "tiny.yaml", ["examiner.task_set_size=2048"])
+    for key in ("examiner.task_set_size=2048", "schedule.student_steps=2", "student.tasks_per_step=2",
+                "student.task_uses=1"):
+        assert key in str(e.value)
+    for path in sorted((CONFIGS / "cluster").glob("qwen3-*.yaml")):  # the paper's scale: 50 x 256, once each
+        cfg = load_config(path)
+        assert cfg.task_set_size == cfg.schedule.student_steps * cfg.student.tasks_per_step, path.name
+
+
+def test_a_turn_without_its_own_cap_may_use_the_whole_response():
+    cfg = load_config(CONFIGS / "tiny.yaml", ["rollout.max_tokens_per_turn=null"])
+    assert cfg.rollout.turn_tokens == cfg.rollout.max_response_tokens == 128
+    assert load_config(CONFIGS / "tiny.yaml").rollout.turn_tokens == 24
+    assert load_config(CONFIGS / "cluster" / "qwen3-4b.yaml").rollout.turn_tokens == 2560  # Dr. Zero's total

@@ -63,7 +63,9 @@ def test_gate_rules_individually():
     assert R.answer_not_in_question("Which river flows through the city?", "Vistula")
     assert not R.answer_not_in_question("Which city is on the Vistula?", "the vistula!")
     assert R.answer_not_in_question("Which theatre?", "the") is False  # empty normalised answer fails
-    assert R.answer_not_in_question("Where was Curie's rival Warsawski born?", "Warsaw")  # whole words only
+    # Dr. Zero: a substring of the normalised question gives the answer away, whole word or not
+    assert not R.answer_not_in_question("Where was Curie's rival Warsawski born?", "Warsaw")
+    assert R.answer_not_in_question("Where was Curie's rival born?", "Warsaw")
     assert R.well_formed("question") and not R.well_formed("max_turns")
     assert not R.well_formed("question", invalid_turns=1)
     assert R.answer_supported("Vistula", [SOURCE, HOP_DOC]) and not R.answer_supported("Vistula", [SOURCE])
@@ -116,16 +118,23 @@ DRZERO_TABLE = [
     (2, [], "Curie", 1.0, 0.75),
     # 3 hops, 1 valid search: tool 2/3 -> (1+1+2/3+1)/4
     (3, [Hop("q", [HOP_DOC])], "Vistula", 1.0, (3 + 2 / 3) / 4),
-    # 3 hops, 2 searches of which one failed: tool 0 (every search must be valid)
+    # 3 hops, 2 searches of which one failed: tool 0 (every call needs its tool response)
     (3, [Hop("q", [HOP_DOC]), Hop("r", ok=False, error="down")], "Vistula", 1.0, 0.75),
+    # 3 hops, 2 answered searches, one of them empty: tool min(3/3, 1) = 1 (an answer without documents is one)
+    (3, [Hop("q", [HOP_DOC]), Hop("r", [])], "Vistula", 1.0, 1.0),
     # 4 hops, 5 valid searches: tool capped at 1
     (4, [Hop(f"q{i}", [HOP_DOC]) for i in range(5)], "Vistula", 1.0, 1.0),
-    # a repeated query counts once: 2 searches, 1 valid distinct -> not all valid -> tool 0
-    (2, [Hop("q", [HOP_DOC]), Hop("Q!", [HOP_DOC])], "Vistula", 1.0, 0.75),
-    # a 9-word supported answer (6 < 9 <= 12): answer 0.5 -> (1+1+1+.5)/4
-    (2, [Hop("q", [LONG])], "river of the seven bridges of old town flows", 1.0, 3.5 / 4),
-    # a 13-word answer (> 12): answer 0; no think at all: 0 -> (1+0+1+0)/4
-    (1, [Hop("q", [Doc("1", "t", "b c d e f g h i j k l m n")])], "b c d e f g h i j k l m n", 0.0, 0.5),
+    # a repeated query counts again (Dr. Zero counts calls against responses): 3 hops, 2 calls -> tool 1
+    (3, [Hop("q", [HOP_DOC]), Hop("Q!", [HOP_DOC])], "Vistula", 1.0, 1.0),
+    # a 6-word supported answer (5 < 6 <= 10): answer 0.5 -> (1+1+1+.5)/4
+    (2, [Hop("q", [LONG])], "river of seven bridges of old", 1.0, 3.5 / 4),
+    # a 5-word answer: answer 1
+    (2, [Hop("q", [LONG])], "river of seven bridges of", 1.0, 1.0),
+    # a 10-word answer: 0.5; an 11-word one (> 10): answer 0; no think at all: 0 -> (1+0+1+0)/4
+    (1, [Hop("q", [Doc("1", "t", "b c d e f g h i j k l m")])], "b c d e f g h i j k", 1.0, 3.5 / 4),
+    (1, [Hop("q", [Doc("1", "t", "b c d e f g h i j k l m n")])], "b c d e f g h i j k l", 0.0, 0.5),
+    # the answer is found as a substring of a document (Dr. Zero), not only as whole words: "Wars" in "Warsaw"
+    (2, [Hop("q", [HOP_DOC])], "Wars", 1.0, 1.0),
     # unsupported answer, but yes/no always counts as supported -> 1
     (1, [], "yes", 1.0, 1.0),
     (1, [], "Lisbon", 1.0, 0.75),
@@ -134,7 +143,7 @@ DRZERO_TABLE = [
 
 @pytest.mark.parametrize("h, hops, answer, think, want", DRZERO_TABLE)
 def test_drzero_partial_format_reward_table(h, hops, answer, think, want):
-    r_f, _ = R.format_reward("Where is it?", answer, h, hops, SOURCE, "question", answer_max_words=6,
+    r_f, _ = R.format_reward("Where is it?", answer, h, hops, SOURCE, "question", answer_max_words=5,
                              think_share=think, mode="partial")
     assert r_f == pytest.approx(want)
 

@@ -29,19 +29,21 @@ def traj(answer, version=0, role="student", response=(2, 3), **kw) -> Trajectory
 
 class ExaminerPool:
     """Asks which river flows through the document's town; every `invalid_every`-th answer is not in the
-    document, so that task fails the integrity gate."""
+    document (that task fails the full gate, not the integrity gate); every `leak_every`-th question gives its
+    answer away (it fails the integrity gate)."""
 
-    def __init__(self, invalid_every=0, version=4):
-        self.invalid_every, self.version, self.n = invalid_every, version, 0
+    def __init__(self, invalid_every=0, version=4, leak_every=0):
+        self.invalid_every, self.leak_every, self.version, self.n = invalid_every, leak_every, version, 0
 
     async def examiner_rollouts(self, docs, hops):
         out = []
         for d in docs:
             self.n += 1
             bad = self.invalid_every and self.n % self.invalid_every == 0
+            leak = f" (R{d.id})" if self.leak_every and self.n % self.leak_every == 0 else ""
             out.append(traj("nowhere at all" if bad else f"R{d.id}", self.version, "examiner", finish="question",
                             text="ok</think><question>q</question>",
-                            extra={"question": f"Which river flows through {d.title}?"}))
+                            extra={"question": f"Which river flows through {d.title}?{leak}"}))
         return out
 
 
@@ -84,18 +86,33 @@ def test_examiner_step_rewards_difficulty_within_hop_groups():
     (group,) = res.groups
     assert len(group) == 4 and {e.group_id for e in group} == {"examiner-7"} and not res.failures
     assert all(e.role == "examiner" and e.version == 4 for e in group)
-    (asked,) = student.asked  # one request: the 3 gate-passing questions only
-    assert len(asked) == 3 and len(res.candidates) == 3
-    assert sorted(asked) == sorted(t.question for t in res.candidates)
-    n = 4  # r_d = 1(0 < k < n)(n - k)/(n - 1); a task that failed the gate earns 0 (w_f = 0)
-    want = {t.id: (n - k) / (n - 1) if 0 < (k := min(k_of(t.question), 4)) < n else 0.0 for t in res.candidates}
+    # Dr. Zero: every task through the integrity gate is attempted, the one whose answer is not in its documents
+    # too (its r_d counts); only the 3 through the full gate are candidates for the student's task set
+    (asked,) = student.asked
+    assert len(asked) == 4 and len(res.candidates) == 3 and set(t.question for t in res.candidates) < set(asked)
+    n = 4  # r_d = 1(0 < k < n)(n - k)/(n - 1) (w_f = 0)
+    honest = {t.question for t in res.candidates}  # the other one's answer ("nowhere at all") no attempt gives
+    hard = {q: (n - k) / (n - 1) if 0 < (k := min(k_of(q), 4) if q in honest else 0) < n else 0.0 for q in asked}
     rewards = [e.reward for e in group]
-    assert rewards == pytest.approx([want.get(e.info["task"], 0.0) for e in group])
+    questions = {e.info["task"]: q for e, q in zip(group, asked, strict=True)}
+    assert rewards == pytest.approx([hard[questions[e.info["task"]]] for e in group])
     mu, sd = statistics.mean(rewards), statistics.stdev(rewards)
     want_adv = [0.0] * 4 if sd == 0 else [(r - mu) / (sd + 1e-6) for r in rewards]
     assert [e.advantage for e in group] == pytest.approx(want_adv, abs=1e-5)
     assert res.metrics["examiner/gate_pass_rate"] == 0.75
     assert res.metrics["examiner/difficulty_reward"] == pytest.approx(statistics.mean(rewards))
+
+
+def test_a_task_failing_the_integrity_gate_gets_no_attempts_and_no_reward():
+    cfg = cfg_with("examiner.tasks_per_step=4", "examiner.attempts=2", "examiner.format_weight=0.5")
+    student = StudentPool(lambda q: 1)  # 1 of 2 right: r_d = (2 - 1) / (2 - 1) = 1 for every attempted task
+    res = examiner_run(cfg, student, ExaminerPool(leak_every=2))
+    (asked,) = student.asked
+    (group,) = res.groups
+    assert len(asked) == 2 and all("(R" not in q for q in asked)  # the 2 leaking questions were not tried
+    # r_f (Dr. Zero) of an honest task: (1 + think share 1 + tool 1 (1 hop) + answer 1 (in its source)) / 4 = 1
+    assert sorted(e.reward for e in group) == pytest.approx([0.0, 0.0, 1 + 0.5 * 1.0, 1 + 0.5 * 1.0])
+    assert res.metrics["examiner/attempted_rate"] == 0.5 and res.metrics["examiner/gate_pass_rate"] == 0.5
 
 
 def test_examiner_step_reports_why_tasks_fail_the_gate():
