@@ -9,10 +9,12 @@ Model text is decoded only to parse it; the sampled ids are kept as sampled, nev
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import replace
 
 from piplay_ray.engines.base import Engine, SamplingSpec
 from piplay_ray.method import protocol
+from piplay_ray.method.evidence import shown_docs
 from piplay_ray.records import Hop, Trajectory
 
 
@@ -42,7 +44,8 @@ async def run_agent(engine: Engine, search, tokenizer, prompt_ids: list[int], sp
                     max_info_tokens: int | None = None) -> Trajectory:
     """Roll out one trajectory: at most `max_turns` model turns and `max_response_tokens` response tokens
     (generated and inserted together); `max_context` bounds prompt + response (the engine's model length);
-    `max_info_tokens` cuts each search's evidence text to that many tokens (Dr. Zero's tool-response cap).
+    `max_info_tokens` cuts each search's evidence text to that many tokens (Dr. Zero's tool-response cap), and
+    its Hop's documents to what the cut text shows.
     """
     traj = Trajectory(prompt_ids=list(prompt_ids), role=role, version=version)  # type: ignore[arg-type]
     limit = max_response_tokens
@@ -71,8 +74,10 @@ async def run_agent(engine: Engine, search, tokenizer, prompt_ids: list[int], sp
             traj.hops.append(hop)
             if max_info_tokens is not None:
                 ids = tokenizer(evidence, add_special_tokens=False)["input_ids"]
-                if len(ids) > max_info_tokens:
-                    evidence = tokenizer.decode(ids[:max_info_tokens])
+                if len(ids) > max_info_tokens:  # the hop keeps what the agent sees: the QCP is what it saw
+                    cut = tokenizer.decode(ids[:max_info_tokens])
+                    hop.docs = shown_docs(hop.docs, len(os.path.commonprefix([evidence, cut])))
+                    evidence = cut
             info = list(tokenizer(protocol.information_block(evidence), add_special_tokens=False)["input_ids"])
             room = limit - len(traj.response_ids)
             if len(info) >= room:  # the evidence does not fit with room for another turn

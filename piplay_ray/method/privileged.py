@@ -1,9 +1,10 @@
 """What the teacher is told that the student is not: the privileged-information arms and their fitting.
 
 `teacher.privileged` names the arm in `registry.ARMS` (the paper's ablations): ``qcp`` the whole question
-construction path (the source document, then each search with its documents), ``partial_qcp`` a seeded half of
-that path, ``answer`` only the ground-truth answer, ``none`` no teacher at all. A new arm is an :class:`Arm`
-(here or in a module of your own) and one line in `registry.ARMS`. When the teacher's context plus the
+construction path (the source document, then each search with its documents), ``partial_qcp`` about half of
+it (half the source's sentences and half the searches, seeded), ``answer`` only the ground-truth answer,
+``none`` no teacher at all. A new arm is an :class:`Arm` (here or in a module of your own) and one line in
+`registry.ARMS`. When the teacher's context plus the
 student's response would pass the engine's model length, every QCP document is cut to one common word cap
 (the longest documents lose most; the student's tokens are never touched), the largest cap that fits.
 """
@@ -11,10 +12,12 @@ student's response would pass the engine's model length, every QCP document is c
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from piplay_ray.method import protocol
+from piplay_ray.method.evidence import body_of
 from piplay_ray.records import Doc, Hop, Task
 from piplay_ray.registry import ARMS
 
@@ -32,20 +35,32 @@ class Arm:
     shortens: bool = True  # its documents may be cut to fit the engine's length (else: unscored when too long)
 
 
-def partial_path(task: Task, seed: int) -> tuple[Doc | None, list[Hop]]:
-    """A seeded half of the path [source, hop 1, ..., hop n]: max(1, L // 2) of its L links, kept in order.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
-    The choice depends only on (seed, task id), so the teacher sees the same half every time it scores a task.
-    """
-    path: list[Doc | Hop] = [task.source, *task.qcp]
-    keep = sorted(random.Random(f"{seed}/{task.id}").sample(range(len(path)), max(1, len(path) // 2)))
-    source = task.source if 0 in keep else None
-    return source, [path[i] for i in keep if i > 0]  # type: ignore[misc]
+
+def _half(n: int, rng: random.Random) -> list[int]:
+    """A seeded half of range(n), in order: n // 2 items, one more on a coin flip when n is odd."""
+    return sorted(rng.sample(range(n), n // 2 + (n % 2 and rng.random() < 0.5)))
+
+
+def partial_path(task: Task, seed: int, source_words: int = protocol.SOURCE_DOC_WORDS) -> tuple[Doc, list[Hop | None]]:
+    """About half of the QCP, withheld on every task: half the sentences of the source document as the examiner
+    saw it (its first `source_words` words; a single sentence is halved by words) and half the searches (None
+    where withheld). The halves depend only on (seed, task id): the teacher sees the same ones every time."""
+    rng = random.Random(f"{seed}/{task.id}")
+    words = body_of(task.source).split()[:source_words]
+    parts = _SENTENCE_END.split(" ".join(words))
+    if len(parts) < 2:
+        parts = [" ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2:])]
+    kept = " … ".join(parts[i] for i in _half(len(parts), rng))
+    searches = set(_half(len(task.qcp), rng))
+    return (Doc(task.source.id, task.source.title, kept),
+            [hop if i in searches else None for i, hop in enumerate(task.qcp)])
 
 
 def _partial_text(task: Task, budget: int | None, cap: int | None, seed: int) -> str:
-    source, hops = partial_path(task, seed)
-    return protocol.render_qcp(source, hops, budget=budget, cap=cap)
+    source, hops = partial_path(task, seed, budget or protocol.SOURCE_DOC_WORDS)
+    return protocol.render_qcp(source, hops, budget=budget, cap=cap, note=protocol.PARTIAL_NOTE)
 
 
 QCP = Arm("qcp", lambda task, budget, cap, seed: protocol.render_qcp(task.source, list(task.qcp), budget=budget,

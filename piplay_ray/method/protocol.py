@@ -66,6 +66,11 @@ QCP_NOTE = (
     "Privileged information (hidden from the solver): the question was built from the source document "
     "below, then by the following searches, in order. Use it to judge good next steps."
 )
+PARTIAL_NOTE = (
+    "Privileged information (hidden from the solver), in part: how the question was built, from the source "
+    "document below and then by searches, in order, with about half of it withheld (sentences of the source "
+    "left out, searches marked withheld). Use it to judge good next steps."
+)
 ANSWER_NOTE = "Privileged information (hidden from the solver): the answer to the question."
 # Words of the source document the examiner's prompt shows (the teacher's default budget for it).
 SOURCE_DOC_WORDS = 256
@@ -134,22 +139,25 @@ def _capped(budget: int | None, cap: int | None) -> int | None:
     return cap if budget is None else budget if cap is None else min(budget, cap)
 
 
-def render_qcp(source: Doc | None, qcp: Sequence[Hop], answer: str | None = None, budget: int | None = None,
-               cap: int | None = None, source_budget: int = SOURCE_DOC_WORDS) -> str:
+def render_qcp(source: Doc | None, qcp: Sequence[Hop | None], answer: str | None = None, budget: int | None = None,
+               cap: int | None = None, source_budget: int = SOURCE_DOC_WORDS, note: str = QCP_NOTE) -> str:
     """The privileged information as text: the source document, then each search and what it found.
 
     `budget` words per document (None: as the examiner saw them, i.e. the source at `source_budget` words
     and each search's documents as the search env cut them); `cap` shortens every document to at most that
-    many words (the even shortening that fits the teacher's context in the engine). With neither a source
-    nor a search, only the answer is rendered (the `answer` arm).
+    many words (the even shortening that fits the teacher's context in the engine). A None search is one
+    withheld (`partial_qcp`). With neither a source nor a search, only the answer is rendered (`answer` arm).
     """
     if source is None and not qcp:
         return "" if answer is None else f"{ANSWER_NOTE}\nThe answer is: {answer.strip()}"
-    lines = [QCP_NOTE]
+    lines = [note]
     if source is not None:
         words = _capped(source_budget if budget is None else budget, cap)
         lines.append(f"Source document: {_doc_text(source, words)}")
     for i, hop in enumerate(qcp, 1):
+        if hop is None:
+            lines.append(f"Step {i}: withheld.")
+            continue
         lines.append(f"Step {i}: searched {hop.query.strip()!r}.")
         if not hop.ok:
             lines.append("  (the search failed)")

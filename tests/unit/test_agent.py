@@ -188,3 +188,31 @@ def test_evidence_is_cut_to_the_tool_response_token_cap(tok):
     uncapped = asyncio.run(run_agent(ScriptedEngine([t1, t2]), FakeSearch(), tok, [1, 2], SamplingSpec(100),
                                      max_turns=3, max_info_tokens=1000))
     assert uncapped.response_ids == t1 + enc(tok, P.information_block(evidence)) + t2
+
+
+def test_a_cut_evidence_cuts_the_hop_to_what_the_agent_saw(tok):
+    """The QCP keeps the evidence exactly as the examiner saw it: after the token cap, the hop's documents are
+    the ones (and the part of the one) the cut text shows, not what the search env returned."""
+    from piplay_ray.method.evidence import format_docs
+
+    docs, text = format_docs([Doc("1", "Paris", "Paris is the capital of France."),
+                              Doc("2", "Lyon", "Lyon is a city on the Rhone and the Saone rivers.")], 64)
+
+    class TwoDocs:
+        async def search(self, query, topk=None):
+            return Hop(query=query, docs=docs), text
+
+    t1, t2 = enc(tok, "<search>French cities</search>"), enc(tok, "<answer>Paris</answer>")
+    first_line = enc(tok, text.splitlines()[0])
+    for cap, want in [(len(enc(tok, text)), docs), (len(first_line), docs[:1])]:
+        traj = asyncio.run(run_agent(ScriptedEngine([t1, t2]), TwoDocs(), tok, [1, 2], SamplingSpec(100),
+                                     max_turns=3, max_info_tokens=cap))
+        assert traj.hops[0].docs == want
+    ids, head = enc(tok, text), len(text.splitlines()[0]) + len("\nDoc 2 (Title: Lyon) ")
+    cap = next(c for c in range(len(ids)) if len(tok.decode(ids[:c])) > head + 3)  # into the second's text
+    seen = tok.decode(ids[:cap])
+    traj = asyncio.run(run_agent(ScriptedEngine([t1, t2]), TwoDocs(), tok, [1, 2], SamplingSpec(100),
+                                 max_turns=3, max_info_tokens=cap))
+    first, second = traj.hops[0].docs
+    assert first == docs[0] and second.id == "2" and second.contents and second.contents in docs[1].contents
+    assert seen.endswith(second.contents) and len(second.contents) < len(docs[1].contents)

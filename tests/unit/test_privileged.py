@@ -88,18 +88,40 @@ def test_arms():
     answer = PV.render(THREE_HOP, "answer")
     assert answer == f"{P.ANSWER_NOTE}\nThe answer is: d8" and "beta query" not in answer
     assert PV.render(THREE_HOP, "none") is None
-    # partial_qcp: path [source, hop 1, hop 2] has L = 3 links, half = max(1, 3 // 2) = 1, seeded per task
-    src, hops = PV.partial_path(THREE_HOP, seed=0)
-    assert (src is not None) + len(hops) == 1
-    assert PV.partial_path(THREE_HOP, seed=0) == (src, hops)  # the same half every time
-    seen = {(PV.partial_path(THREE_HOP, seed=s)[0] is not None, len(PV.partial_path(THREE_HOP, seed=s)[1]))
-            for s in range(20)}
-    assert seen == {(True, 0), (False, 1)}  # the seed picks which link
-    four = Task(id="four", question="Q?", answer="x", hops=4, source=SRC,
-                qcp=[Hop("1", [B]), Hop("2", [C]), Hop("3", [D])])
-    s4, h4 = PV.partial_path(four, seed=1)
-    assert (s4 is not None) + len(h4) == 2
-    assert PV.partial_path(ONE_HOP, seed=5) == (SRC, [])  # one link cannot be halved: it is kept
-    assert PV.render(ONE_HOP, "partial_qcp") == PV.render(ONE_HOP, "qcp")
     with pytest.raises(ValueError, match="teacher.privileged"):
         PV.render(ONE_HOP, "everything")
+
+
+SENTENCES = Doc("p", "Pi", "S1 one. S2 two two! S3 three? S4 four.")  # 4 sentences, 9 words
+
+
+@pytest.mark.parametrize("hops, searches_kept", [(1, {0}), (2, {0, 1}), (3, {1}), (4, {1, 2})])
+def test_partial_qcp_withholds_about_half_on_every_task(hops, searches_kept):
+    """Half the source's 4 sentences (2, seeded) and half the h - 1 searches on every task: (h - 1) // 2, one
+    more on the seed's coin when odd: 1 hop none, 2 hops 0 or 1, 3 hops 1, 4 hops 1 or 2."""
+    task = Task(id=f"t{hops}", question="Q?", answer="x", hops=hops, source=SENTENCES,
+                qcp=[Hop(f"query {i}", [B]) for i in range(hops - 1)])
+    sentence_counts, kept_counts = set(), set()
+    for seed in range(24):
+        source, path = PV.partial_path(task, seed)
+        assert PV.partial_path(task, seed) == (source, path)  # the same half every time
+        sentence_counts.add(len(source.contents.split(" … ")))
+        assert all(s in SENTENCES.contents for s in source.contents.split(" … "))
+        assert len(path) == hops - 1 and all(h is None or h is task.qcp[i] for i, h in enumerate(path))
+        kept_counts.add(sum(h is not None for h in path))
+    assert sentence_counts == {2} and kept_counts == searches_kept
+
+
+def test_partial_qcp_halves_a_one_sentence_source_by_words_and_says_what_is_withheld():
+    one = Task(id="one", question="Q1?", answer="a10", hops=1, source=SRC, qcp=[])
+    source, path = PV.partial_path(one, seed=3)
+    assert path == [] and source.contents in ("a1 a2 a3 a4 a5", "a6 a7 a8 a9 a10")  # 10 words, one half
+    text = PV.render(one, "partial_qcp", seed=3)
+    assert text.splitlines() == [P.PARTIAL_NOTE, f"Source document: (Alpha) {source.contents}",
+                                 "(The question was written from the source document without searching.)"]
+    assert text != PV.render(one, "qcp") and P.QCP_NOTE not in text
+    three = next(PV.render(THREE_HOP, "partial_qcp", seed=s) for s in range(50)
+                 if PV.partial_path(THREE_HOP, s)[1][0] is None)  # a seed that withholds the first search
+    lines = three.splitlines()
+    assert lines[0] == P.PARTIAL_NOTE and lines[2] == "Step 1: withheld." and "beta query" not in three
+    assert lines[3] == "Step 2: searched 'delta query'." and lines[4] == "  - (Delta) d1 d2 d3 d4 d5 d6 d7 d8"
