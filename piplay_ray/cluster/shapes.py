@@ -55,6 +55,7 @@ ARCHS = {
     "Qwen/Qwen3-0.6B": Arch(1024, 28, 3072, 16, 8, 128, 151936, True),
     "Qwen/Qwen3-1.7B": Arch(2048, 28, 6144, 16, 8, 128, 151936, True),
     "Qwen/Qwen3-4B": Arch(2560, 36, 9728, 32, 8, 128, 151936, True),
+    "Qwen/Qwen3-4B-Instruct-2507": Arch(2560, 36, 9728, 32, 8, 128, 151936, True),  # Qwen3-4B's shapes
     "Qwen/Qwen3-8B": Arch(4096, 36, 12288, 32, 8, 128, 151936, False),
 }
 

@@ -66,7 +66,8 @@ class Phase:
         stale = policy.version - oldest
         lam = policy.distill_weight(st.iteration)
         t = time.monotonic()
-        m = await asyncio.to_thread(actors.learner.train_step, role, exps, lam)
+        fresh = cfg.learner.optimizer_restart == "iteration" and st.phase_steps == 0  # Dr. Zero: a run per phase
+        m = await asyncio.to_thread(actors.learner.train_step, role, exps, lam, restart_optimizer=fresh)
         step_s = time.monotonic() - t
         st.versions[role] += 1
         st.phase_steps += 1

@@ -77,11 +77,11 @@ class LearnerGroup:
         return ray.get(self._submit(method, *args))
 
     def train_step(self, role: str, experiences: list[Experience], lam: float = 0.0,
-                   objective: str = "rl") -> dict[str, float]:
-        """One optimizer step of `role` on this global batch; returns loss terms, grad norm, tokens/s, timing."""
-
+                   objective: str = "rl", restart_optimizer: bool = False) -> dict[str, float]:
+        """One optimizer step of `role` on this global batch (`restart_optimizer`: from a fresh optimizer and
+        warm-up); returns loss terms, grad norm, tokens/s, timing."""
         ref = ray.put(list(experiences))
-        return self._all("train_step", role, ref, lam, objective)[0]
+        return self._all("train_step", role, ref, lam, objective, restart_optimizer)[0]
 
     def export_hf(self, role: str, path: str | os.PathLike) -> None:
         """The role's current weights as a Hugging Face folder at `path` (written by rank 0)."""

@@ -123,11 +123,14 @@ class LearnerWorkerImpl:
     # ------------------------------------------------------------------------------------------ step
 
     def train_step(self, role: str, experiences: list[Experience], lam: float = 0.0,
-                   objective: str = "rl") -> dict[str, float]:
-        """One optimizer step; `objective` "rl" (the π-Play loss) or "sft" (the warm start's NLL); see `step`."""
+                   objective: str = "rl", restart_optimizer: bool = False) -> dict[str, float]:
+        """One optimizer step (after a fresh optimizer if asked); `objective` "rl" (the π-Play loss) or "sft"
+        (the warm start's NLL); see `step`."""
         pol = self._policy(role)
         if self.active != role:
             self.activate(role)
+        if restart_optimizer:
+            pol.restart_optimizer()
         return step.train_step(pol, experiences, lam, objective, self.learner, self.rank, self.world_size,
                                self.device)
 

@@ -139,6 +139,14 @@ class RoleEngine:
             with self.gathered([p]):
                 yield name, p.data.detach().clone() if self.zero3 else p.data.detach()
 
+    def restart_optimizer(self) -> None:
+        """A fresh optimizer and warm-up (learner.optimizer_restart = iteration): Adam's moments and step counts
+        dropped (each Adam variant DeepSpeed wraps builds them again at its next step), the schedule at step 0."""
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        inner.state.clear()
+        self.scheduler.last_epoch = -1
+        self.scheduler.step()
+
     def optimizer_state(self) -> dict:
         """This rank's optimizer state (its ZeRO partition) as CPU tensors: for tests of exact resume."""
         opt = self.engine.optimizer

@@ -107,6 +107,22 @@ def test_zero2_two_ranks_equal_one_rank_and_plain_torch(one, two, tiny_model):
         torch.testing.assert_close(w2[name], w1[name], atol=W_ATOL, rtol=0)
 
 
+def test_a_restarted_optimizer_steps_like_a_fresh_adam(one, tiny_model):
+    """learner.optimizer_restart: a step with `restart_optimizer` starts from empty Adam moments (ZeRO-2's inner
+    optimizer) whatever the role trained before, so it equals plain torch's first AdamW step from its weights."""
+    cfg, pad = one.cfg, AutoTokenizer.from_pretrained(tiny_model).pad_token_id
+    exps = experience_batch("examiner", seed=5, n=4)
+    one.train_step("examiner", exps)  # moments that a restart must drop
+    start = one.state_dict("examiner")
+    one.train_step("examiner", exps, restart_optimizer=True)
+    steps = [float(v) for k, v in one._all("optimizer_state", "examiner")[0].items() if k.endswith(".step")]
+    assert steps and set(steps) == {1.0}
+    ref = _reference_step(load_model(tiny_model, start), exps, pad, cfg, steps=1)
+    got = one.state_dict("examiner")
+    for name, r in ref.items():
+        torch.testing.assert_close(got[name], r, atol=W_ATOL, rtol=0)
+
+
 def test_weights_bundle_matches_parameters(one, tiny_model):
     bundle = one.weights("student")
     sd = one.state_dict("student")

@@ -184,3 +184,17 @@ def test_a_turn_without_its_own_cap_may_use_the_whole_response():
     assert cfg.rollout.turn_tokens == cfg.rollout.max_response_tokens == 128
     assert load_config(CONFIGS / "tiny.yaml").rollout.turn_tokens == 24
     assert load_config(CONFIGS / "cluster" / "qwen3-4b.yaml").rollout.turn_tokens == 2560  # Dr. Zero's total
+
+
+def test_the_instruct_variant_is_qwen3_4b_with_the_instruct_lambda_schedule():
+    """configs/cluster/variants/qwen3-4b-instruct.yaml: the paper's 4B-Instruct λ (0.1 -> 0.03 -> 0.03); all else
+    is qwen3-4b.yaml's, so the qwen3-4b cluster and manifests run it."""
+    variant = load_config(CONFIGS / "cluster" / "variants" / "qwen3-4b-instruct.yaml")
+    base = load_config(CONFIGS / "cluster" / "qwen3-4b.yaml")
+    assert [variant.schedule.lam(i) for i in range(4)] == [0.1, 0.03, 0.03, 0.03]
+    assert variant.model.base == "Qwen/Qwen3-4B-Instruct-2507" and variant.learner.optimizer_restart == "iteration"
+    a, b = variant.model_dump(), base.model_dump()
+    for section, changed in {"run": {"name"}, "model": {"base"}, "schedule": {"distill_lambda"}}.items():
+        a[section] = {k: v for k, v in a[section].items() if k not in changed}
+        b[section] = {k: v for k, v in b[section].items() if k not in changed}
+    assert a == b

@@ -16,7 +16,7 @@ from piplay_ray.cluster.shapes import arch
 from piplay_ray.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
-CLUSTER = sorted((ROOT / "configs" / "cluster").glob("*.yaml"))
+CLUSTER = sorted((ROOT / "configs" / "cluster").rglob("*.yaml"))  # variants/ included
 CARD = 80e9
 # the Qwen3 model cards: total and non-embedding parameters
 PUBLISHED = {"Qwen/Qwen3-0.6B": (0.6e9, 0.44e9), "Qwen/Qwen3-1.7B": (1.7e9, 1.4e9),
@@ -141,7 +141,8 @@ def shipped_actors():
     out = []
     for path in CLUSTER:
         for m in G.actors(load_config(path)):
-            out.append(pytest.param(path.stem, m.name, id=f"{path.stem}:{m.name}"))
+            name = path.relative_to(ROOT / "configs" / "cluster").with_suffix("").as_posix()
+            out.append(pytest.param(name, m.name, id=f"{name}:{m.name}"))
     return out
 
 
@@ -153,7 +154,8 @@ def test_every_shipped_cluster_actor_fits_an_80gb_card_with_10_percent_headroom(
 
 
 def test_the_shipped_configs_with_gpus_are_all_checked():
-    assert {p.stem for p in CLUSTER if G.actors(load_config(p))} == {"qwen3-4b", "qwen3-8b", "qwen3-8b-lora"}
+    assert {p.stem for p in CLUSTER if G.actors(load_config(p))} == {"qwen3-4b", "qwen3-8b", "qwen3-8b-lora",
+                                                                   "qwen3-4b-instruct"}
 
 
 def test_an_absurd_micro_batch_or_a_small_share_does_not_fit():

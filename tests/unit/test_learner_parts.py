@@ -68,6 +68,31 @@ def test_linear_warmup_and_dr_zero_clip_default():
     assert LearnerConfig().grad_clip == 0.1 and ds_config(LearnerConfig(), 1, False)["gradient_clipping"] == 0.1
 
 
+def test_an_optimizer_restart_drops_the_moments_and_starts_the_warm_up_again():
+    """learner.optimizer_restart = iteration: after 3 steps of a 4-step warm-up, a restart gives back an empty
+    Adam state and lr x 1/4; the next step then equals a fresh AdamW's first step from the same weights."""
+    from types import SimpleNamespace
+
+    from piplay_ray.learner.role_engine import RoleEngine
+
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = torch.optim.AdamW([p], lr=0.1, weight_decay=0.0)
+    sched = make_scheduler(opt, 4)
+    for _ in range(3):
+        p.grad = torch.tensor([0.5, 0.25])
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1) and opt.state[p]["step"] == 3
+    RoleEngine.restart_optimizer(SimpleNamespace(engine=SimpleNamespace(optimizer=opt), scheduler=sched))
+    assert not opt.state and opt.param_groups[0]["lr"] == pytest.approx(0.025)
+    start = p.detach().clone()
+    p.grad = torch.tensor([-1.0, 4.0])
+    opt.step()
+    # Adam's first step by hand: m = (1-b1) g, v = (1-b2) g^2, bias-corrected m/sqrt(v) = sign(g), so each
+    # weight moves by lr_0 = 0.025 against its gradient (eps aside)
+    torch.testing.assert_close(p.detach(), start - 0.025 * torch.tensor([-1.0, 1.0]), atol=1e-6, rtol=0)
+
+
 def _one_seq_batch(lens, V, advantage=0.0, engine_lp=None, teacher=None):
     """Prompt of 1 token then `n` response tokens per sequence; all response tokens trained."""
     B, T = len(lens), max(lens) + 1
