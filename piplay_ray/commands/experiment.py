@@ -1,21 +1,25 @@
 """`piplay experiment --config configs/experiments/F.yaml [--parallel] [overrides...]`: arms x seeds of one run config on equal terms, then a table and a plot.
 
-Arms differ only in their overrides (e.g. `teacher.privileged: qcp | answer | none`). So that they differ in
-nothing else, the student task sets are written once: a *tasks* run trains the examiner, writes every
-iteration's task set (with one iteration it trains no student: nothing after the task set depends on it;
-with more it is a full run of the config, so that each later examiner is trained against a student that has
-learned, as in the paper's loop); each arm then starts from its seed's warm start, skips the examiner
-(`schedule.examiner_steps=0`), trains on those task sets (`examiner.task_sets_from`) and evaluates the student
-every `eval_every` student steps. The starting checkpoint and the held-out set depend on the seed only (arms
-may not override `model`, `search`, `eval`, `rollout` or `run`), and evaluation is greedy, so each seed's
-start is evaluated once — by the tasks run for the first seed, by its first arm for the others — and is step
-0 of every arm of that seed. Every run is an ordinary run directory under the experiment's folder, run as its
-own `piplay train` process; a finished run (its summary.json written) is never rerun and an unfinished one
-resumes from its checkpoint, so a second invocation picks up where the first stopped.
+Arms differ only in their overrides (e.g. `teacher.privileged: qcp | answer | none`). By default
+(`task_sets: own`) every arm runs the whole loop: its examiner is trained against its own student and writes
+that student's task sets, as in the paper's ablation ("Dr. Zero's self-play alone" is the `none` arm's own
+loop). `task_sets: shared` is the cheaper control: a *tasks* run trains the examiner and writes every
+iteration's task set once (with one iteration it trains no student; with more it is a full run of the
+config), and each arm skips the examiner (`schedule.examiner_steps=0`) and trains on those sets
+(`examiner.task_sets_from`), so the arms differ in nothing but the student phase. The result files say which
+(`task_sets`, and each run's examiner and student steps).
+
+Each arm evaluates the student every `eval_every` student steps. The starting checkpoint and the held-out
+set depend on the seed only (arms may not override `model`, `search`, `eval`, `rollout` or `run`), and
+evaluation is greedy, so each seed's start is evaluated once — by the tasks run for the first seed of a
+shared experiment, else by the seed's first arm — and is step 0 of every arm of that seed. Every run is an
+ordinary run directory under the experiment's folder, run as its own `piplay train` process; a finished run
+(its summary.json written) is never rerun and an unfinished one resumes from its checkpoint, so a second
+invocation picks up where the first stopped.
 
 Runs go one after another, or with `parallel` (`--parallel`) as Ray tasks side by side on one cluster
-(:mod:`piplay_ray.cluster.run_tasks`), in waves that respect what each run reads: the tasks run; then every
-run whose seed's start is already built or that builds it; then the rest.
+(:mod:`piplay_ray.cluster.run_tasks`), in waves that respect what each run reads: the runs that build a
+seed's start (and the tasks run) first, then the rest.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import Field, ValidationError
@@ -53,6 +58,9 @@ class ExperimentSpec(Section):
     eval_every: int = Field(2, ge=1)  # student steps between held-out evaluations
     root: str = "runs/experiments"
     parallel: bool = False  # runs of a wave side by side as Ray tasks (a cluster, or one big machine)
+    # own: each arm's examiner trained against its own student (the paper's ablation); shared: one tasks run
+    # writes the task sets every arm trains on, with no examiner steps of their own (a cheaper control)
+    task_sets: Literal["own", "shared"] = "own"
 
 
 def load_spec(path: str | Path) -> ExperimentSpec:
@@ -96,33 +104,49 @@ class Experiment:
     def arm_dir(self, arm: str, seed: int) -> Path:
         return self.dir / "arms" / f"{arm}-seed{seed}"
 
+    @property
+    def shared(self) -> bool:
+        return self.spec.task_sets == "shared"
+
     def runs(self) -> list[tuple[str, int | None, Path, list[str]]]:
-        """(arm, seed, run dir, overrides) of every run, in the order they run."""
-        s = self.spec
-        one_iteration = load_config(s.config, [*s.overrides, *self.extra]).schedule.iterations == 1
-        out = [("tasks", None, self.tasks_dir, [*s.overrides, *self.extra, "eval.every=0",
-                                                 *(["schedule.student_steps=0"] if one_iteration else []),
-                                                 f"eval.every_student_steps={s.eval_every}", f"run.seed={s.seeds[0]}"])]
+        """(arm, seed, run dir, overrides) of every run, in the order they run (the tasks run has no seed)."""
+        s, base = self.spec, [*self.spec.overrides, *self.extra]
+        out = []
+        if self.shared:  # the task sets every arm trains on: as many tasks as an arm's student phase trains
+            cfg = load_config(s.config, base)
+            out.append(("tasks", None, self.tasks_dir, [
+                *base, "eval.every=0", *(["schedule.student_steps=0"] if cfg.schedule.iterations == 1 else []),
+                f"examiner.task_set_size={cfg.task_set_size}", f"eval.every_student_steps={s.eval_every}",
+                f"run.seed={s.seeds[0]}"]))
+        given = ["schedule.examiner_steps=0", f"examiner.task_sets_from={self.tasks_dir}"] if self.shared else []
         for arm, arm_overrides in s.arms.items():
             for seed in s.seeds:
                 out.append((arm, seed, self.arm_dir(arm, seed), [
-                    *s.overrides, *arm_overrides, *self.extra, f"run.seed={seed}", "schedule.examiner_steps=0",
+                    *base, *arm_overrides, f"run.seed={seed}", *given,
                     "eval.every=0",  # the curve's evaluations only (an end-of-iteration one would repeat the last)
-                    f"examiner.task_sets_from={self.tasks_dir}", f"eval.every_student_steps={s.eval_every}",
+                    f"eval.every_student_steps={s.eval_every}",
                     f"eval.before_training={str(self.start_dir(seed) == self.arm_dir(arm, seed)).lower()}"]))
         return out
 
     def start_dir(self, seed: int) -> Path:
-        """The run that evaluates `seed`'s starting checkpoint: the tasks run, or the seed's first arm."""
-        return self.tasks_dir if seed == self.spec.seeds[0] else self.arm_dir(next(iter(self.spec.arms)), seed)
+        """The run that evaluates `seed`'s starting checkpoint: the tasks run (first seed, shared), else the
+        seed's first arm."""
+        if self.shared and seed == self.spec.seeds[0]:
+            return self.tasks_dir
+        return self.arm_dir(next(iter(self.spec.arms)), seed)
 
     def waves(self) -> list[list[tuple[str, int | None, Path, list[str]]]]:
-        """The runs in groups that may run at once: the tasks run (it writes the task sets every arm reads and
-        builds the first seed's warm start); then each seed's start run and the first seed's arms; then the
-        rest (a seed's warm start is built once, by its start run, before its other arms ask for it)."""
-        tasks, *arms = self.runs()
-        first = [r for r in arms if r[1] == self.spec.seeds[0] or r[2] == self.start_dir(r[1])]
-        return [[tasks], first, [r for r in arms if r not in first]]
+        """The runs in groups that may run at once: first the tasks run (it writes the task sets the arms read)
+        and every run that evaluates (and so builds) a seed's start, then the rest (a seed's warm start is
+        built once, by its start run, before its other arms ask for it). Shared: the tasks run alone first,
+        since it also builds the first seed's start."""
+        runs = self.runs()
+        if self.shared:
+            tasks, *runs = runs
+            first = [r for r in runs if r[1] == self.spec.seeds[0] or r[2] == self.start_dir(r[1])]
+            return [[tasks], first, [r for r in runs if r not in first]]
+        first = [r for r in runs if r[2] == self.start_dir(r[1])]
+        return [first, [r for r in runs if r not in first]]
 
     def run(self) -> dict[str, Path]:
         """Run what is not finished yet, wave by wave, then write the report; returns its paths."""
@@ -145,8 +169,11 @@ class Experiment:
                 failed = [self._run_here(label, cmd, run_dir) for label, (cmd, run_dir) in todo.items()]
             if any(failed):
                 raise RuntimeError("\n".join(f for f in failed if f) + "\n(run the experiment again to resume)")
-        points, finals = [], {}  # finals: (arm, seed) -> its final evaluation's EM per question
-        for arm, seed, run_dir, _ in self.runs()[1:]:
+        points, finals, steps = [], {}, []  # finals: (arm, seed) -> its final evaluation's EM per question
+        for arm, seed, run_dir, _ in self.runs():
+            steps.append({"arm": arm, "seed": seed, **report.learner_steps(run_dir / METRICS)})
+            if seed is None:  # the tasks run: no arm
+                continue
             own = report.curve(run_dir / METRICS, arm, seed)
             if self.start_dir(seed) != run_dir:  # step 0: the seed's start, evaluated once
                 own = [p for p in report.curve(self.start_dir(seed) / METRICS, arm, seed) if p["student_step"] == 0] + own
@@ -154,10 +181,13 @@ class Experiment:
             path = eval_dir(run_dir, step_eval_name(max(p["student_step"] for p in own))) / "examples.jsonl"
             if path.is_file():
                 finals[(arm, seed)] = report.answers(path)
+        how = ("shared: written once by the tasks run, the arms train no examiner" if self.shared else
+               "each arm's own self-play (its examiner trained against its own student)")
         header = (f"# Experiment {self.spec.name}\n\nconfig `{self.spec.config}`, overrides "
                   f"`{' '.join(self.spec.overrides) or '-'}`, seeds {self.spec.seeds}, evaluation every "
-                  f"{self.spec.eval_every} student steps.\n\n")
-        return report.write(points, self.spec.baseline, self.dir, header, report.paired(finals, self.spec.baseline))
+                  f"{self.spec.eval_every} student steps; task sets: {how}.\n\n")
+        return report.write(points, self.spec.baseline, self.dir, header, report.paired(finals, self.spec.baseline),
+                            {"task_sets": self.spec.task_sets, "runs": steps})
 
     @staticmethod
     def _run_here(label: str, cmd: list[str], run_dir: Path) -> str:

@@ -32,6 +32,16 @@ def curve(metrics_path: str | Path, arm: str, seed: int | None) -> list[dict]:
     return [points[s] for s in sorted(points)]
 
 
+def learner_steps(metrics_path: str | Path) -> dict[str, int]:
+    """`examiner_steps` and `student_steps`: the learner steps a run's metrics record (a re-done step once)."""
+    done: dict[str, set] = {"examiner": set(), "student": set()}
+    with open(metrics_path, encoding="utf-8") as f:
+        for row in map(json.loads, f):
+            if "learner/version" in row and row.get("phase") in done:
+                done[row["phase"]].add(row["learner/version"])
+    return {f"{role}_steps": len(versions) for role, versions in done.items()}
+
+
 def answers(examples_path: str | Path) -> dict[str, float]:
     """Question id -> EM, from one evaluation's examples.jsonl."""
     with open(examples_path, encoding="utf-8") as f:
@@ -109,13 +119,23 @@ def plot(points: list[dict], path: str | Path) -> None:
     plt.close(fig)
 
 
+def runs_markdown(runs: list[dict]) -> str:
+    """What each run trained: its learner steps per role (`learner_steps`)."""
+    lines = ["| run | seed | examiner steps | student steps |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['arm']} | {'—' if r['seed'] is None else r['seed']} | {r['examiner_steps']} | "
+              f"{r['student_steps']} |" for r in runs]
+    return "\n".join(lines) + "\n"
+
+
 def write(points: list[dict], baseline: str, out_dir: str | Path, header: str = "",
-          deltas: dict[str, dict] | None = None) -> dict[str, Path]:
-    """experiment.json (every point), experiment.md (the table) and experiment.png (the curves)."""
+          deltas: dict[str, dict] | None = None, runs: dict | None = None) -> dict[str, Path]:
+    """experiment.json (every point, and `runs`: how the task sets were made and each run's learner steps),
+    experiment.md (the tables) and experiment.png (the curves)."""
     out = Path(out_dir)
     rows = summary(points, baseline, deltas)
     paths = {"json": out / "experiment.json", "md": out / "experiment.md", "png": out / "experiment.png"}
-    paths["json"].write_text(json.dumps({"baseline": baseline, "points": points, "summary": rows}, indent=1))
-    paths["md"].write_text(header + markdown(rows, baseline))
+    paths["json"].write_text(json.dumps({"baseline": baseline, "points": points, "summary": rows, **(runs or {})},
+                                        indent=1))
+    paths["md"].write_text(header + markdown(rows, baseline) + ("\n" + runs_markdown(runs["runs"]) if runs else ""))
     plot(points, paths["png"])
     return paths
