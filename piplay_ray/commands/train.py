@@ -55,8 +55,9 @@ def init_ray(cfg: Config, run_dir: Path) -> None:
             say(console.where(run_dir))
 
 
-# sections a resumed run may change: where and how it runs, not what it trains
+# sections a resumed run may change: where and how it runs, not what it trains (run.seed is what it trains)
 RESUMABLE_CHANGES = ("run", "logging", "dashboard", "ray", "fault")
+FIXED_ON_RESUME = ("run.seed",)
 
 
 def check_resume(cfg: Config, run_path: Path) -> None:
@@ -74,7 +75,7 @@ def check_resume(cfg: Config, run_path: Path) -> None:
         return
     saved, now = _flat(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}), _flat(cfg.model_dump(mode="json"))
     changed = [k for k in sorted(saved.keys() | now.keys())
-               if saved.get(k) != now.get(k) and k.split(".")[0] not in RESUMABLE_CHANGES]
+               if saved.get(k) != now.get(k) and (k.split(".")[0] not in RESUMABLE_CHANGES or k in FIXED_ON_RESUME)]
     if changed:
         diff = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
         raise UserInputError(f"{run_path} was started with another config ({diff}{' ...' if len(changed) > 8 else ''}); "
@@ -117,6 +118,7 @@ def train(cfg: Config, make_loop: Callable[[Config, RunDir], EvolutionLoop] = st
         for s, h in previous.items():
             signal.signal(s, h)
         loop.metrics.close()
+        run.unlock()
         if stop_dashboard:
             stop_dashboard()
         if cfg.run.mode == "local":
