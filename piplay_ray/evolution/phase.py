@@ -79,7 +79,8 @@ class Phase:
         book.log({**learner_metrics(m), "schedule/lambda": lam, "replay/staleness": stale,
                   "learner/step_seconds": step_s, "learner/idle_frac": waited / (waited + step_s),
                   "learner/groups": len(groups), "learner/version": policy.version,
-                  "learner/min_experience_version": oldest}, role)
+                  "learner/min_experience_version": oldest,
+                  "learner/max_experience_version": max(e.version for e in exps)}, role)
         if m.get("skipped_step"):
             say(f"{role} learner step {st.global_step}: gradients not finite, the update was skipped "
                 "(learner/skipped_step)")
