@@ -1,11 +1,14 @@
 """The retrieval server under load: N parallel clients on loopback against a tiny BM25 index.
 
 Every client connects at once (a barrier) and sends `--rounds` keep-alive requests; answers are compared
-with the in-process retriever. Then one request of 20,000 queries × topk 50 (over the limits) is timed.
+with the in-process retriever. Then one request of 20,000 queries × topk 50 (over the limits) is timed; then
+`--slow` clients that trickle a request's header a byte every 4 s, and a normal request beside them; then one
+10 MB query, and a normal request sent while it is being served.
 Prints one JSON line: {"bench": "retrieval_server", "clients", "requests_ok", "wrong", "resets", "errors",
-"seconds", "requests_per_s", "oversized_status", "oversized_refused_ms"}.
+"seconds", "requests_per_s", "oversized_status", "oversized_refused_ms", "slow_clients",
+"normal_beside_slow_ms", "big_query_ms", "normal_beside_big_ms"}.
 
-    python bench/retrieval_server.py [--clients 200] [--rounds 3] [--workers 16]
+    python bench/retrieval_server.py [--clients 200] [--rounds 3] [--slow 20]
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import socket
 import tempfile
 import threading
 import time
@@ -72,28 +76,70 @@ def load(srv, want, clients: int, rounds: int, timeout_s: float = 60.0) -> dict:
     return out
 
 
+def timed_request(srv, body: bytes, timeout_s: float = 60.0) -> tuple[int, float]:
+    """(status, milliseconds) of one POST /retrieve on a new connection."""
+    t = time.perf_counter()
+    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=timeout_s)
+    try:
+        conn.request("POST", "/retrieve", body=body)
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status, round((time.perf_counter() - t) * 1e3, 1)
+    finally:
+        conn.close()
+
+
+def slow_clients(srv, n: int, interval_s: float = 4.0) -> threading.Event:
+    """`n` connections that send a request's header one byte every `interval_s` until the returned event is set
+    (or the server drops them)."""
+    stop = threading.Event()
+    head = b"POST /retrieve HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n"
+
+    def trickle():
+        with socket.create_connection(srv.server_address[:2], timeout=60) as s:
+            for b in head:
+                if stop.wait(interval_s):
+                    return
+                try:
+                    s.sendall(bytes([b]))
+                except OSError:  # dropped by the server's deadline
+                    return
+
+    for _ in range(n):
+        threading.Thread(target=trickle, daemon=True).start()
+    time.sleep(0.5)  # all connected and holding their connections
+    return stop
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=16)
+    ap.add_argument("--slow", type=int, default=20)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         retriever = tiny_retriever(Path(d))
         want = {t: [x.id for x in docs] for t, docs in zip(TOPICS, retriever.search(TOPICS, 3), strict=True)}
-        srv = RetrievalServer(retriever, "127.0.0.1", 0, workers=args.workers)
+        srv = RetrievalServer(retriever, "127.0.0.1", 0)
         srv.start()
         try:
             res = {"bench": "retrieval_server", "clients": args.clients, "rounds": args.rounds,
-                   "workers": args.workers, **load(srv, want, args.clients, args.rounds)}
+                   **load(srv, want, args.clients, args.rounds)}
             body = json.dumps({"queries": ["river"] * 20_000, "topk": 50}).encode()
-            t = time.perf_counter()
-            conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=120)
-            conn.request("POST", "/retrieve", body=body)
-            resp = conn.getresponse()
-            resp.read()
-            res["oversized_status"] = resp.status
-            res["oversized_refused_ms"] = round((time.perf_counter() - t) * 1e3, 1)
+            res["oversized_status"], res["oversized_refused_ms"] = timed_request(srv, body)
+            normal = json.dumps({"queries": ["falcon"], "topk": 3}).encode()
+            stop = slow_clients(srv, args.slow)
+            res["slow_clients"] = args.slow
+            _, res["normal_beside_slow_ms"] = timed_request(srv, normal)
+            stop.set()
+            big = json.dumps({"queries": ["river " * 1_700_000], "topk": 3}).encode()  # ~10 MB of query
+            beside: dict = {}
+            thread = threading.Thread(target=lambda: beside.update(big=timed_request(srv, big)))
+            thread.start()
+            time.sleep(0.05)
+            _, res["normal_beside_big_ms"] = timed_request(srv, normal)
+            thread.join()
+            res["big_query_ms"] = beside["big"][1]
         finally:
             srv.shutdown()
             srv.server_close()

@@ -392,7 +392,28 @@ def _load_tree(path: Path, seen: tuple[Path, ...] = ()) -> Any:
         return node
     if not isinstance(base, str):
         raise ConfigError(f"{path}: `extends` must be a file path, got {base!r}")
-    return OmegaConf.merge(_load_tree(path.parent / base, (*seen, path)), node)
+    return _merge(_load_tree(path.parent / base, (*seen, path)), node, f"{path}: over its base {base}")
+
+
+def _clash(a: Any, b: Any, head: str = "") -> str | None:
+    """The first dotted key where `b` puts a list in place of a mapping or the reverse (what OmegaConf cannot
+    merge), with what each holds."""
+    if OmegaConf.is_dict(a) and OmegaConf.is_dict(b):
+        for k in b:
+            if k in a and (found := _clash(a[k], b[k], f"{head}{k}.")):
+                return found
+        return None
+    kinds = [("a list" if OmegaConf.is_list(x) else "a mapping" if OmegaConf.is_dict(x) else None) for x in (a, b)]
+    if None in kinds or kinds[0] == kinds[1]:
+        return None
+    return f"`{head.rstrip('.')}` must be {kinds[0]}, got {kinds[1]}"
+
+
+def _merge(base: Any, top: Any, where: str) -> Any:
+    try:
+        return OmegaConf.merge(base, top)
+    except (TypeError, ValueError) as e:  # OmegaConf: "Cannot merge incompatible container types"
+        raise ConfigError(f"{where}: {_clash(base, top) or e}") from None
 
 
 def _describe(err: dict[str, Any]) -> str:
@@ -430,8 +451,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"override `{o}`: cannot parse the value ({first}); quote it, or write a "
                               f"complete YAML value such as [1, 2] or {{a: 1}}") from None
+    merged = tree
+    for o, dot in zip(overrides, dots, strict=True):
+        merged = _merge(merged, dot, f"override `{o}`")
     try:
-        merged = OmegaConf.merge(tree, *dots)
         data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)

@@ -7,18 +7,23 @@ command finds the previous run's checkpoints and resumes it. Every path inside i
 
 from __future__ import annotations
 
+import fcntl
 import os
+import socket
 import time
 import uuid
 from pathlib import Path
 
 from piplay_ray.config import Config, dump_config
+from piplay_ray.errors import UserInputError
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 HEALTH = "health.json"
+DRIVER_LOCK = "driver.lock"  # held by the one driver that writes the run (its pid and host inside)
 ACCOUNTING = "accounting.json"
 SUMMARY = "summary.json"
+REPLAY_SPILL = "replay.parquet"  # in a checkpoint's replay/ folder: the steps the replay store held
 TEACHER_SNAPSHOT = "teacher-snapshot"  # the teacher's EMA after its latest update (restart recovery)
 TENSORBOARD = "tensorboard"
 FOLDERS = ("tasks", "samples", "checkpoints", "logs")
@@ -78,6 +83,7 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> Path:
 class RunDir:
     def __init__(self, path: Path):
         self.path = path
+        self._lock = None
         for sub in FOLDERS:
             (path / sub).mkdir(parents=True, exist_ok=True)
 
@@ -90,9 +96,35 @@ class RunDir:
 
     @classmethod
     def create(cls, cfg: Config) -> RunDir:
+        """The run's directory, locked for this driver (`lock`), with the config it runs."""
         path = run_path(cfg)
         if path.exists() and not cfg.run.resume and any(path.iterdir()):
             path = path.with_name(f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}")
         run = cls(path)
+        run.lock()
         (path / CONFIG).write_text(dump_config(cfg))
         return run
+
+    def lock(self) -> None:
+        """Hold the run's driver lock until `unlock` (or this process ends): two drivers resuming one run would
+        rewind each other's records. An flock, which the kernel drops when its holder dies, so a dead driver's
+        lock is taken over; a live holder is named (pid, host) in the refusal."""
+        f = open(self.path / DRIVER_LOCK, "a+", encoding="utf-8")  # noqa: SIM115  held open while the run lives
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that did not say who it is"
+            f.close()
+            raise UserInputError(f"{self.path} is in use by another piplay driver ({holder}); wait for it to "
+                                 "finish or stop it, or set run.dir to another folder") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        self._lock = f
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file drops the flock
+            self._lock = None

@@ -1,7 +1,7 @@
 """The replay store actor: the ReplayBuffer policy behind an async Ray actor with backpressure.
 
-Producers `await put(group)`; when the store is full the call waits (backpressure) until the learner
-samples. The learner `await sample(role, n)`, which waits until n groups are there.
+Producers `await put(groups)` with the groups of one learner step; when the store is full the call waits
+(backpressure) until the learner samples. The learner `await sample(role)`, which waits for a whole step.
 """
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ class ReplayStoreImpl:
             self._changed = asyncio.Condition()
         return self._changed
 
-    async def put(self, group: Group, timeout: float | None = None) -> str:
-        """Add a group, waiting while the store is full. Returns the buffer's verdict or "timeout"."""
+    async def put(self, groups: list[Group], timeout: float | None = None) -> str:
+        """Add the groups of one learner step, all or none, waiting while the store is full. Returns the
+        buffer's verdict (`ReplayBuffer.add_step`) or "timeout"."""
         start = time.monotonic()
         async with self.changed:
             while True:
-                verdict = self.buffer.add(group)
+                verdict = self.buffer.add_step(groups)
                 if verdict != "full":
                     self.changed.notify_all()
                     return verdict
@@ -49,15 +50,14 @@ class ReplayStoreImpl:
                 finally:
                     self.waited_s += time.monotonic() - start
 
-    async def sample(self, role: str, n_groups: int, timeout: float | None = None) -> list[Group]:
-        """Wait for `n_groups` groups of `role` (or a full store, or the timeout) and pop them."""
-        ready = lambda: self.buffer.size(role) >= n_groups or self.buffer.full()  # noqa: E731
+    async def sample(self, role: str, timeout: float | None = None) -> list[Group]:
+        """Wait for a whole learner step of `role` and pop it; [] when none came within `timeout`."""
         async with self.changed:
             try:
-                await asyncio.wait_for(self.changed.wait_for(ready), timeout)
+                await asyncio.wait_for(self.changed.wait_for(lambda: self.buffer.size(role) > 0), timeout)
             except TimeoutError:
-                pass
-            out = self.buffer.sample(role, n_groups)
+                return []
+            out = self.buffer.sample(role)
             self.changed.notify_all()
             return out
 
@@ -70,12 +70,16 @@ class ReplayStoreImpl:
     def produced(self, role: str, step: int) -> bool:
         return self.buffer.produced(role, step)
 
+    def held_steps(self) -> dict[str, list[int]]:
+        return self.buffer.held_steps()
+
     def stats(self) -> dict:
         return self.buffer.stats() | {"backpressure_wait_s": self.waited_s}
 
-    def spill(self, path: str) -> int:
-        """Write the buffered groups to `path` (the driver puts it inside each checkpoint)."""
-        return self.buffer.spill(path)
+    def spill(self) -> bytes:
+        """The held steps as Parquet bytes: the driver asks at the instant it copies the loop state and writes
+        them inside the checkpoint, so the two agree."""
+        return self.buffer.spill()
 
     def restore(self, path: str) -> bool:
         """Replace the content with a spill, if `path` exists (a resumed run keeps what was buffered)."""

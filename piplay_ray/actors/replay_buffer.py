@@ -1,4 +1,4 @@
-"""Replay policy: bounded, group-atomic, version-aware storage of experiences (no Ray in here).
+"""Replay policy: bounded, step-atomic, version-aware storage of experiences (no Ray in here).
 
 The staleness rule is :func:`within_bound`; groups that fall out of the bound while waiting are evicted
 and counted, never handed to the learner.
@@ -10,7 +10,6 @@ from collections import Counter, deque
 from pathlib import Path
 
 from piplay_ray.records import Experience, group_step
-from piplay_ray.rundir import write_atomic
 
 Group = list[Experience]
 
@@ -27,57 +26,64 @@ def within_bound(learner_version: int, rollout_version: int, max_staleness: int)
 
 
 class ReplayBuffer:
+    """Groups held per role in steps: the groups of one learner step enter together (`add_step`) and leave
+    together (`sample`), so a restore never finds half a step and the learner never trains on part of one."""
+
     def __init__(self, capacity_groups: int, max_staleness: int):
         self.capacity = capacity_groups
         self.max_staleness = max_staleness
-        self.groups: dict[str, deque[Group]] = {}
+        self.steps: dict[str, deque[list[Group]]] = {}
         self.learner_version: Counter[str] = Counter()
         self.seen: set[str] = set()  # group ids ever accepted: a re-issued group is never stored twice
         self.counts: Counter[str] = Counter()
 
     def __len__(self) -> int:
-        return sum(len(q) for q in self.groups.values())
-
-    def full(self) -> bool:
-        return len(self) >= self.capacity
+        return sum(len(step) for q in self.steps.values() for step in q)
 
     def size(self, role: str) -> int:
-        return len(self.groups.get(role, ()))
+        """Groups of `role` held."""
+        return sum(len(step) for step in self.steps.get(role, ()))
 
     def _fresh(self, group: Group) -> bool:
         return within_bound(self.learner_version[group[0].role], min(e.version for e in group), self.max_staleness)
 
     def add(self, group: Group) -> str:
-        """Store a whole group. Returns "ok", "stale", "duplicate" or "full" (caller retries later)."""
-        if not group:
-            raise ValueError("empty group")
-        gid, role = group[0].group_id, group[0].role
-        if any(e.group_id != gid or e.role != role for e in group):
-            raise ValueError("a group must share one group_id and one role")
-        if gid in self.seen:
+        """One group as a step of its own (see `add_step`)."""
+        return self.add_step([group])
+
+    def add_step(self, groups: list[Group]) -> str:
+        """Store the groups of one learner step, all or none. Returns "ok", "duplicate" (the step is held or was
+        trained), "stale" (made by weights past the bound: make it again) or "full" (the caller retries later;
+        a step larger than the whole store still goes into an empty one)."""
+        if not groups or not all(groups):
+            raise ValueError("a step needs at least one group, and a group at least one experience")
+        role = groups[0][0].role
+        for g in groups:
+            if any(e.group_id != g[0].group_id or e.role != role for e in g):
+                raise ValueError("a group must share one group_id, and a step one role")
+        if any(g[0].group_id in self.seen for g in groups):
             self.counts["duplicate"] += 1
             return "duplicate"
-        if not self._fresh(group):
-            self.counts[f"refused_stale/{role}"] += 1
+        if not all(self._fresh(g) for g in groups):
+            self.counts[f"refused_stale/{role}"] += len(groups)
             return "stale"
-        if self.full():
+        if len(self) and len(self) + len(groups) > self.capacity:
             return "full"
-        self.groups.setdefault(role, deque()).append(group)
-        self.seen.add(gid)
-        self.counts[f"added/{role}"] += 1
+        self.steps.setdefault(role, deque()).append(list(groups))
+        self.seen.update(g[0].group_id for g in groups)
+        self.counts[f"added/{role}"] += len(groups)
         return "ok"
 
     def set_version(self, role: str, version: int) -> int:
-        """The learner reached `version`; evict groups now beyond the bound. Returns how many."""
+        """The learner reached `version`; evict the steps now beyond the bound. Returns how many groups."""
         self.learner_version[role] = version
         keep, gone = deque(), []
-        for g in self.groups.get(role, deque()):
-            (keep if self._fresh(g) else gone).append(g)
-        evicted = len(gone)
-        self.seen -= {g[0].group_id for g in gone}  # it may be produced again
-        self.groups[role] = keep
-        self.counts[f"evicted_stale/{role}"] += evicted
-        return evicted
+        for step in self.steps.get(role, deque()):
+            (keep.append(step) if all(self._fresh(g) for g in step) else gone.extend(step))
+        self.seen -= {g[0].group_id for g in gone}  # their step may be produced again
+        self.steps[role] = keep
+        self.counts[f"evicted_stale/{role}"] += len(gone)
+        return len(gone)
 
     def produced(self, role: str, step: int) -> bool:
         """Whether groups of learner step `step` were accepted and not evicted: after a restore from a spill,
@@ -85,33 +91,38 @@ class ReplayBuffer:
         duplicate, its rollouts wasted and its records written twice)."""
         return any(group_step(g) == (role, step) for g in self.seen)
 
-    def sample(self, role: str, n_groups: int) -> list[Group]:
-        """Pop up to `n_groups` oldest groups of `role` (FIFO keeps staleness low)."""
-        queue = self.groups.get(role, deque())
-        out = [queue.popleft() for _ in range(min(n_groups, len(queue)))]
+    def held_steps(self) -> dict[str, list[int]]:
+        """Per role, the learner steps whose groups are held (not trained yet): a restore keeps their records."""
+        return {role: sorted({s[1] for step in q for g in step if (s := group_step(g[0].group_id))})
+                for role, q in self.steps.items()}
+
+    def sample(self, role: str) -> list[Group]:
+        """Pop the oldest held step of `role`, whole (FIFO keeps staleness low); [] when none is held."""
+        queue = self.steps.get(role)
+        out = queue.popleft() if queue else []
         self.counts[f"sampled/{role}"] += len(out)
         return out
 
     def stats(self) -> dict:
         return {"size": len(self), "capacity": self.capacity, "max_staleness": self.max_staleness,
-                "per_role": {r: len(q) for r, q in self.groups.items()},
+                "per_role": {r: self.size(r) for r in self.steps},
                 "versions": dict(self.learner_version), **self.counts}
 
     # ------------------------------------------------------------------ spill: buffered groups survive a restart
 
-    def spill(self, path: str | Path) -> int:
-        """Write every buffered experience (and the accounting) to a Parquet file; returns the row count."""
+    def spill(self) -> bytes:
+        """Every held experience (and the accounting, and how the groups form steps) as Parquet bytes."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        rows = [e.__dict__ | {"info": _json(e.info)} for q in self.groups.values() for g in q for e in g]
-        meta = {"seen": sorted(self.seen), "versions": dict(self.learner_version), "counts": dict(self.counts)}
+        rows = [e.__dict__ | {"info": _json(e.info)} for q in self.steps.values() for st in q for g in st for e in g]
+        meta = {"seen": sorted(self.seen), "versions": dict(self.learner_version), "counts": dict(self.counts),
+                "steps": [[g[0].group_id for g in st] for q in self.steps.values() for st in q]}
         table = pa.Table.from_pylist(rows, schema=_schema()) if rows else _schema().empty_table()
         table = table.replace_schema_metadata({"piplay": _json(meta)})
         out = pa.BufferOutputStream()
         pq.write_table(table, out)
-        write_atomic(path, out.getvalue().to_pybytes())
-        return len(rows)
+        return out.getvalue().to_pybytes()
 
     @classmethod
     def restore(cls, path: str | Path, capacity_groups: int, max_staleness: int) -> ReplayBuffer:
@@ -129,8 +140,8 @@ class ReplayBuffer:
             row["info"] = json.loads(row["info"])
             exp = Experience(**row)
             groups.setdefault(exp.group_id, []).append(exp)
-        for group in groups.values():
-            buf.groups.setdefault(group[0].role, deque()).append(group)
+        for ids in meta["steps"]:
+            buf.steps.setdefault(groups[ids[0]][0].role, deque()).append([groups[i] for i in ids])
         buf.seen = set(meta["seen"])
         return buf
 

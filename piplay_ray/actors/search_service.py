@@ -46,7 +46,9 @@ class SearchResult:
 
 
 def failed(query, error: str) -> SearchResult:
+    """A failed search; the agent reads only the error's first line (a Ray error's text runs to a traceback)."""
     query = query if isinstance(query, str) else repr(query)
+    error = (error.strip().splitlines() or [""])[0][:300]
     return SearchResult(query=query, ok=False, error=error, text=f"Search failed: {error}")
 
 

@@ -2,8 +2,8 @@
 
 A checkpoint (learner `save` and the teacher's `save`) holds, per trained role, the Hugging Face export in the
 training dtype and DeepSpeed's state: the training-dtype weights plus float32 master weights and two Adam
-moments (12 bytes per parameter); and the teacher's float32 EMA. `checkpoint.keep` of them are kept, and one
-more float32 EMA: the snapshot the teacher client restores a restarted teacher from. Beside
+moments (12 bytes per parameter); and the teacher's float32 EMA. `checkpoint.keep` of them are kept, and
+`keep + 1` exist while the newest is written (the oldest goes only once it is complete); then one more float32 EMA: the snapshot the teacher client restores a restarted teacher from. Beside
 the runs the volume holds the retriever's corpus and flat index (passages x dimension x 4 bytes) and the base
 model in the Hugging Face cache. Where the corpus file is not at hand, its size is estimated per passage.
 """
@@ -43,7 +43,8 @@ def corpus_bytes(corpus: str) -> tuple[float, float]:
 def need(cfg: Config, params: float) -> dict[str, float]:
     """Bytes on the shared volume for one run of `cfg`, by what holds them; `total` is their sum."""
     corpus, index = corpus_bytes(cfg.search.corpus)
-    parts = {"checkpoints": cfg.checkpoint.keep * checkpoint_bytes(cfg, params), "teacher_snapshot": params * 4,
+    peak = cfg.checkpoint.keep + 1  # the newest is written before the oldest is pruned
+    parts = {"checkpoints": peak * checkpoint_bytes(cfg, params), "teacher_snapshot": params * 4,
              "base_model": params * 2, "corpus": corpus, "index": index}
     parts["total"] = sum(parts.values())
     return parts

@@ -13,6 +13,7 @@ from pathlib import Path
 import ray
 import yaml
 
+from piplay_ray import assets
 from piplay_ray.cluster.resources import check_cluster
 from piplay_ray.config import Config, load_config
 from piplay_ray.errors import UserInputError
@@ -23,6 +24,7 @@ from piplay_ray.learner import checkpoint
 from piplay_ray.monitor import console, summary
 from piplay_ray.monitor.console import say
 from piplay_ray.monitor.dashboard.server import start_dashboard
+from piplay_ray.retrieval.corpus import Corpus
 from piplay_ray.rundir import CONFIG, RunDir, run_path
 
 
@@ -55,8 +57,9 @@ def init_ray(cfg: Config, run_dir: Path) -> None:
             say(console.where(run_dir))
 
 
-# sections a resumed run may change: where and how it runs, not what it trains
+# sections a resumed run may change: where and how it runs, not what it trains (run.seed is what it trains)
 RESUMABLE_CHANGES = ("run", "logging", "dashboard", "ray", "fault")
+FIXED_ON_RESUME = ("run.seed",)
 
 
 def check_resume(cfg: Config, run_path: Path) -> None:
@@ -74,7 +77,7 @@ def check_resume(cfg: Config, run_path: Path) -> None:
         return
     saved, now = _flat(yaml.safe_load(saved_path.read_text(encoding="utf-8")) or {}), _flat(cfg.model_dump(mode="json"))
     changed = [k for k in sorted(saved.keys() | now.keys())
-               if saved.get(k) != now.get(k) and k.split(".")[0] not in RESUMABLE_CHANGES]
+               if saved.get(k) != now.get(k) and (k.split(".")[0] not in RESUMABLE_CHANGES or k in FIXED_ON_RESUME)]
     if changed:
         diff = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
         raise UserInputError(f"{run_path} was started with another config ({diff}{' ...' if len(changed) > 8 else ''}); "
@@ -93,7 +96,15 @@ def train(cfg: Config, make_loop: Callable[[Config, RunDir], EvolutionLoop] = st
     """Run (or resume) the evolution loop for `cfg`; returns the run directory. `make_loop` builds the loop
     once Ray is up (tests hand in one that keeps a reference to it)."""
     check_resume(cfg, run_path(cfg))
-    run = RunDir.create(cfg)
+    Corpus(assets.resolve_corpus(cfg.search.corpus)).validate()  # a bad row named now, not inside an actor
+    run = RunDir.create(cfg)  # locked for this driver until the run ends, however it ends
+    try:
+        return _run(cfg, run, make_loop)
+    finally:
+        run.unlock()
+
+
+def _run(cfg: Config, run: RunDir, make_loop: Callable[[Config, RunDir], EvolutionLoop]) -> Path:
     say(f"run directory: {console.shown(run.path)}")
     init_ray(cfg, run.path)
     check_cluster(cfg)  # too few CPUs/GPUs: fail now, naming them, not at a placement-group timeout

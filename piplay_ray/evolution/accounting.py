@@ -126,13 +126,20 @@ class Accounting:
     # ------------------------------------------------------------------------------------------ counters
 
     def counters(self) -> dict:
+        a = self.actors
         return {"restarts": dict(self.restarts), "learner_restarts": self.learner_restarts,
-                "probes": dict(self.probes)}
+                "probes": dict(self.probes), "rollout_retries": {r: p.retried for r, p in a.pools.items()},
+                "teacher_restores": a.teacher_client.restarts}
 
     def restore_counters(self, saved: dict) -> None:
         """Counters only grow: a rollback keeps what this driver saw, a resumed driver starts from the saved."""
+        a = self.actors
         for name, n in saved.get("restarts", {}).items():
             self.restarts[name] = max(self.restarts.get(name, 0), n)
         self.learner_restarts = max(self.learner_restarts, saved.get("learner_restarts", 0))
         for name, n in saved.get("probes", {}).items():
             self.probes[name] = max(self.probes.get(name, 0), n)
+        for role, n in saved.get("rollout_retries", {}).items():
+            if role in a.pools:
+                a.pools[role].retried = max(a.pools[role].retried, n)
+        a.teacher_client.restarts = max(a.teacher_client.restarts, saved.get("teacher_restores", 0))

@@ -24,6 +24,7 @@ from piplay_ray.learner.checkpoint import checkpoint_dir, latest_checkpoint
 from piplay_ray.method.examiner import load_tasks
 from piplay_ray.monitor.console import say, shown
 from piplay_ray.roles import TRAINED
+from piplay_ray.rundir import REPLAY_SPILL, write_atomic
 
 
 class RunBook(Accounting):
@@ -32,13 +33,16 @@ class RunBook(Accounting):
     async def checkpoint(self) -> None:
         t, a, loop = time.monotonic(), self.actors, asyncio.get_running_loop()
         path = checkpoint_dir(self.run.path, self.state.global_step)
-        # as of now (the producer goes on changing the live state), with the counters and the metrics position
+        # one cut: the replay's held steps are asked for and the loop state, counters and metrics position
+        # copied with nothing in between on this event loop (the producer goes on changing the live state)
+        held = a.replay.spill.remote() if self.cfg.replay.spill else None
         state = copy.deepcopy(self.state.__dict__) | {"counters": self.counters(),
                                                       "metrics_position": self.metrics.position()}
         # through the client, which restores a restarted teacher's EMA and checks the version it saved
         extra = {"teacher": lambda d: asyncio.run_coroutine_threadsafe(a.teacher_client.save(str(d)), loop).result()}
-        if self.cfg.replay.spill:  # buffered groups are part of the checkpoint, consistent with its versions
-            extra["replay"] = lambda d: ray.get(a.replay.spill.remote(str(d / "replay.parquet")))
+        if held is not None:
+            spilled = await held
+            extra["replay"] = lambda d: write_atomic(d / REPLAY_SPILL, spilled)
         await asyncio.to_thread(a.learner.save, path, driver_state=state, extra=extra)
         self.write_accounting()
         self.log({"checkpoint/seconds": time.monotonic() - t}, "system")
@@ -57,19 +61,24 @@ class RunBook(Accounting):
     def restore(self, ckpt: Path) -> None:
         """Learner, loop state, counters, replay content and run records as of checkpoint `ckpt` (the caller
         restores the teacher)."""
-        self.state = LoopState.from_dict(self.actors.learner.load(ckpt))
-        ray.get(self.actors.replay.restore.remote(str(Path(ckpt) / "replay" / "replay.parquet")))
-        self.went_back()
+        self.state, replay = LoopState.from_dict(self.actors.learner.load(ckpt)), self.actors.replay
+        ray.get(replay.restore.remote(str(Path(ckpt) / "replay" / REPLAY_SPILL)))
+        ray.get([replay.set_version.remote(role, v) for role, v in self.state.versions.items()])
+        self.went_back(ray.get(replay.held_steps.remote()))
         if self.state.phase == "student":
             self.task_set = load_tasks(self.run.task_set(self.state.iteration))
 
-    def went_back(self) -> None:
-        """After the state was set back (to a checkpoint or the start): what was made past it is forgotten."""
-        st = self.state
+    def went_back(self, held: dict[str, list[int]] | None = None) -> None:
+        """After the state was set back (to a checkpoint or the start): what was made past it is forgotten,
+        but for the steps the replay store `held` at the checkpoint (their samples and candidates stay, since
+        they are not made again), and every rollout pool reloads the checkpoint's weights."""
+        st, held = self.state, held or {}
         self.restore_counters(st.counters)
-        self.metrics.rewind(st.metrics_position, st.versions)
-        st.candidates = {k: v for k, v in st.candidates.items() if int(k) < st.versions["examiner"]}
+        self.metrics.rewind(st.metrics_position, st.versions, keep=held)
+        st.candidates = {k: v for k, v in st.candidates.items()
+                         if int(k) < st.versions["examiner"] or int(k) in held.get("examiner", ())}
         for policy in self.policies.values():
+            policy.pool_version = -1  # it may hold weights past the checkpoint: it must reload
             policy.publish()
 
     async def recover(self, error: str) -> None:
@@ -94,11 +103,9 @@ class RunBook(Accounting):
         """A new replay store and the learner, loop state and teacher as of checkpoint `ckpt`."""
         a = self.actors
         ray.kill(a.replay)  # its dedup set must match the state we roll back to
-        a.replay = a.new_replay(str(Path(ckpt) / "replay" / "replay.parquet"))
+        a.replay = a.new_replay(str(Path(ckpt) / "replay" / REPLAY_SPILL))
         self.restore(ckpt)
         await a.teacher_client.load_checkpoint(str(ckpt / "teacher"))
-        for role in TRAINED:
-            await a.replay.set_version.remote(role, self.state.versions[role])
 
     async def rebuild_learner(self, error: str) -> None:
         """After a learner failure: a new learner group, then everything back to the newest checkpoint

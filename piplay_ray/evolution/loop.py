@@ -52,7 +52,7 @@ class EvolutionLoop:
         self.policies = {
             "examiner": Policy("examiner", actors.pools["examiner"], actors.learner, state, log, syncs.get("examiner")),
             "student": StudentPolicy(actors.pools["student"], actors.learner, state, log, actors.teacher_client,
-                                     teach, cfg.schedule.lam, syncs.get("student"), cfg.student.tasks_per_step)}
+                                     teach, cfg.schedule.lam, syncs.get("student"))}
         self.book.policies = self.policies
         self.sampler = ExaminerSampler(self.docs, cfg.examiner.hop_weights, seed=cfg.run.seed)
         self.rng = random.Random(cfg.run.seed)

@@ -79,7 +79,8 @@ class Phase:
         book.log({**learner_metrics(m), "schedule/lambda": lam, "replay/staleness": stale,
                   "learner/step_seconds": step_s, "learner/idle_frac": waited / (waited + step_s),
                   "learner/groups": len(groups), "learner/version": policy.version,
-                  "learner/min_experience_version": oldest}, role)
+                  "learner/min_experience_version": oldest,
+                  "learner/max_experience_version": max(e.version for e in exps)}, role)
         if m.get("skipped_step"):
             say(f"{role} learner step {st.global_step}: gradients not finite, the update was skipped "
                 "(learner/skipped_step)")
@@ -92,8 +93,9 @@ class Phase:
             await book.checkpoint()
 
     async def sample(self, producer: asyncio.Task) -> list:
+        """The groups of the oldest learner step the replay store holds for the role: always a whole step."""
         while True:
-            groups = await self.loop.actors.replay.sample.remote(self.role, self.policy.groups_per_step, 5.0)
+            groups = await self.loop.actors.replay.sample.remote(self.role, 5.0)
             if groups:
                 return groups
             if producer.done():
@@ -112,10 +114,10 @@ class Phase:
                 t = time.monotonic()
                 groups = await loop.step_groups(self.role, j)
                 tokens = sum(sum(e.mask) for g in groups for e in g)
-                verdicts = [await loop.actors.replay.put.remote(g) for g in groups]
+                verdict = await loop.actors.replay.put.remote(groups)  # the whole step or none of it
                 loop.book.log({"throughput/rollout_tokens_per_s": tokens / max(time.monotonic() - t, 1e-9),
-                               "replay/refused": sum(v == "stale" for v in verdicts)}, self.role)
-                if all(v in ("ok", "duplicate") for v in verdicts):
-                    break  # else some groups went stale while generating: make this step's groups again
+                               "replay/refused": len(groups) if verdict == "stale" else 0}, self.role)
+                if verdict in ("ok", "duplicate"):
+                    break  # else it went stale while generating: make this step's groups again
             if loop.stopping:
                 return

@@ -26,13 +26,10 @@ from piplay_ray.weight_sync.coordinator import pool_form
 
 class Policy:
     """`state()` returns the loop state (its `versions[role]` = learner steps done for the role); `log(values,
-    phase)` writes metrics; `sync` is the role's collective group, None for the object store;
-    `groups_per_step` is how many replay groups one learner step of the role consumes."""
+    phase)` writes metrics; `sync` is the role's collective group, None for the object store."""
 
-    def __init__(self, role: str, pool, learner, state: Callable, log: Callable, sync=None,
-                 groups_per_step: int = 1):
+    def __init__(self, role: str, pool, learner, state: Callable, log: Callable, sync=None):
         self.role, self.pool, self.learner, self.sync = role, pool, learner, sync
-        self.groups_per_step = groups_per_step
         self._state, self._log = state, log
         self.published: tuple[int, object] | None = None  # (version, weights bundle or None when collective)
         self.pool_version = 0  # what the rollout pool holds; -1 after a rollback (it must reload)
@@ -101,8 +98,8 @@ class StudentPolicy(Policy):
     its loss distils from the teacher with weight `lam(iteration)` (`schedule.lam`) unless `teach` is off."""
 
     def __init__(self, pool, learner, state: Callable, log: Callable, teacher, teach: bool,
-                 lam: Callable[[int], float], sync=None, groups_per_step: int = 1):
-        super().__init__("student", pool, learner, state, log, sync, groups_per_step)
+                 lam: Callable[[int], float], sync=None):
+        super().__init__("student", pool, learner, state, log, sync)
         self.teacher: TeacherHandle = teacher
         self.teach = teach  # False with teacher.privileged = none: nothing reads the teacher
         self.lam = lam

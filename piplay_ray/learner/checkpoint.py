@@ -82,7 +82,9 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        fsync_tree(tmp)  # on disk before it is called complete: a power loss must not leave a complete stub
         (tmp / COMPLETE).write_text("ok\n")
+        fsync_tree(tmp)
         if final.exists():  # re-saving the same step: the older copy goes only once the new one is whole
             old = final.parent / f".tmp-old-{final.name}-{uuid.uuid4().hex[:8]}"
             os.replace(final, old)
@@ -90,8 +92,25 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+        fsync_tree(final.parent, files=False)  # the rename itself
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fsync_tree(root: Path, files: bool = True) -> None:
+    """fsync every file under `root` (with `files`) and every folder, so what was written survives a crash."""
+    for folder, _, names in os.walk(root) if files else [(root, [], [])]:
+        for name in names:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:

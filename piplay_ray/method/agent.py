@@ -34,7 +34,8 @@ async def search_once(search, query: str, topk: int | None = None) -> tuple[Hop,
         hop, text = out
         return hop, text
     except Exception as e:  # the env never raises by contract; a broken transport must not kill a rollout
-        error = f"{type(e).__name__}: {e}"
+        # one line: a Ray error's traceback must not reach the model's context
+        error = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
         return Hop(query=query, ok=False, error=error), f"Search failed: {error}"
 
 

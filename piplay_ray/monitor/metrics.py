@@ -171,15 +171,17 @@ class MetricsSink:
         self._jsonl.flush()
         return os.path.getsize(self._jsonl.name)
 
-    def rewind(self, position: int, versions: Mapping[str, int]) -> None:
+    def rewind(self, position: int, versions: Mapping[str, int], keep: Mapping[str, Iterable[int]] | None = None) -> None:
         """Forget what was recorded after a checkpoint that a run goes back to: metrics.jsonl is cut at
         `position` and the sample files of learner steps at or past `versions` (they are made again) are
-        removed, so a re-done step has one record. TensorBoard and W&B keep both (they cannot be cut)."""
+        removed, but for the steps in `keep` (held by the restored replay store: not made again), so a
+        re-done step has one record. TensorBoard and W&B keep both (they cannot be cut)."""
         self._jsonl.flush()
         os.truncate(self._jsonl.name, min(position, os.path.getsize(self._jsonl.name)))  # appends go on from there
         for role, version in versions.items():
             for path in rundir.samples_path(self.run_dir, role, 0).parent.glob(f"{role}-step-*.jsonl"):
-                if int(path.stem.rsplit("-", 1)[1]) >= version:
+                step = int(path.stem.rsplit("-", 1)[1])
+                if step >= version and step not in set((keep or {}).get(role, ())):
                     path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------------------------ run files

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from piplay_ray.errors import UserInputError
 from piplay_ray.records import Doc
 
 SCAN_BYTES = 1 << 26
@@ -28,10 +29,10 @@ class Corpus:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"corpus file not found: {self.path}")
+            raise UserInputError(f"corpus file not found: {self.path} (search.corpus)")
         size = self.path.stat().st_size
         if size == 0:
-            raise ValueError(f"{self.path}: the corpus is empty")
+            raise UserInputError(f"{self.path}: the corpus is empty (search.corpus)")
         with open(self.path, "rb") as f:
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         raw = np.frombuffer(self._mm, dtype=np.uint8)
@@ -42,20 +43,41 @@ class Corpus:
         starts = np.concatenate([[0], ends[:-1] + 1])
         keep = ends - starts > 0  # skip blank lines
         self._starts, self._ends = starts[keep], ends[keep]
+        self._lines = np.flatnonzero(keep) + 1  # each row's line number in the file, for errors
         del raw  # the mmap must not be exported when it is closed
+        if not len(self._starts):
+            raise UserInputError(f"{self.path}: no documents, every line is blank (search.corpus)")
 
     def __len__(self) -> int:
         return len(self._starts)
 
     def raw(self, i: int) -> dict:
         line = self._mm[int(self._starts[i]) : int(self._ends[i])]
+        where = f"{self.path}:{self._lines[i]}"
         try:
             d = json.loads(line)
         except ValueError as e:
-            raise ValueError(f"{self.path}: line for row {i} is not JSON: {e}") from None
+            raise UserInputError(f"{where}: not a JSON object ({e})") from None
         if not isinstance(d, dict) or not isinstance(d.get("contents", d.get("text")), str):
-            raise ValueError(f"{self.path}: row {i} needs a string `contents` (or `text`) field")
+            raise UserInputError(f"{where}: a document needs a string `contents` (or `text`) field, "
+                                 f'e.g. {{"id": "1", "contents": "..."}}')
         return d
+
+    def validate(self) -> None:
+        """Read every row once (what an index build or a run would meet later, inside an actor): the first bad
+        one raises, naming file and line. Remembered per file version (path, size, modification time) under
+        the piplay home, so a large corpus is read once, not every run."""
+        from piplay_ray import assets
+
+        st = self.path.stat()
+        key = hashlib.sha256(f"{self.path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+        stamp = assets.home() / "checked-corpora" / key
+        if stamp.is_file():
+            return
+        for i in range(len(self)):
+            self.raw(i)
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(f"{self.path}\n")
 
     def __getitem__(self, i: int) -> Doc:
         d = self.raw(i)

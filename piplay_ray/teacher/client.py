@@ -13,6 +13,7 @@ from pathlib import Path
 import ray
 
 from piplay_ray.fault import describe, is_actor_failure, wait_alive
+from piplay_ray.teacher.ema import saved_version
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,9 @@ class TeacherClient:
                 out = await getattr(self.actor, method).remote(*args)
                 if method in ("score", "save"):
                     async with guard:  # an update in flight finishes first: it changes the version legitimately
-                        if await self.actor.get_version.remote() != self.version:
+                        held = (saved_version(args[0]) if method == "save"  # what the file holds
+                                else await self.actor.get_version.remote())
+                        if held != self.version:
                             raise ray.exceptions.ActorUnavailableError(f"teacher restarted during {method}", None)
                 return out
             except Exception as e:

@@ -83,6 +83,14 @@ def save_ema(folder: str | Path, master: dict[str, Tensor], version: int) -> str
     return str(path)
 
 
+def saved_version(folder: str | Path) -> int:
+    """The version `save_ema` wrote to `folder` (its header only): what a check of a save must read, not the
+    version the teacher holds by the time it is asked."""
+    with open(Path(folder) / EMA_FILE, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        return int(json.loads(f.read(size))["__metadata__"]["version"])
+
+
 def read_ema(folder: str | Path) -> tuple[int, list[tuple[str, Tensor]]]:
     """(version, tensors) as `save_ema` wrote them."""
     from safetensors import safe_open

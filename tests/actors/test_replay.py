@@ -1,4 +1,4 @@
-"""Replay store: group atomicity, staleness refusal, backpressure, spill and reload."""
+"""Replay store: group and step atomicity, staleness refusal, backpressure, spill and reload."""
 
 from __future__ import annotations
 
@@ -25,12 +25,37 @@ def test_groups_are_never_split():
     buf = ReplayBuffer(capacity_groups=10, max_staleness=1)
     for g in range(4):
         assert buf.add(group(f"g{g}", 0)) == "ok"
-    out = buf.sample("student", 3)
-    assert [len(g) for g in out] == [3, 3, 3]
-    assert all(len({e.group_id for e in g}) == 1 for g in out)
-    assert [g[0].group_id for g in out] == ["g0", "g1", "g2"]  # FIFO
+    out = [buf.sample("student") for _ in range(3)]
+    assert [[len(g) for g in step] for step in out] == [[3], [3], [3]]
+    assert [step[0][0].group_id for step in out] == ["g0", "g1", "g2"]  # FIFO
     with pytest.raises(ValueError):
         buf.add(group("a", 0) + group("b", 0))
+
+
+def step_groups(role: str, step: int, n: int, version: int = 0) -> list[list[Experience]]:
+    from piplay_ray.records import group_id
+
+    return [group(group_id(role, step, i, f"t{i}"), version, role) for i in range(n)]
+
+
+def test_a_step_goes_in_and_out_whole():
+    """The groups of one learner step enter together (a full store takes none of them) and the learner gets
+    them together: never part of a step, never parts of two."""
+    buf = ReplayBuffer(capacity_groups=5, max_staleness=1)
+    assert buf.add_step(step_groups("student", 0, 3)) == "ok"
+    assert buf.add_step(step_groups("student", 1, 3)) == "full" and buf.size("student") == 3  # none of step 1
+    assert not buf.produced("student", 1) and buf.held_steps() == {"student": [0]}
+    assert [g[0].group_id for g in buf.sample("student")] == [f"student-0-{i}-t{i}" for i in range(3)]
+    assert buf.add_step(step_groups("student", 1, 3)) == "ok" and buf.add_step(step_groups("student", 2, 2)) == "ok"
+    assert [len(buf.sample("student")) for _ in range(3)] == [3, 2, 0]
+    assert buf.add_step(step_groups("student", 1, 3)) == "duplicate"
+    buf.set_version("student", 3)
+    assert buf.add_step(step_groups("student", 3, 2, version=3)[:1] + step_groups("student", 3, 2)[1:]) == "stale"
+    assert not buf.produced("student", 3)  # a step with one stale group is refused whole: made again
+    with pytest.raises(ValueError, match="one role"):
+        buf.add_step(step_groups("student", 4, 1) + step_groups("examiner", 4, 1))
+    big = ReplayBuffer(capacity_groups=2, max_staleness=0)
+    assert big.add_step(step_groups("student", 0, 3)) == "ok"  # larger than the store: alone in an empty one
 
 
 def test_staleness_refusal_and_eviction_are_counted():
@@ -40,7 +65,7 @@ def test_staleness_refusal_and_eviction_are_counted():
     assert buf.add(group("ok2", 2)) == "ok"  # 3 - 2 = 1
     assert buf.add(group("ok3", 3)) == "ok"
     assert buf.set_version("student", 4) == 1  # ok2 is now 2 behind
-    assert [g[0].group_id for g in buf.sample("student", 5)] == ["ok3"]
+    assert [g[0].group_id for g in buf.sample("student")] == ["ok3"] and buf.sample("student") == []
     s = buf.stats()
     assert s["refused_stale/student"] == 1 and s["evicted_stale/student"] == 1
 
@@ -51,7 +76,7 @@ def test_an_evicted_group_can_be_produced_again():
     assert buf.add(group("g", 0)) == "duplicate"
     assert buf.set_version("student", 1) == 1  # evicted, never trained
     assert buf.add(group("g", 1)) == "ok"  # the same step's group, made again with the new weights
-    assert [g[0].version for g in buf.sample("student", 2)] == [1]
+    assert [g[0].version for g in buf.sample("student")] == [1]
 
 
 def test_a_step_counts_as_produced_while_its_groups_are_held_or_trained():
@@ -62,7 +87,7 @@ def test_a_step_counts_as_produced_while_its_groups_are_held_or_trained():
     buf = ReplayBuffer(capacity_groups=10, max_staleness=0)
     buf.add(group(group_id("student", 0, 0, "t"), 0))
     assert buf.produced("student", 0) and not buf.produced("student", 1) and not buf.produced("examiner", 0)
-    buf.sample("student", 1)
+    buf.sample("student")
     assert buf.produced("student", 0)  # trained: still produced
     buf.add(group(group_id("student", 1, 0, "t"), 0))
     buf.set_version("student", 1)  # evicted as stale: to be made again
@@ -80,7 +105,7 @@ def test_on_policy_means_same_version_only():
 def test_duplicate_group_ids_are_refused_even_after_sampling():
     buf = ReplayBuffer(capacity_groups=10, max_staleness=1)
     assert buf.add(group("g", 0)) == "ok"
-    buf.sample("student", 1)
+    buf.sample("student")
     assert buf.add(group("g", 0)) == "duplicate"
 
 
@@ -89,53 +114,51 @@ def test_spill_and_restore_roundtrip(tmp_path):
     buf.set_version("student", 1)
     buf.add(group("s1", 1))
     buf.add(group("e1", 0, role="examiner", size=2))
-    buf.add(group("s0", 0))
-    buf.sample("student", 1)  # s1 consumed: must not come back, but stays "seen"
+    buf.add_step(step_groups("student", 0, 2))
+    buf.sample("student")  # s1 consumed: must not come back, but stays "seen"
     path = tmp_path / "replay.parquet"
-    assert buf.spill(path) == 2 + 3  # e1 and s0; s1 was consumed
+    path.write_bytes(buf.spill())
     back = ReplayBuffer.restore(path, 10, 2)
-    assert back.stats()["per_role"] == {"student": 1, "examiner": 1}
+    assert back.stats()["per_role"] == {"student": 2, "examiner": 1} and len(back) == 3
     assert back.add(group("s1", 1)) == "duplicate"
-    assert back.sample("student", 1)[0] == group("s0", 0)
-    assert back.sample("examiner", 1)[0] == group("e1", 0, role="examiner", size=2)
+    assert back.held_steps() == {"student": [0], "examiner": []}  # "e1" names no learner step
+    assert back.sample("student") == step_groups("student", 0, 2)  # the step comes back whole
+    assert back.sample("examiner")[0] == group("e1", 0, role="examiner", size=2)
     assert back.learner_version["student"] == 1
 
 
 def test_backpressure_blocks_until_the_learner_samples():
     async def scenario():
         store = ReplayStoreImpl(capacity_groups=2, max_staleness=1)
-        assert await store.put(group("a", 0)) == "ok"
-        assert await store.put(group("b", 0)) == "ok"
-        assert await store.put(group("c", 0), timeout=0.2) == "timeout"  # full
-        blocked = asyncio.create_task(store.put(group("d", 0)))
+        assert await store.put([group("a", 0)]) == "ok"
+        assert await store.put([group("b", 0)]) == "ok"
+        assert await store.put([group("c", 0)], timeout=0.2) == "timeout"  # full
+        blocked = asyncio.create_task(store.put([group("d", 0)]))
         await asyncio.sleep(0.1)
         assert not blocked.done()
-        got = await store.sample("student", 1)
-        assert [g[0].group_id for g in got] == ["a"]
+        assert [g[0].group_id for g in await store.sample("student")] == ["a"]
         assert await asyncio.wait_for(blocked, 2) == "ok"
-        assert [g[0].group_id for g in await store.sample("student", 1)] == ["b"]
-        waiter = asyncio.create_task(store.sample("student", 2, timeout=5))
+        assert [g[0].group_id for g in await store.sample("student")] == ["b"]
+        assert [g[0].group_id for g in await store.sample("student")] == ["d"]
+        waiter = asyncio.create_task(store.sample("student", timeout=5))
         await asyncio.sleep(0.1)
-        assert not waiter.done()  # only d buffered
-        assert await store.put(group("e", 0)) == "ok"
-        assert [g[0].group_id for g in await waiter] == ["d", "e"]
-        # asking for more than the capacity returns what a full store holds instead of waiting forever
-        await store.put(group("f", 0))
-        await store.put(group("g", 0))
-        assert [g[0].group_id for g in await asyncio.wait_for(store.sample("student", 5), 2)] == ["f", "g"]
+        assert not waiter.done()  # nothing held: it waits for a whole step
+        assert await store.put(step_groups("student", 7, 2)) == "ok"
+        assert [g[0].group_id for g in await waiter] == ["student-7-0-t0", "student-7-1-t1"]
+        assert await store.sample("student", timeout=0.2) == []  # nothing within the timeout: no part of a step
         assert store.stats()["backpressure_wait_s"] > 0.1
 
     asyncio.run(scenario())
 
 
 def test_replay_store_as_a_ray_actor(ray_local, tmp_path):
-    spill = str(tmp_path / "r.parquet")
+    spill = tmp_path / "r.parquet"
     store = ReplayStore.remote(4, 1)
-    assert ray.get([store.put.remote(group(f"g{i}", 0)) for i in range(3)]) == ["ok"] * 3
+    assert ray.get([store.put.remote([group(f"g{i}", 0)]) for i in range(3)]) == ["ok"] * 3
     assert ray.get(store.set_version.remote("student", 2)) == 3  # all now stale
-    assert ray.get(store.put.remote(group("new", 2))) == "ok"
-    assert ray.get(store.spill.remote(spill)) == 3
+    assert ray.get(store.put.remote([group("new", 2)])) == "ok"
+    spill.write_bytes(ray.get(store.spill.remote()))
     ray.kill(store)
-    again = ReplayStore.remote(4, 1, spill)  # a restarted store recovers from its spill
-    got = ray.get(again.sample.remote("student", 1, 5))
+    again = ReplayStore.remote(4, 1, str(spill))  # a restarted store recovers from its spill
+    got = ray.get(again.sample.remote("student", 5))
     assert [g[0].group_id for g in got] == ["new"]

@@ -13,6 +13,7 @@ import ray
 import torch
 
 from piplay_ray.teacher.client import TeacherClient
+from piplay_ray.teacher.ema import read_ema, save_ema, saved_version
 
 
 @ray.remote(max_restarts=-1, max_task_retries=0)
@@ -37,8 +38,8 @@ class SlowTeacher:
         return {"w": self.w.clone()}
 
     def load_checkpoint(self, folder):
-        saved = torch.load(Path(folder) / "ema.pt")
-        self.version, self.w, self.loads = saved["version"], saved["w"].clone(), self.loads + 1
+        self.version, ((_, w),) = read_ema(folder)
+        self.w, self.loads = w.clone(), self.loads + 1
         return self.version
 
     def get_version(self):
@@ -46,9 +47,7 @@ class SlowTeacher:
 
     def save(self, folder):
         self.saves.append((folder, self.version))
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        torch.save({"version": self.version, "w": self.w}, Path(folder) / "ema.pt")
-        return folder
+        return save_ema(folder, {"w": self.w}, self.version)
 
     def stats(self):
         return self.loads, self.saves, self.w
@@ -117,3 +116,44 @@ def test_a_save_during_a_restart_is_made_again_on_the_restored_ema(ray_local, tm
     loads, saves, w = ray.get(actor.stats.remote())
     assert saves[-1] == (ckpt, 1) and loads == 1  # saved again after the EMA was restored
     torch.testing.assert_close(w, torch.full((3,), 0.5))
+
+
+def test_a_save_is_checked_by_the_version_in_its_file(ray_local, tmp_path):
+    """The save lands on a restarted teacher (base weights, version 0), and before the client checks it, a
+    concurrent call has restored the EMA (version 1): the teacher's version says 1, the file says 0. The check
+    reads the file, so the save is made again on the restored EMA."""
+    actor = SlowTeacher.remote()
+    client = TeacherClient(actor, retries=3, snapshot_dir=tmp_path / "snapshot")
+    ckpt = str(tmp_path / "ckpt" / "teacher")
+
+    async def run():
+        await client.ema_update(1, torch.ones(3))
+        snapshot = next((tmp_path / "snapshot").iterdir())
+        calls = {"n": 0}
+        real = actor.save
+
+        class RestartedThenRestored:
+            def remote(self, folder):
+                calls["n"] += 1
+                if calls["n"] > 1:
+                    return real.remote(folder)
+                ray.kill(actor, no_restart=False)
+                while True:
+                    try:
+                        if ray.get(actor.get_version.remote()) == 0:
+                            break
+                    except ray.exceptions.RayActorError:
+                        time.sleep(0.1)
+                ray.get(real.remote(folder))  # the base weights' file
+                ray.get(actor.load_checkpoint.remote(str(snapshot)))  # a score's restore, before the check
+
+                async def written():
+                    return str(Path(folder) / "teacher.safetensors")
+                return written()
+
+        client.actor = type("A", (), {"save": RestartedThenRestored(), "__getattr__": lambda s, n: getattr(actor, n)})()
+        return await client.save(ckpt)
+
+    asyncio.run(run())
+    _, saves, _ = ray.get(actor.stats.remote())
+    assert saved_version(ckpt) == 1 and saves[-1] == (ckpt, 1)

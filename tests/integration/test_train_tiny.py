@@ -89,6 +89,8 @@ def test_a_finished_run_is_refused_before_ray_starts(tmp_path, monkeypatch):
 
     with pytest.raises(UserInputError, match=r"learner\.lr: 0\.0001 -> 0\.001.*run\.accept_changed_config=true"):
         driver.train(with_("learner.lr=0.001"))
+    with pytest.raises(UserInputError, match=r"run\.seed: 0 -> 1"):  # the seed is what it trains, not where
+        driver.train(with_("run.seed=1"))
     for ok in (["logging.verbose=true", "fault.learner_restarts=5"], ["learner.lr=0.001", "run.accept_changed_config=true"]):
         with pytest.raises(RuntimeError, match="Ray started"):
             driver.train(with_(*ok))

@@ -63,3 +63,26 @@ def test_checkpoints_folder_and_run_dir_name_the_same_place(tmp_path):
     _save(tmp_path, 4)
     assert ck.latest_checkpoint(tmp_path / "checkpoints") == ck.latest_checkpoint(tmp_path)
     assert ck.is_step_dir(ck.checkpoint_dir(tmp_path, 4)) and not ck.is_step_dir(tmp_path)
+
+
+def test_a_checkpoint_is_on_disk_before_it_is_called_complete(tmp_path, monkeypatch):
+    """Every file and folder of it is fsynced before COMPLETE is written, and its folder after the rename."""
+    import os
+
+    synced, real = [], os.fsync
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        done = any((p / ck.COMPLETE).exists() for p in tmp_path.rglob("*") if p.is_dir())
+        synced.append((os.path.relpath(path, tmp_path), done))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    final = tmp_path / "checkpoints" / "step-000001"
+    with ck.atomic_dir(final) as d:
+        (d / "student").mkdir()
+        (d / "student" / "model.safetensors").write_bytes(b"w" * 10)
+        (d / "driver_state.json").write_text("{}")
+    first = {name.split("/", 2)[-1] for name, done in synced if not done}  # before COMPLETE existed
+    assert {"student/model.safetensors", "driver_state.json", "student"} <= first
+    assert synced[-1] == ("checkpoints", True) and ck.is_complete(final)  # the rename, once it is complete

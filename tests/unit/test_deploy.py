@@ -398,12 +398,14 @@ def test_the_schedule_table_in_the_docs_is_what_the_cluster_configs_say():
 
 
 def test_the_shared_volume_holds_a_run_of_each_cluster_config():
-    """storage.py by hand for Qwen3-8B in bf16: per checkpoint 2 roles x (2 + 2 + 12) + 4 bytes per parameter;
-    beside them the teacher's float32 snapshot."""
+    """storage.py by hand for Qwen3-8B in bf16: per checkpoint 2 roles x (2 + 2 + 12) + 4 bytes per parameter,
+    keep + 1 = 4 of them at the peak (the newest is written before the oldest goes); beside them the teacher's
+    float32 snapshot."""
     from piplay_ray.cluster import storage
 
     cfg = load_config(ROOT / "configs/cluster/qwen3-8b.yaml")
-    assert storage.checkpoint_bytes(cfg, 1e9) == 36e9
+    assert storage.checkpoint_bytes(cfg, 1e9) == 36e9 and cfg.checkpoint.keep == 3
+    assert storage.need(cfg, 1e9)["checkpoints"] == 4 * 36e9
     assert storage.need(cfg, 1e9)["teacher_snapshot"] == 4e9
     wiki18 = 21_015_324
     assert storage.corpus_bytes("/absent/wiki-18.jsonl") == (wiki18 * 700, wiki18 * 768 * 4)

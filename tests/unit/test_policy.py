@@ -88,12 +88,12 @@ def test_sync_pool_loads_each_published_version_once():
 
 
 def test_student_step_moves_the_teacher_ema_unless_nothing_reads_it():
-    p, state, _ = handle("student", groups_per_step=2)
+    p, state, _ = handle("student")
     state.versions["student"] = 1
     p.publish()
     asyncio.run(p.after_step())
     assert p.teacher.calls == [("ema", 1, "student-weights")]
-    assert (p.distill_weight(0), p.distill_weight(1), p.groups_per_step) == (0.03, 0.003, 2)
+    assert (p.distill_weight(0), p.distill_weight(1)) == (0.03, 0.003)
     asyncio.run(p.reset_teacher())
     assert p.teacher.calls[-1] == ("load", 1, "student-weights")
     off, state, _ = handle("student", teach=False)
