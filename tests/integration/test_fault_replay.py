@@ -42,10 +42,21 @@ def kill_after_a_held_checkpoint(loop, stop, log: list, candidates: list) -> Non
                 state = read_driver_state(ckpt)
                 held = ReplayBuffer.restore(ckpt / "replay" / REPLAY_SPILL, 1000, 1).held_steps().get(role, [])
                 if state["phase"] == role and any(s >= state["versions"][role] for s in held):
-                    while not stop.is_set() and loop.state.global_step == step:
-                        time.sleep(0.01)
+                    policy, deadline = loop.policies[role], time.monotonic() + 60
+                    while not stop.is_set() and time.monotonic() < deadline and (
+                            loop.state.global_step == step or policy.pool_version <= state["versions"][role]):
+                        time.sleep(0.005)  # a step past the checkpoint, and the pool synced to its weights
+                    at = loop.state.global_step
+                    ahead = policy.pool_version  # the pool holds weights past the checkpoint's
                     ray.kill(loop.actors.replay)
-                    log.append({"role": role, "checkpoint": step, "held": held, "at": loop.state.global_step})
+                    seen, deadline = [], time.monotonic() + 60
+                    while not stop.is_set() and time.monotonic() < deadline and loop.state.global_step != step:
+                        time.sleep(0.005)  # until the run is back at the checkpoint
+                    while not stop.is_set() and time.monotonic() < deadline and loop.state.global_step == step:
+                        seen.append(policy.pool_version)  # what the pool holds before the re-done step ends
+                        time.sleep(0.005)
+                    log.append({"role": role, "checkpoint": step, "held": held, "at": at, "pool_ahead": ahead,
+                                "pool_back": min(seen, default=None), "version": state["versions"][role]})
                     break
             time.sleep(0.01)
 
@@ -54,29 +65,32 @@ def test_a_replay_store_lost_mid_phase_loses_no_step_record_or_task(tmp_path, ti
     run_dir = tmp_path / "run"
     cfg = load_config(str(ROOT / "configs" / "tiny.yaml"), [
         f"run.dir={run_dir}", "rollout.engine=transformers", "schedule.examiner_steps=6",
-        "schedule.student_steps=4", "checkpoint.every=2", "checkpoint.keep=10", "examiner.task_set_fallback=true"])
+        "schedule.student_steps=6", "checkpoint.every=2", "checkpoint.keep=10", "examiner.task_set_fallback=true"])
     log, candidates = [], []
     train_watched(cfg, lambda loop, stop: kill_after_a_held_checkpoint(loop, stop, log, candidates))
 
     assert [k["role"] for k in log] == ["examiner", "student"], log
     assert all(k["at"] == k["checkpoint"] + 1 for k in log), log  # one step past the checkpoint: it goes back
+    # the pool held newer weights when the store died, and reloaded the checkpoint's before training went on
+    assert all(k["pool_ahead"] > k["version"] and k["pool_back"] is not None and k["pool_back"] <= k["version"]
+               for k in log), repr(log)
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     learner = [r for r in rows if "learner/version" in r]
     assert [(r["phase"], r["step"]) for r in learner] == [("examiner", s) for s in range(1, 7)] + \
-        [("student", s) for s in range(7, 11)]  # every step once, the re-done ones replacing the lost
+        [("student", s) for s in range(7, 13)]  # every step once, the re-done ones replacing the lost
     for r in learner:  # no rollout of weights the learner had not reached (the pools reloaded)
         assert r["learner/max_experience_version"] <= r["learner/version"] - 1, r
     assert candidates == [[str(s) for s in range(6)]]  # the held step's candidates survived the rollback
     samples = sorted(p.name for p in (run_dir / "samples").iterdir())
-    assert samples == [f"student-step-{s:06d}.jsonl" for s in range(4)]  # the held step's file too
+    assert samples == [f"student-step-{s:06d}.jsonl" for s in range(6)]  # the held step's file too
 
     acct = json.loads((run_dir / "accounting.json").read_text())
     assert acct["restarts"]["replay"] == 2 and acct["learner_restarts"] == 0
     tasks = acct["tasks"]["iter-0-tasks"]
     task_ids = [json.loads(line)["id"] for line in open(run_dir / "tasks" / "iter-0.jsonl")]
-    assert tasks["issued"] == len(task_ids) == 8 and tasks["trained"] == {t: 1 for t in task_ids}
-    final = checkpoint_dir(run_dir, 10)
-    for role, n in (("examiner", 6), ("student", 4)):  # the ledger against the learner's own record
+    assert tasks["issued"] == len(task_ids) == 12 and tasks["trained"] == {t: 1 for t in task_ids}
+    final = checkpoint_dir(run_dir, 12)
+    for role, n in (("examiner", 6), ("student", 6)):  # the ledger against the learner's own record
         state = torch.load(final / role / "train_state" / "state" / "mp_rank_00_model_states.pt",
                            map_location="cpu", weights_only=False)
         ledger = [g for ids in acct["phases"][f"iter-0-{role}"]["steps"].values() for g in ids]
