@@ -162,3 +162,30 @@ def test_replay_store_as_a_ray_actor(ray_local, tmp_path):
     again = ReplayStore.remote(4, 1, str(spill))  # a restarted store recovers from its spill
     got = ray.get(again.sample.remote("student", 5))
     assert [g[0].group_id for g in got] == ["new"]
+
+
+def test_a_restore_without_a_spill_still_gives_the_store_the_learner_versions(ray_local, tmp_path):
+    """replay.spill=false: nothing comes back from the checkpoint, but the store must still know how far the
+    learner is, or it takes rollouts older than the staleness bound."""
+    from types import SimpleNamespace
+
+    from piplay_ray.config import load_config
+    from piplay_ray.evolution.actors import Actors
+    from piplay_ray.evolution.book import RunBook
+    from piplay_ray.evolution.state import LoopState
+    from piplay_ray.monitor.metrics import MetricsSink
+    from piplay_ray.rundir import RunDir
+
+    class Learner:
+        def load(self, ckpt):
+            return LoopState(versions={"examiner": 3, "student": 1}).__dict__
+
+    store = ReplayStore.remote(8, 0)
+    actors = Actors(search=None, pools={}, teacher=None, teacher_client=SimpleNamespace(restarts=0),
+                    learner=Learner(), replay=store)
+    sink = MetricsSink(tmp_path, None)
+    book = RunBook(load_config("configs/tiny.yaml", ["replay.spill=false"]), RunDir(tmp_path), sink, actors, docs=[])
+    book.restore(tmp_path / "checkpoints" / "step-000004")
+    sink.close()
+    assert ray.get(store.stats.remote())["versions"] == {"examiner": 3, "student": 1}
+    assert ray.get(store.put.remote([group("student-1-0-t", 0)])) == "stale"  # base weights, learner at 1

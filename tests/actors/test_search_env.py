@@ -114,6 +114,28 @@ def test_retriever_failure_reaches_every_caller_as_failed_result():
     assert m["retriever_errors"] == 1 and m["failed"] == 5 and m["cache_entries"] == 0  # failures not cached
 
 
+def test_a_multi_line_error_reaches_the_model_as_its_first_line():
+    """A Ray error's text runs to a traceback; the agent's context gets one line of it, the Hop the same."""
+    from piplay_ray.method.agent import search_once
+
+    class Broken(Retriever):
+        def search(self, queries, topk):
+            raise RetrievalError("ray::SearchEnv.search() failed\nTraceback (most recent call last):\n  File x")
+
+    async def run():
+        return (await SearchService(Broken(), topk=1).search(["q"]))[0]
+
+    res = asyncio.run(run())
+    assert res.error == "RetrievalError: ray::SearchEnv.search() failed" and "\n" not in res.text
+
+    class Raising:
+        async def search(self, query, topk=None):
+            raise RuntimeError("actor died\n\nTraceback:\n  line 1\n  line 2")
+
+    hop, text = asyncio.run(search_once(Raising(), "q"))
+    assert text == "Search failed: RuntimeError: actor died" and hop.error == "RuntimeError: actor died"
+
+
 # ------------------------------------------------------------------------------------------ Ray pool
 
 
