@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 GPU_VENV ?= .venv-gpu
 
-.PHONY: setup setup-gpu browser assets run test test-all lint bench gpu-check clean
+.PHONY: setup setup-gpu browser assets run run-long test test-all lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -46,6 +46,11 @@ assets: setup
 
 run: setup assets
 	$(VENV)/bin/piplay train --config $(CONFIG)
+
+# three iterations with a learning curve on both held-out sets (about 75 min on 2 cores; docs/results.md)
+run-long: setup assets
+	$(VENV)/bin/piplay train --config configs/local-long.yaml
+	$(VENV)/bin/piplay curve runs/local-long
 
 test: setup browser
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

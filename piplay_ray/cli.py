@@ -48,10 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(sub.add_parser("warmup", help="build the protocol warm start a config names (builtin:*-search), "
                                               "cached"))
 
-    p = sub.add_parser("eval", help="evaluate a model as the student search agent")
+    p = sub.add_parser("eval", help="evaluate a model as the student search agent, beside its baselines")
     _add_config(p)
     p.add_argument("--model", required=True, help="Hugging Face model directory or builtin:NAME")
-    p.add_argument("--data", nargs="*", default=None, help="QA files (JSONL/Parquet); default the built-in set")
+    p.add_argument("--data", nargs="*", default=None,
+                   help="QA files (JSONL/Parquet); default the built-in sets (natural and rule-built)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated, of agent, closed_book, retrieval (default: all three)")
     p.add_argument("--out", default=None, help="output folder (default: under run.root)")
 
     p = sub.add_parser("retriever", help="build or serve a retriever")
@@ -64,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     from piplay_ray.commands.submit import add_arguments as add_submit_arguments  # light: config only
 
     add_submit_arguments(sub.add_parser("submit", help="submit `piplay train` to a Ray cluster as a Ray job"))
+
+    p = sub.add_parser("curve", help="a run's held-out EM at each evaluation, per question set: table and plot")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="folder for curve.md and curve.png (default: the run directory)")
 
     p = sub.add_parser("dashboard", help="serve the dashboard of a run directory")
     p.add_argument("run_dir")

@@ -267,8 +267,9 @@ class EvalConfig(Section):
     every: NonNegInt = 0  # iterations; 0 = never
     every_student_steps: NonNegInt = 0  # also every k student steps (and before training); 0 = never
     before_training: bool = True  # evaluate the starting checkpoint when either schedule above is on
-    data: list[str] = Field(default_factory=list)  # QA files; empty = the built-in set
-    builtin_size: PosInt = 100
+    data: list[str] = Field(default_factory=list)  # QA files; empty = the built-in sets (natural, rule-built)
+    natural_size: NonNegInt | None = None  # questions of the natural set (the headline); None = all, 0 = none
+    rule_size: PosInt = 100  # questions of the rule-built set (the protocol check)
     max_examples: NonNegInt = 0  # 0 = all
 
 

@@ -14,6 +14,9 @@ from typing import Any, Literal
 Role = Literal["examiner", "student"]
 
 
+# the data sources of the built-in held-out sets: method/qa.py names its questions so, the run summary reads them
+NATURAL_SOURCE, RULE_SOURCE = "natural", "rule"
+
 @dataclass
 class Doc:
     id: str

@@ -81,7 +81,8 @@ class RolloutWorkerImpl:
         """Take part in a collective sync of this role's group; trajectories started later carry its version."""
         return await self.engine.areceive_weights(ticket)
 
-    async def _one(self, prompt_ids: list[int], role: str, temperature: float | None = None) -> Trajectory:
+    async def _one(self, prompt_ids: list[int], role: str, temperature: float | None = None,
+                   max_turns: int | None = None) -> Trajectory:
         if self._inflight == 0:
             self._busy_since = time.perf_counter()
         self._inflight += 1
@@ -89,7 +90,7 @@ class RolloutWorkerImpl:
             r = self.rollout
             spec = self.spec if temperature is None else replace(self.spec, temperature=temperature)
             traj = await run_agent(self.engine, self.search, self.tokenizer, prompt_ids, spec,
-                                   self.max_turns[role], role=role, version=self.engine.version,
+                                   max_turns or self.max_turns[role], role=role, version=self.engine.version,
                                    max_response_tokens=r.max_response_tokens, max_context=r.max_model_len,
                                    max_info_tokens=r.max_info_tokens)
         finally:
@@ -103,16 +104,19 @@ class RolloutWorkerImpl:
         return traj
 
     @dies_with_engine
-    async def rollouts(self, prompts: list[list[int]], role: str | None = None,
-                       temperature: float | None = None) -> list[Trajectory]:
+    async def rollouts(self, prompts: list[list[int]], role: str | None = None, temperature: float | None = None,
+                       max_turns: int | None = None) -> list[Trajectory]:
         """One trajectory per prompt (token ids), all in flight together; `role` sets the turn format,
-        `temperature` overrides the config's (0 = greedy, e.g. for evaluation)."""
-        return list(await asyncio.gather(*[self._one(p, role or self.role, temperature) for p in prompts]))
+        `temperature` overrides the config's (0 = greedy, e.g. for evaluation), `max_turns` the role's."""
+        return list(await asyncio.gather(*[self._one(p, role or self.role, temperature, max_turns) for p in prompts]))
 
-    async def student_rollouts(self, questions: list[str], n: int,
-                               temperature: float | None = None) -> list[list[Trajectory]]:
-        prompts = [protocol.student_prompt_ids(self.tokenizer, q) for q in questions]
-        flat = await self.rollouts([p for p in prompts for _ in range(n)], "student", temperature)
+    async def student_rollouts(self, questions: list[str], n: int, temperature: float | None = None,
+                               closed_book: bool = False) -> list[list[Trajectory]]:
+        """`n` trajectories per question; `closed_book` asks for a direct answer in one turn, no search."""
+        prompt = protocol.closed_book_prompt_ids if closed_book else protocol.student_prompt_ids
+        prompts = [prompt(self.tokenizer, q) for q in questions]
+        flat = await self.rollouts([p for p in prompts for _ in range(n)], "student", temperature,
+                                   1 if closed_book else None)
         return [flat[i * n : (i + 1) * n] for i in range(len(questions))]
 
     async def examiner_rollouts(self, docs: list[Doc], hops: list[int]) -> list[Trajectory]:

@@ -180,12 +180,13 @@ class RolloutPool:
 
     # ------------------------------------------------------------------------------------------ requests
 
-    async def student_rollouts(self, questions: Sequence[str], n: int,
-                               temperature: float | None = None) -> list[list[Trajectory]]:
-        """`n` trajectories for each question; a question's samples stay on one worker (same prefix)."""
+    async def student_rollouts(self, questions: Sequence[str], n: int, temperature: float | None = None,
+                               closed_book: bool = False) -> list[list[Trajectory]]:
+        """`n` trajectories for each question (`closed_book`: answered without search, in one turn); a
+        question's samples stay on one worker (same prefix)."""
         questions = list(questions)
         return await self._fan_out(len(questions), "student_rollouts",
-                                   lambda part: ([questions[i] for i in part], n, temperature))
+                                   lambda part: ([questions[i] for i in part], n, temperature, closed_book))
 
     async def examiner_rollouts(self, docs: Sequence[Doc], hops: Sequence[int]) -> list[Trajectory]:
         if len(docs) != len(hops):

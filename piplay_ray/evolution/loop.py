@@ -174,11 +174,12 @@ class EvolutionLoop:
     async def evaluate(self, name: str) -> None:
         """Greedy evaluation of the student on the configured set (eval/* metrics, eval/NAME/ outputs)."""
         await self.policies["student"].sync_pool()
-        scores = await evaluate_pool(self.actors.pools["student"], self.cfg, eval_dir(self.run.path, name))
-        say(f"evaluation ({name}): " + ", ".join(f"{k} {v:.3f}" for k, v in scores.items()
-                                                if k.startswith("overall/")))
-        self.book.log({f"eval/{k}": v for k, v in scores.items()} | {"student_step": self.policies["student"].version},
-                      "eval")
+        step = self.policies["student"].version
+        scores = await evaluate_pool(self.actors.pools["student"], self.cfg, eval_dir(self.run.path, name),
+                                     {"student_step": step})
+        say(f"evaluation ({name}): " + ", ".join(f"{k} {v:.3f} (n={scores[k[:-2] + 'n']:.0f})" for k, v in scores.items()
+                                                if k.endswith("/em") and k.count("/") == 1))
+        self.book.log({f"eval/{k}": v for k, v in scores.items()} | {"student_step": step}, "eval")
 
     def request_stop(self, signum, _frame) -> None:
         if self.stopping:  # a second signal: stop now

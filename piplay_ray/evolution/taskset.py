@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from piplay_ray.config import Config
 from piplay_ray.method.examiner import ExaminerSampler, compose_task_set, select_tasks, write_tasks
-from piplay_ray.method.qa import builtin_eval_set
+from piplay_ray.method.qa import builtin_eval_set, held_out_articles
 from piplay_ray.records import Hop, Task
 
 
@@ -24,7 +24,7 @@ class TaskSet:
 
 
 def rule_tasks(corpus, n: int, iteration: int, seed: int, eval_size: int) -> list[Task]:
-    """Up to `n` corpus tasks built by the evaluation set's rule, none of them a held-out eval question.
+    """Up to `n` corpus tasks built by the evaluation set's rule, none of them on a held-out evaluation article.
 
     They top up a task set when the examiner wrote too few gate-passing tasks (a small base model often
     writes none early on); the QCP is the one search that leads from the clue to the answer's article.
@@ -32,17 +32,17 @@ def rule_tasks(corpus, n: int, iteration: int, seed: int, eval_size: int) -> lis
     wiki-18) has no such rule: then the task set holds only what the examiner wrote.
     """
     try:
-        held_out = {ex.id for ex in builtin_eval_set(corpus.path, eval_size, seed)}
+        held_out = held_out_articles(corpus.path, eval_size, seed)
         pool = builtin_eval_set(corpus.path, n + len(held_out), seed=seed * 1000 + iteration + 1)
     except ValueError:
         return []
-    picked = [ex for ex in pool if ex.id not in held_out][:n]
-    wanted = {ex.id.removeprefix("builtin-") for ex in picked}
+    picked = [ex for ex in pool if ex.supports[0] not in held_out][:n]
+    wanted = {ex.supports[0] for ex in picked}
     docs = {d.id: d for d in (corpus[i] for i in range(len(corpus))) if d.id in wanted}
     return [Task(id=f"it{iteration}-rule-{doc.id}", question=ex.question, answer=ex.golden_answers[0], hops=1,
                  source=doc, qcp=[Hop(query=ex.question, docs=[doc])], flags={"rule_built": True},
                  iteration=iteration)
-            for ex in picked if (doc := docs.get(ex.id.removeprefix("builtin-")))]
+            for ex in picked if (doc := docs.get(ex.supports[0]))]
 
 
 async def write_task_set(cfg: Config, iteration: int, examiner_pool, sampler: ExaminerSampler,
@@ -60,7 +60,7 @@ async def write_task_set(cfg: Config, iteration: int, examiner_pool, sampler: Ex
     tasks, n_fallback = compose_task_set(written, candidates, size, ecfg.task_set_fallback)
     n_examiner = len(tasks)
     if n_examiner < size:  # top up by rule; counted, never silent
-        tasks += (top_up or rule_tasks)(corpus, size - n_examiner, iteration, cfg.run.seed, cfg.eval.builtin_size)
+        tasks += (top_up or rule_tasks)(corpus, size - n_examiner, iteration, cfg.run.seed, cfg.eval.rule_size)
     if not tasks:
         raise RuntimeError(f"iteration {iteration}: no student tasks — the examiner wrote none that passed the "
                            "gate and this corpus has no titles/descriptions for rule-built tasks")

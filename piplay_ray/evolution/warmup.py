@@ -25,20 +25,15 @@ from piplay_ray.config import Config
 from piplay_ray.learner.learner import LearnerGroup
 from piplay_ray.method import demos, protocol
 from piplay_ray.method.evidence import format_docs
-from piplay_ray.method.qa import builtin_eval_set
+from piplay_ray.method.qa import held_out_articles
 from piplay_ray.retrieval import make_retriever
 from piplay_ray.retrieval.queries import clean_query
 from piplay_ray.roles import MODELS, TRAINED
 
 
 def held_out_ids(cfg: Config, corpus_path: str) -> list[str]:
-    """Corpus ids of the built-in evaluation questions: never in a demonstration."""
-
-    try:
-        return sorted(ex.id.removeprefix("builtin-") for ex in
-                      builtin_eval_set(corpus_path, cfg.eval.builtin_size, cfg.run.seed))
-    except ValueError:
-        return []
+    """Corpus ids of the built-in evaluation sets' articles: never in a demonstration."""
+    return sorted(held_out_articles(corpus_path, cfg.eval.rule_size, cfg.run.seed))
 
 
 def fingerprint(name: str, cfg: Config, corpus_path: str, held_out: list[str]) -> str:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from piplay_ray.method import protocol
 from piplay_ray.method.qa import golden_for_title, rule_question
-from piplay_ray.method.rewards import normalize_answer
+from piplay_ray.method.rewards import answer_not_in_question, normalize_answer
 from piplay_ray.records import Doc, Experience
 
 # search(queries) -> one (documents, formatted text) per query, as the search env returns them
@@ -76,11 +76,6 @@ def chain_question(clue: str, chain: Sequence[Article]) -> str:
     for e in chain[1:-1]:
         where = f"the article on the {e.kind} mentioned in {where}"
     return f"Which {chain[-1].kind} is mentioned in {where}?" if len(chain) > 1 else clue
-
-
-def _leaks(question: str, answer: str) -> bool:
-    a = normalize_answer(answer)
-    return not a or f" {a} " in f" {normalize_answer(question)} "
 
 
 @dataclass
@@ -140,7 +135,7 @@ def build_demos(articles: Sequence[Article], search: SearchFn, tokenizer, role: 
         if len(chain) < hops:
             continue
         question, answer = chain_question(clue, chain), chain[-1].name
-        if _leaks(question, answer) or len(answer.split()) > 6:
+        if not answer_not_in_question(question, answer) or len(answer.split()) > 6:  # the gate's rule
             continue
         demo = (_student if role == "student" else _examiner)(tokenizer, clue, question, chain, search, held_out,
                                                               source_words)

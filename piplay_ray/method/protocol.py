@@ -52,6 +52,15 @@ STUDENT_INSTRUCTIONS = (
     "<think>The Eiffel Tower is in Paris, France.</think><answer>France</answer>"
 )
 
+# The closed-book baseline: the same model and answer format, no search tool (evaluation only).
+CLOSED_BOOK_INSTRUCTIONS = (
+    "Answer the question from what you know. Think inside <think> and </think>, then write the answer "
+    "inside <answer> and </answer>: a short answer of a few words, without explanation.\n\n"
+    "Example:\n"
+    f"Question: {EXAMPLE_QUESTIONS[0]}\n"
+    "<think>The Eiffel Tower is in Paris, France.</think><answer>France</answer>"
+)
+
 EXAMINER_INSTRUCTIONS = (
     "You write hard multi-hop questions from a Wikipedia corpus. Think inside <think> and </think>. "
     "To search, write <search>your query</search>; the results are then shown to you between "
@@ -105,6 +114,11 @@ def student_user_text(question: str) -> str:
 def student_prompt_ids(tokenizer, question: str) -> list[int]:
     """The student's prompt: the instructions and the question, ready for generation."""
     return _chat_ids(tokenizer, STUDENT_INSTRUCTIONS, student_user_text(question))
+
+
+def closed_book_prompt_ids(tokenizer, question: str) -> list[int]:
+    """The closed-book baseline's prompt: the question with no search tool offered."""
+    return _chat_ids(tokenizer, CLOSED_BOOK_INSTRUCTIONS, student_user_text(question))
 
 
 def _doc_text(doc: Doc, max_words: int | None) -> str:

@@ -1,9 +1,11 @@
 """Question-answer sets: QA files and the rule-built set (pure: no Ray, no model).
 
 QA files follow the Search-R1 / FlashRAG conventions (JSONL or Parquet rows with ``question``, a list of
-``golden_answers`` and an optional ``data_source``). The rule-built set is written from the corpus itself (an
-article's lead sentence and short description make the question, its title is the answer), so the embedded
-setup can report a score with no third-party question text; the warm start's demonstrations use the same rule.
+``golden_answers``, an optional ``data_source`` and an optional ``kind``: single, bridge or comparison). Two
+sets come with the package, both over the embedded corpus. The natural set (`data/natural_questions.json`) is
+written by hand the way people ask, and is the headline. The rule-built set is written from the corpus itself
+(an article's lead sentence and short description make the question, its title is the answer); the warm
+start's demonstrations use the same rule, so it checks the protocol more than it measures answering.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from pathlib import Path
 
 from piplay_ray.errors import UserInputError
 from piplay_ray.method.rewards import normalize_answer
+from piplay_ray.records import NATURAL_SOURCE, RULE_SOURCE
 
-BUILTIN_SOURCE = "builtin-wiki"
+NATURAL_FILE = Path(__file__).parent / "data" / "natural_questions.json"
+KINDS = ("single", "bridge", "comparison")
 
 
 @dataclass
@@ -28,6 +32,8 @@ class QAExample:
     question: str
     golden_answers: list[str]
     data_source: str
+    kind: str = ""  # single, bridge or comparison where the file says; "" where it does not
+    supports: tuple[str, ...] = ()  # corpus ids of the articles that answer it, where known
 
 
 # ------------------------------------------------------------------------------------------ QA files
@@ -84,6 +90,13 @@ def _rows(path: Path) -> Iterable[tuple[str, object]]:
         raise DataError(f"{path}: not UTF-8 text ({e})") from None
 
 
+def _kind(row: dict) -> str:
+    """`kind`, else FlashRAG's `metadata.type` (HotpotQA's bridge/comparison), when it is one of KINDS."""
+    meta = row.get("metadata") if isinstance(row.get("metadata"), dict) else {}
+    kind = row.get("kind") or meta.get("kind") or meta.get("type") or ""
+    return kind if kind in KINDS else ""
+
+
 def load_qa(path: str | os.PathLike) -> list[QAExample]:
     """Read a QA file (``.jsonl``/``.json`` lines or ``.parquet``); the file stem is the default source."""
     path = Path(path)
@@ -98,13 +111,45 @@ def load_qa(path: str | os.PathLike) -> list[QAExample]:
         if not isinstance(q, str) or not q.strip() or not golds:
             raise DataError(f"{where}: needs a non-empty `question` and `golden_answers`")
         out.append(QAExample(id=str(row.get("id", i)), question=q.strip(), golden_answers=golds,
-                             data_source=str(row.get("data_source") or path.stem)))
+                             data_source=str(row.get("data_source") or path.stem), kind=_kind(row)))
     if not out:
         raise DataError(f"{path}: no examples")
     return out
 
 
-# ------------------------------------------------------------------------------------------ built-in set
+# ------------------------------------------------------------------------------------------ natural set
+
+
+def natural_set(corpus_path: str | os.PathLike, size: int | None = None, seed: int = 0) -> list[QAExample]:
+    """The hand-written natural questions (all, or a seeded sample of `size`), in file order.
+
+    Empty when `corpus_path` is not the corpus they were written on (its articles differ at the
+    questions' supporting ids): the questions are answerable from that corpus only.
+    """
+    data = json.loads(NATURAL_FILE.read_text(encoding="utf-8"))
+    rows = data["questions"]
+    titles = {s: t for r in rows for s, t in zip(r["supports"], r["titles"], strict=True)}
+    found = {}
+    try:
+        with open(corpus_path, encoding="utf-8") as f:
+            for line in f:
+                d = json.loads(line) if line.strip() else {}
+                if isinstance(d, dict) and str(d.get("id")) in titles:
+                    found[str(d["id"])] = d.get("title")
+    except (ValueError, UnicodeDecodeError):  # not a JSONL corpus
+        return []
+    if found != titles:
+        return []
+    examples = [QAExample(id=r["id"], question=r["question"], golden_answers=r["golden_answers"],
+                          data_source=NATURAL_SOURCE, kind=r["kind"], supports=tuple(r["supports"]))
+                for r in rows]
+    if size is not None and size < len(examples):
+        keep = set(random.Random(seed).sample(range(len(examples)), size))
+        examples = [ex for i, ex in enumerate(examples) if i in keep]
+    return examples
+
+
+# ------------------------------------------------------------------------------------------ rule-built set
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
 _COPULA = re.compile(r"\s(is|was|are|were)\s")
@@ -155,12 +200,21 @@ def builtin_eval_set(corpus_path: str | os.PathLike, size: int, seed: int = 0) -
             title, desc = str(d.get("title") or ""), str(d.get("description") or "")
             q = rule_question(title, str(d.get("contents") or ""), desc) if title and desc else None
             if q:
-                candidates.append(QAExample(id=f"builtin-{d.get('id')}", question=q,
-                                            golden_answers=golden_for_title(title), data_source=BUILTIN_SOURCE))
+                candidates.append(QAExample(id=f"builtin-{d.get('id')}", question=q, golden_answers=golden_for_title(title),
+                                            data_source=RULE_SOURCE, kind="single", supports=(str(d.get("id")),)))
     if not candidates:
         raise ValueError(f"{corpus_path}: no document has the `title` and `description` the built-in set needs")
     rng = random.Random(seed)
     return rng.sample(candidates, min(size, len(candidates)))
+
+
+def held_out_articles(corpus_path: str | os.PathLike, rule_size: int, seed: int) -> set[str]:
+    """Corpus ids no demonstration or rule-built task may touch: the evaluation sets' supporting articles."""
+    try:
+        rule = builtin_eval_set(corpus_path, rule_size, seed)
+    except ValueError:  # a corpus without titles and descriptions has no rule-built set
+        rule = []
+    return {s for ex in [*rule, *natural_set(corpus_path)] for s in ex.supports}
 
 
 def answer_article_rate(examples: Sequence[QAExample], retriever, k: int = 5) -> float:

@@ -1,6 +1,7 @@
 """What an experiment's arms showed: the curve points, a table and a plot. Pure over the runs' metrics files.
 
-Every held-out evaluation of every arm and seed is one curve point (arm, seed, student step, EM, F1). The table
+Every held-out evaluation of every arm and seed is one curve point (arm, seed, student step, EM, F1), on the
+headline set: the natural questions where the run evaluated them, else all questions. The table
 gives each arm's final EM as the mean over seeds ± the sample standard deviation (over n seeds; with one seed
 no spread is claimed), and the student steps the arm needs before its mean EM reaches the baseline arm's final
 mean EM (the paper's "reaches in one iteration what the other reaches in three"); `—` where it never does.
@@ -17,6 +18,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from piplay_ray.records import NATURAL_SOURCE
+
 
 def curve(metrics_path: str | Path, arm: str, seed: int | None) -> list[dict]:
     """The evaluation points of one run, oldest first (a re-done step keeps its last evaluation)."""
@@ -26,9 +29,10 @@ def curve(metrics_path: str | Path, arm: str, seed: int | None) -> list[dict]:
             row = json.loads(line)
             if "eval/overall/em" not in row:
                 continue
+            g = f"eval/{NATURAL_SOURCE}" if f"eval/{NATURAL_SOURCE}/em" in row else "eval/overall"  # the headline
             step = int(row.get("student_step", row.get("step", 0)))
-            points[step] = {"arm": arm, "seed": seed, "student_step": step, "em": float(row["eval/overall/em"]),
-                            "f1": float(row.get("eval/overall/f1", math.nan)), "n": int(row.get("eval/overall/n", 0))}
+            points[step] = {"arm": arm, "seed": seed, "student_step": step, "em": float(row[f"{g}/em"]),
+                            "f1": float(row.get(f"{g}/f1", math.nan)), "n": int(row.get(f"{g}/n", 0))}
     return [points[s] for s in sorted(points)]
 
 
@@ -43,9 +47,11 @@ def learner_steps(metrics_path: str | Path) -> dict[str, int]:
 
 
 def answers(examples_path: str | Path) -> dict[str, float]:
-    """Question id -> EM, from one evaluation's examples.jsonl."""
+    """Question id -> EM, from one evaluation's examples.jsonl: the natural questions where it has them."""
     with open(examples_path, encoding="utf-8") as f:
-        return {r["id"]: float(r["em"]) for r in map(json.loads, f)}
+        rows = list(map(json.loads, f))
+    natural = [r for r in rows if r.get("data_source") == NATURAL_SOURCE]
+    return {r["id"]: float(r["em"]) for r in natural or rows}
 
 
 def paired(finals: dict[tuple[str, int], dict[str, float]], baseline: str) -> dict[str, dict]:
@@ -139,3 +145,41 @@ def write(points: list[dict], baseline: str, out_dir: str | Path, header: str = 
     paths["md"].write_text(header + markdown(rows, baseline) + ("\n" + runs_markdown(runs["runs"]) if runs else ""))
     plot(points, paths["png"])
     return paths
+
+
+# ------------------------------------------------------------------------------------------ one run's curve
+
+
+def curve_markdown(points: list[dict]) -> str:
+    """A run's evaluations (`heldout.curve`) as a table: EM ± SE per set at each evaluation."""
+    sets = list(dict.fromkeys(g for p in points for g in p["sets"]))
+    lines = ["| evaluation | student step | " + " | ".join(f"{g} EM ± SE (n)" for g in sets) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in sets) + " |"]
+    for p in points:
+        cells = [f"{m['em']:.3f} ± {m['se']:.3f} ({m['n']})" if (m := p["sets"].get(g)) and m["se"] is not None
+                 else "—" for g in sets]
+        step = "—" if p["student_step"] is None else str(p["student_step"])
+        lines.append(f"| {p['name']} | {step} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curve(points: list[dict], path: str | Path) -> None:
+    """EM against the evaluation (student step where known) per set, with ± one standard error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [p["student_step"] if p["student_step"] is not None else i for i, p in enumerate(points)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for g in dict.fromkeys(g for p in points for g in p["sets"]):
+        got = [(x, p["sets"][g]) for x, p in zip(xs, points, strict=True) if g in p["sets"]]
+        ax.errorbar([x for x, _ in got], [m["em"] for _, m in got], yerr=[m["se"] or 0 for _, m in got],
+                    marker="o", capsize=3, label=f"{g} (n={got[-1][1]['n']})")
+    ax.set_xlabel("student steps")
+    ax.set_ylabel("EM (greedy)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -2,17 +2,20 @@
 
 Read from `metrics.jsonl` (training-time rates, averaged over the logged steps; the gate pass rate pooled
 over every examiner attempt: its training steps and the attempts that wrote the task sets) and the greedy
-evaluations under `eval/` (held-out EM before and after training, with its standard error sqrt(p(1-p)/n)).
+evaluations under `eval/` (`heldout`: each set's EM before and after training, with its standard error
+sqrt(p(1-p)/n) and the change paired by question; the natural-question set is the headline).
 The driver writes it to `summary.json` and the console at the end; the dashboard recomputes it live.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
-from piplay_ray.rundir import METRICS, SUMMARY, eval_dir, write_atomic
+from piplay_ray.monitor import heldout
+from piplay_ray.monitor.heldout import finite, within
+from piplay_ray.records import NATURAL_SOURCE, RULE_SOURCE
+from piplay_ray.rundir import METRICS, SUMMARY, write_atomic
 
 # (key, target, what it says) — the bar a run on the embedded default should clear
 TARGETS = (("answer_rate", 0.8, "student's well-formed answer rate (held-out, greedy)"),
@@ -22,17 +25,13 @@ TARGETS = (("answer_rate", 0.8, "student's well-formed answer rate (held-out, gr
            ("groups_with_signal", 0.5, "student groups with non-zero reward variance"))
 
 
+# how the console names each held-out set's EM
+SET_NAMES = {NATURAL_SOURCE: "natural-question EM (the headline)", RULE_SOURCE: "rule-built EM (the protocol check)",
+             heldout.OVERALL: "held-out EM"}
+
+
 def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
-
-
-def _num(v) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _within(run: Path, path: Path) -> bool:
-    path = path.resolve()
-    return run in path.parents
 
 
 def _rows(path: Path) -> list[dict]:
@@ -52,38 +51,20 @@ def _rows(path: Path) -> list[dict]:
     return rows
 
 
-def _evals(run: Path) -> list[tuple[str, dict]]:
-    """(name, overall scores) of the evaluations under eval/: before-training first, then iter-N by N."""
-    out = []
-    for f in eval_dir(run).glob("*/metrics.json"):
-        if not _within(run, f):
-            continue
-        try:
-            overall = json.loads(f.read_text())["summary"]["overall"]
-            mtime = f.stat().st_mtime
-        except (ValueError, KeyError, TypeError, OSError):
-            continue
-        if isinstance(overall, dict) and _num(overall.get("em")):
-            it = f.parent.name.removeprefix("iter-")
-            out.append(((f.parent.name != "before-training", int(it) if it.isdigit() else -1, mtime),
-                        f.parent.name, overall))
-    return [(name, m) for _, name, m in sorted(out, key=lambda e: e[0])]
-
-
 def compute(run_dir: str | Path) -> dict:
     """The summary of the run in `run_dir` so far (keys are None where nothing was measured yet).
 
     Files that resolve outside the run directory (symlinked out of it) are not read.
     """
     run = Path(run_dir).resolve()
-    rows = _rows(run / METRICS) if _within(run, run / METRICS) else []
+    rows = _rows(run / METRICS) if within(run, run / METRICS) else []
 
     def series(key: str, phase: str | None = None) -> list[float]:
-        return [r[key] for r in rows if _num(r.get(key)) and (phase is None or r.get("phase") == phase)]
+        return [r[key] for r in rows if finite(r.get(key)) and (phase is None or r.get("phase") == phase)]
 
     def pooled(*pairs: tuple[str, str]) -> tuple[float | None, int]:
         """Σ rate·n / Σ n over the rows that log a (rate, attempts) pair: a rate over every attempt."""
-        got = [(r[rate], r[n]) for r in rows for rate, n in pairs if _num(r.get(rate)) and _num(r.get(n))]
+        got = [(r[rate], r[n]) for r in rows for rate, n in pairs if finite(r.get(rate)) and finite(r.get(n))]
         total = sum(n for _, n in got)
         return (sum(p * n for p, n in got) / total if total else None), int(total)
 
@@ -100,20 +81,25 @@ def compute(run_dir: str | Path) -> dict:
            "answer_rate": None, "searches_per_question": None}
     fails = {k.removeprefix("examiner/gate_fail/") for r in rows for k in r if k.startswith("examiner/gate_fail/")}
     out["gate_failures"] = {k: _mean(series(f"examiner/gate_fail/{k}")) for k in sorted(fails)}
-    evals = _evals(run)
-    before = evals[0] if evals and evals[0][0] == "before-training" else None
-    after = evals[-1] if evals and evals[-1] is not before else None
-    for label, ev in (("before", before), ("after", after)):
-        if ev is None:
-            continue
-        name, m = ev
-        p, n = float(m["em"]), int(m.get("n") or 0)
-        out[f"em_{label}"], out[f"em_{label}_se"], out["eval_n"] = p, math.sqrt(p * (1 - p) / n) if n else None, n
-        out[f"eval_{label}"] = name
-    if evals:  # behaviour of the newest evaluated student
-        m = evals[-1][1]
-        out["answer_rate"] = 1.0 - float(m["invalid"]) if _num(m.get("invalid")) else None
-        out["searches_per_question"] = float(m["searches"]) if _num(m.get("searches")) else None
+    ev = heldout.report(run)
+    for label in ("before", "after"):
+        if label in ev:
+            out[f"eval_{label}"] = ev[label]
+    for i, (group, entry) in enumerate(ev["sets"].items()):
+        if i == 0:  # the headline set: em_before, em_after with their SEs, and the paired change
+            out["eval_set"] = group
+            for label in ("before", "after"):
+                if label in entry:
+                    m = entry[label]
+                    out[f"em_{label}"], out[f"em_{label}_se"], out["eval_n"] = m["em"], m["se"], m["n"]
+            if entry.get("change"):
+                out["em_change"] = entry["change"]
+    if len(ev["sets"]) > 1:
+        out["eval_sets"] = ev["sets"]
+    if "newest" in ev:  # behaviour of the newest evaluated student on the headline set
+        m = ev["newest"]
+        out["answer_rate"] = 1.0 - float(m["invalid"]) if finite(m.get("invalid")) else None
+        out["searches_per_question"] = float(m["searches"]) if finite(m.get("searches")) else None
     out["targets"] = {k: {"target": t, "value": out.get(k), "met": out.get(k) is not None and out[k] >= t,
                           "what": what} for k, t, what in TARGETS}
     if "em_before" in out and "em_after" in out:
@@ -131,7 +117,16 @@ def lines(s: dict) -> list[str]:
     if "em_before" in s or "em_after" in s:
         parts = [f"{label} {f(s[f'em_{label}'])} ± {f(s[f'em_{label}_se'])}"
                  for label in ("before", "after") if f"em_{label}" in s]
-        out.append(f"held-out EM (n={s['eval_n']}): " + ", ".join(parts))
+        out.append(f"{SET_NAMES.get(s['eval_set'], s['eval_set'] + ' EM')} (n={s['eval_n']}): " + ", ".join(parts))
+    if c := s.get("em_change"):
+        out.append(f"  paired by question: {c['delta']:+.3f} ± {c['se']:.3f}, {c['gained']} gained, {c['lost']} lost "
+                   f"(n={c['n']})")
+    for group, entry in list(s.get("eval_sets", {}).items())[1:]:
+        parts = [f"{label} {f(entry[label]['em'])} ± {f(entry[label]['se'])}" for label in ("before", "after")
+                 if label in entry]
+        n = next((entry[label]["n"] for label in ("after", "before") if label in entry), 0)
+        change = f", paired {entry['change']['delta']:+.3f} ± {entry['change']['se']:.3f}" if entry.get("change") else ""
+        out.append(f"{SET_NAMES.get(group, group + ' EM')} (n={n}): " + ", ".join(parts) + change)
     for k, t in s["targets"].items():
         if k != "em_gain":
             n = f", n={s['gate_pass_n']}" if k == "gate_pass_rate" and s.get("gate_pass_n") else ""

@@ -10,6 +10,8 @@ import random
 from pathlib import Path
 
 from piplay_ray.config import LoggingConfig
+from piplay_ray.method.qa import QAExample
+from piplay_ray.method.scores import record, summarize
 from piplay_ray.monitor.metrics import MetricsSink
 from piplay_ray.records import Doc, Hop, Task, Trajectory, to_dict
 
@@ -162,9 +164,14 @@ def write_run(run_dir: str | Path, *, iterations: int = 3, steps_per_phase: int 
 
 
 def _write_eval(run_dir: Path, name: str, em: float, n: int = 16) -> None:
-    """eval/NAME/metrics.json as `evaluation.write_results` writes it (only the overall scores)."""
+    """eval/NAME/ as `evaluation.write_results` writes it: `n` natural questions (the first em·n right) and n/2
+    rule-built ones (half right), with their per-example records."""
+    right = round(em * n)
+    records = [record(QAExample(f"n{i}", f"natural {i}?", ["yes"], "natural", "single" if i % 3 else "bridge"),
+                      "yes" if i < right else "no", searches=1) for i in range(n)]
+    records += [record(QAExample(f"r{i}", f"rule {i}?", ["yes"], "rule", "single"), "yes" if i % 2 else "no")
+                for i in range(n // 2)]
     (run_dir / "eval" / name).mkdir(parents=True, exist_ok=True)
-    overall = {"em": em, "f1": em + 0.05, "searches": 1.25, "turns": 2.25, "invalid": 0.125, "answer_words": 2.0,
-               "n": n}
-    (run_dir / "eval" / name / "metrics.json").write_text(json.dumps({"summary": {"overall": overall},
-                                                                      "examples": n}))
+    (run_dir / "eval" / name / "examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run_dir / "eval" / name / "metrics.json").write_text(json.dumps({"summary": summarize(records),
+                                                                      "examples": len(records)}))

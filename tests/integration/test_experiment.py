@@ -27,7 +27,7 @@ ARMS = ("answer", "none")
 
 def _spec(tmp_path, **over) -> str:
     spec = {"name": "arms", "config": str(ROOT / "configs" / "tiny.yaml"), "root": str(tmp_path / "exp"),
-            "overrides": ["eval.builtin_size=4", "schedule.examiner_steps=1", "schedule.student_steps=1",
+            "overrides": ["eval.rule_size=4", "schedule.examiner_steps=1", "schedule.student_steps=1",
                           "checkpoint.every=0", "rollout.engine=transformers", "logging.tensorboard=false"],
             "eval_every": 1, "seeds": [0], "baseline": "none",
             "arms": {arm: [f"teacher.privileged={arm}"] for arm in ARMS}} | over

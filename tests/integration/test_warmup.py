@@ -40,7 +40,7 @@ def answer_rate(model_dir: str, questions: list[str], cfg) -> tuple[float, float
 
 def test_warm_start_raises_the_answer_rate(ray_local, tmp_path, monkeypatch, corpus_path):
 
-    cfg = load_config("configs/local.yaml", ["eval.builtin_size=20"])
+    cfg = load_config("configs/local.yaml", ["eval.rule_size=20"])
     monkeypatch.setitem(warmup.RECIPES, "smollm2-few", assets.Recipe(
         "builtin:smollm2", student_demos=24, examiner_demos=8, student_hops=(7, 3), examiner_hops=(1,), lr=5e-5,
         batch=8))

@@ -181,6 +181,13 @@ def test_summary_panel_tells_the_story_first(page, run_dir):
             se = want[f"em_{label}_se"]
             assert f"{want[f'em_{label}']:.3f} ± {se:.3f}" in em.text
     assert int(em.attrs["data-n"]) == want["eval_n"] and f"n = {want['eval_n']}" in em.text
+    # the natural questions are the headline, paired by question; the rule-built set follows as the protocol check
+    assert em.attrs["data-set"] == want["eval_set"] == "natural" and em.text.startswith("natural-question EM")
+    c = want["em_change"]
+    assert page.by_id("summary-paired").text == (f"paired by question +{c['delta']:.3f} ± {c['se']:.3f}, "
+                                                 f"{c['gained']} gained, {c['lost']} lost (n = {c['n']})")
+    rule = page.find_all("div", data_set="rule")
+    assert len(rule) == 1 and rule[0].text.startswith("rule-built EM (protocol check) before 0.500 ± 0.177 → after")
     rows = page.by_id("summary-targets").find_all("tr", data_target=True)
     assert [r.attrs["data-target"] for r in rows] == list(want["targets"])
     for r in rows:

@@ -14,7 +14,7 @@ from piplay_ray.engines.base import Engine, Generation, SamplingSpec, TopK
 from piplay_ray.evolution import warmup
 from piplay_ray.method import demos, protocol
 from piplay_ray.method.agent import run_agent
-from piplay_ray.method.qa import builtin_eval_set
+from piplay_ray.method.qa import builtin_eval_set, natural_set
 from piplay_ray.method.rewards import exact_match, format_reward
 
 
@@ -46,7 +46,7 @@ def _segments(mask: list[int], ids: list[int]) -> list[tuple[int, list[int]]]:
 
 @pytest.fixture(scope="module")
 def setup(tiny_model, corpus_path):
-    cfg = load_config("configs/tiny.yaml", ["eval.builtin_size=200"])
+    cfg = load_config("configs/tiny.yaml", ["eval.rule_size=200"])
     tok = AutoTokenizer.from_pretrained(tiny_model)
     held = set(warmup.held_out_ids(cfg, corpus_path))
     search = warmup._search_fn(cfg.search)
@@ -88,8 +88,8 @@ def test_demos_replay_through_the_agent_loop_with_rl_masks(setup):
 
 def test_no_held_out_question_or_document_in_demonstrations(setup, corpus_path):
     cfg, tok, held, search, built = setup
-    eval_set = builtin_eval_set(corpus_path, cfg.eval.builtin_size, cfg.run.seed)
-    assert len(held) == len(eval_set) == 200
+    eval_set = builtin_eval_set(corpus_path, cfg.eval.rule_size, cfg.run.seed) + natural_set(corpus_path)
+    assert held == {s for ex in eval_set for s in ex.supports} and len(held) > 200
     eval_questions = {ex.question for ex in eval_set}
     for d in (d for ds in built.values() for d in ds):
         assert not {a.id for a in d.chain} & held
@@ -125,7 +125,7 @@ def test_recipe_specs_and_fingerprint(corpus_path):
     held = warmup.held_out_ids(cfg, corpus_path)
     fp = warmup.fingerprint("smollm2-search", cfg, corpus_path, held)
     assert fp == warmup.fingerprint("smollm2-search", cfg, corpus_path, list(held))
-    other = load_config("configs/local.yaml", ["eval.builtin_size=50"])
+    other = load_config("configs/local.yaml", ["eval.rule_size=50"])
     assert fp != warmup.fingerprint("smollm2-search", other, corpus_path, warmup.held_out_ids(other, corpus_path))
     with pytest.raises(ValueError, match="piplay warmup"):
         from piplay_ray import assets

@@ -10,6 +10,8 @@ import pytest
 from piplay_ray.evolution import evaluation as E
 from piplay_ray.fault import RolloutFailed
 from piplay_ray.method import qa as Q
+from piplay_ray.method import scores as S
+from piplay_ray.monitor import heldout
 from piplay_ray.records import Hop, Trajectory
 
 
@@ -113,7 +115,7 @@ def test_builtin_set_deterministic_and_clean(corpus_path):
     # no gold answer in its question as whole words (the rule keeps out every title word; the examiner's
     # gate is stricter, a substring: "Iran" in "Iranian")
     assert all(f" {norm(g)} " not in f" {norm(e.question)} " for e in a for g in e.golden_answers)
-    assert all(e.data_source == Q.BUILTIN_SOURCE for e in a)
+    assert all(e.data_source == Q.RULE_SOURCE for e in a)
 
 
 def test_builtin_set_bm25_finds_answer_article(corpus_path):
@@ -142,8 +144,8 @@ class ScriptedPool:
     def __init__(self, script: dict[str, Trajectory]):
         self.script, self.calls = script, []
 
-    async def student_rollouts(self, questions, n, temperature=None):
-        self.calls.append((list(questions), n))
+    async def student_rollouts(self, questions, n, temperature=None, closed_book=False):
+        self.calls.append((list(questions), n) + (("closed_book",) if closed_book else ()))
         assert temperature == 0.0  # evaluation decodes greedily
         return [[self.script[q]] for q in questions]
 
@@ -168,9 +170,11 @@ def test_scores_exactly_known():
                                           "answer_words": 2.0, "invalid": 0.5, "n": 2})
     assert summary["overall"] == pytest.approx({"em": 0.5, "f1": 0.7, "searches": 1.5, "turns": 2.5,
                                                 "answer_words": 7 / 3, "invalid": 0.25, "n": 4})
-    flat = E.flat_metrics(summary)
+    flat = S.flat_metrics(summary)
     assert flat["eval/overall/em"] == 0.5 and flat["eval/b/invalid"] == 0.5
-    assert "overall" in E.format_table(summary)
+    table = S.format_table({"agent": summary}).splitlines()
+    assert table[0].split() == ["group", "n", "agent", "em", "agent", "f1", "agent", "searches"]
+    assert table[-1].split() == ["overall", "4", "0.500", "0.700", "1.500"]
 
 
 class LosingPool(ScriptedPool):
@@ -180,8 +184,8 @@ class LosingPool(ScriptedPool):
         super().__init__(script)
         self.lose, self.times = set(lose), times
 
-    async def student_rollouts(self, questions, n, temperature=None):
-        out = await super().student_rollouts(questions, n, temperature)
+    async def student_rollouts(self, questions, n, temperature=None, closed_book=False):
+        out = await super().student_rollouts(questions, n, temperature, closed_book)
         if self.times:
             self.times -= 1
             out = [None if q in self.lose else g for q, g in zip(questions, out, strict=True)]
@@ -223,7 +227,12 @@ def test_load_eval_examples_uses_config(tmp_path, corpus_path):
 
     cfg = Config()
     cfg.search.corpus = corpus_path
-    cfg.eval.builtin_size = 7
+    cfg.eval.rule_size, cfg.eval.natural_size = 7, 5
+    got = E.load_eval_examples(cfg)
+    assert [e.data_source for e in got] == [Q.NATURAL_SOURCE] * 5 + [Q.RULE_SOURCE] * 7
+    cfg.eval.natural_size = None  # all of them
+    assert len(E.load_eval_examples(cfg)) == len(Q.natural_set(corpus_path)) + 7
+    cfg.eval.natural_size = 0
     assert len(E.load_eval_examples(cfg)) == 7
     p = tmp_path / "x.jsonl"
     p.write_text("".join(json.dumps({"question": f"q{i}", "golden_answers": ["a"]}) + "\n" for i in range(5)))
@@ -246,3 +255,70 @@ def test_evaluate_pool_for_the_driver(tmp_path):
     # EM 1, 0, 0, 1; F1: q2 "obama" vs "barack obama" = 2*(1*.5)/1.5 = 2/3
     assert scores["overall/em"] == 0.5 and scores["a/f1"] == pytest.approx((1 + 2 / 3) / 2)
     assert scores["overall/n"] == 4 and (tmp_path / "out" / "examples.jsonl").is_file()
+
+
+KINDS = [Q.QAExample("n1", "q1", ["Paris"], "natural", "single"), Q.QAExample("n2", "q2", ["Obama"], "natural", "bridge"),
+         Q.QAExample("n3", "q3", ["Rome"], "natural", "comparison"), Q.QAExample("r1", "q4", ["Tokyo"], "rule", "")]
+
+
+def test_groups_per_set_and_single_or_two_article_question():
+    pool = ScriptedPool({"q1": _traj("Paris", 1), "q2": _traj("Obama", 2), "q3": _traj("Milan", 3),
+                         "q4": _traj("Tokyo", 0)})
+    summary, _ = asyncio.run(E.evaluate(pool, KINDS))
+    assert {g: (m["n"], m["em"], m["searches"]) for g, m in summary.items()} == {
+        "natural": (3, 2 / 3, 2.0), "natural/single": (1, 1.0, 1.0), "natural/two-article": (2, 0.5, 2.5),
+        "rule": (1, 1.0, 0.0), "overall": (4, 0.75, 1.5)}
+
+
+def test_file_kinds(tmp_path):
+    """A file's kind: `kind`, else FlashRAG's metadata.type (HotpotQA's bridge / comparison); others ignored."""
+    p = tmp_path / "hotpot.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"question": "a", "golden_answers": ["x"], "metadata": {"type": "comparison"}},
+        {"question": "b", "golden_answers": ["x"], "kind": "single"},
+        {"question": "c", "golden_answers": ["x"], "metadata": {"type": "multihop"}}]))
+    assert [e.kind for e in Q.load_qa(p)] == ["comparison", "single", ""]
+
+
+def test_closed_book_asks_the_pool_without_search():
+    pool = ScriptedPool({"q1": _traj("Paris", 0), "q2": _traj(None, 0, "max_turns"), "q3": _traj("Rome", 0),
+                         "q4": _traj("Tokyo", 0)})
+    summary, records = asyncio.run(E.evaluate(pool, KINDS, closed_book=True))
+    assert pool.calls == [(["q1", "q2", "q3", "q4"], 1, "closed_book")]
+    assert summary["overall"]["em"] == 0.75 and summary["overall"]["invalid"] == 0.25
+
+
+class TopOne:
+    """A search env answering each query with the documents a dict names (none when absent)."""
+
+    def __init__(self, titles):
+        self.titles, self.calls = titles, []
+
+    def search(self, queries, topk=None):
+        from piplay_ray.actors.search_service import SearchResult
+        from piplay_ray.records import Doc
+
+        self.calls.append((list(queries), topk))
+        return [SearchResult(query=q, docs=[Doc("0", self.titles[q], "text")] if q in self.titles else [])
+                for q in queries]
+
+
+def test_retrieval_baseline_answers_the_top_article_title():
+    search = TopOne({"q1": "Paris", "q2": "Barack Obama", "q3": "Rome (city)"})
+    records = E.retrieval_records(search, KINDS)
+    assert search.calls == [(["q1", "q2", "q3", "q4"], 1)]
+    # the disambiguation suffix is dropped; "Barack Obama" vs "Obama": EM 0, F1 2*(.5*1)/1.5; q4: no document
+    assert [r["prediction"] for r in records] == ["Paris", "Barack Obama", "Rome", None]
+    assert [r["em"] for r in records] == [1.0, 0.0, 1.0, 0.0]
+    assert records[1]["f1"] == pytest.approx(2 / 3) and records[3]["invalid"] == 1.0
+    assert all(r["searches"] == 1 for r in records)
+
+
+def test_paired_change_by_question():
+    before = [{"id": i, "em": e} for i, e in zip("abcdef", [0, 0, 1, 1, 0, 1], strict=True)]
+    after = [{"id": i, "em": e} for i, e in zip("abcdeg", [1, 0, 1, 0, 1, 1], strict=True)]  # f, g unpaired
+    c = heldout.paired(before, after)
+    # pairs a..e: diffs +1, 0, 0, -1, +1: mean .2, sample var (.64+.04+.04+1.44+.64)/4 = .7, se sqrt(.7/5)
+    assert c == pytest.approx({"n": 5, "before": 0.4, "after": 0.6, "delta": 0.2, "se": (0.7 / 5) ** 0.5,
+                               "gained": 2, "lost": 1})
+    assert heldout.paired(before, [{"id": "z", "em": 1}]) is None

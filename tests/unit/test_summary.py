@@ -98,3 +98,56 @@ def test_summary_evaluations_in_progress(tmp_path):
     s = summary.compute(other)
     assert "em_before" not in s and s["em_after"] == 0.75 and s["em_after_se"] is None
     assert "after 0.750 ± n/a" in summary.lines(s)[0]
+
+
+def write_examples(run, name, ems: dict[str, dict[str, float]]):
+    """eval/NAME with per-example records {source: {id: em}} and the summary those records give."""
+    from piplay_ray.method.scores import summarize
+
+    records = [{"id": i, "data_source": src, "kind": "single", "prediction": "x", "em": em, "f1": em, "searches": 1,
+                "turns": 2, "answer_words": 1, "invalid": 0.0} for src, rows in ems.items() for i, em in rows.items()]
+    d = run / "eval" / name
+    d.mkdir(parents=True)
+    (d / "examples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (d / "metrics.json").write_text(json.dumps({"summary": summarize(records)}))
+
+
+def test_the_natural_set_is_the_headline_paired_by_question(tmp_path):
+    write_examples(tmp_path, "before-training", {"natural": {"n1": 0, "n2": 1, "n3": 0, "n4": 1},
+                                                  "rule": {"r1": 1, "r2": 0}})
+    write_examples(tmp_path, "iter-0", {"natural": {"n1": 1, "n2": 1, "n3": 1, "n4": 0},
+                                         "rule": {"r1": 1, "r2": 1}})
+    s = summary.compute(tmp_path)
+    assert s["eval_set"] == "natural" and (s["em_before"], s["em_after"], s["eval_n"]) == (0.5, 0.75, 4)
+    assert s["em_before_se"] == pytest.approx(0.25)  # sqrt(.5 * .5 / 4)
+    # natural diffs +1, 0, +1, -1: mean .25, sample var (.5625+.0625+.5625+1.5625)/3 = 11/12, se sqrt(11/12/4)
+    assert s["em_change"] == pytest.approx({"n": 4, "before": 0.5, "after": 0.75, "delta": 0.25,
+                                            "se": (11 / 48) ** 0.5, "gained": 2, "lost": 1})
+    rule = s["eval_sets"]["rule"]
+    assert (rule["before"]["em"], rule["after"]["em"], rule["change"]["gained"]) == (0.5, 1.0, 1)
+    assert list(s["eval_sets"]) == ["natural", "rule"]  # overall mixes the two sets: not reported
+    text = summary.lines(s)
+    assert text[0] == "natural-question EM (the headline) (n=4): before 0.500 ± 0.250, after 0.750 ± 0.217"
+    assert text[1] == "  paired by question: +0.250 ± 0.479, 2 gained, 1 lost (n=4)"
+    assert text[2].startswith("rule-built EM (the protocol check) (n=2): before 0.500 ± 0.354, after 1.000 ± 0.000")
+
+
+def test_piplay_curve_tables_and_plots_every_evaluation(tmp_path, capsys):
+    from piplay_ray.cli import main
+
+    run = tmp_path / "run"
+    for name, step, ems in (("before-training", 0, [0, 1, 0, 0]), ("iter-0", 6, [1, 1, 0, 0]),
+                            ("iter-1", 12, [1, 1, 1, 0])):
+        write_examples(run, name, {"natural": dict(zip("abcd", ems, strict=True)), "rule": {"r": 1}})
+        meta = json.loads((run / "eval" / name / "metrics.json").read_text()) | {"student_step": step}
+        (run / "eval" / name / "metrics.json").write_text(json.dumps(meta))
+    assert main(["curve", str(run), "--out", str(tmp_path / "out")]) == 0
+    table = (tmp_path / "out" / "curve.md").read_text().splitlines()
+    assert table[0] == "| evaluation | student step | natural EM ± SE (n) | rule EM ± SE (n) |"
+    # EM .25, .5, .75 of 4: SE sqrt(p(1-p)/4)
+    assert table[2:] == ["| before-training | 0 | 0.250 ± 0.217 (4) | 1.000 ± 0.000 (1) |",
+                         "| iter-0 | 6 | 0.500 ± 0.250 (4) | 1.000 ± 0.000 (1) |",
+                         "| iter-1 | 12 | 0.750 ± 0.217 (4) | 1.000 ± 0.000 (1) |"]
+    assert (tmp_path / "out" / "curve.png").stat().st_size > 1000 and "iter-1 | 12" in capsys.readouterr().out
+    assert main(["curve", str(tmp_path / "nothing")]) == 2
+    assert "no evaluation under eval/" in capsys.readouterr().err

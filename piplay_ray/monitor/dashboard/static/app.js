@@ -219,14 +219,24 @@ function drawAllCharts() {
 
 function withSE(v, se) { return fmt(v) + (isNum(se) ? " ± " + fmt(se) : ""); }
 
-// The story first: held-out EM before → after (± standard error, n) and each target met or missed.
+// How each held-out set is named: the natural questions are the headline, the rule-built ones check the protocol.
+const SET_NAMES = {natural: "natural-question EM ", rule: "rule-built EM (protocol check) ", overall: "held-out EM "};
+
+function pairedText(c) {
+  return `paired by question ${c.delta >= 0 ? "+" : ""}${fmt(c.delta)} ± ${fmt(c.se)}, ` +
+    `${c.gained} gained, ${c.lost} lost (n = ${c.n})`;
+}
+
+// The story first: the headline set's EM before → after (± standard error, n, the change paired by question),
+// the other sets, then each target met or missed.
 function renderSummary(s) {
   const root = document.getElementById("summary");
   clear(root);
   root.className = "summary";
   const before = isNum(s.em_before), after = isNum(s.em_after);
   const em = el("div", {class: "em", id: "summary-em", "data-before": before ? s.em_before : null,
-    "data-after": after ? s.em_after : null, "data-n": isNum(s.eval_n) ? s.eval_n : null}, "held-out EM ");
+    "data-after": after ? s.em_after : null, "data-n": isNum(s.eval_n) ? s.eval_n : null,
+    "data-set": s.eval_set || null}, SET_NAMES[s.eval_set] || `${s.eval_set || "held-out"} EM `);
   if (!before && !after) em.appendChild(el("span", {class: "empty"}, "not evaluated yet"));
   if (before) em.appendChild(el("span", {class: "em-before"}, withSE(s.em_before, s.em_before_se)));
   if (before) em.appendChild(el("span", {class: "hint"}, " before training"));
@@ -240,6 +250,14 @@ function renderSummary(s) {
   }
   if (isNum(s.eval_n)) em.appendChild(el("span", {class: "hint"}, ` (n = ${s.eval_n})`));
   root.appendChild(em);
+  if (s.em_change) root.appendChild(el("div", {class: "hint", id: "summary-paired"}, pairedText(s.em_change)));
+  for (const [group, e] of Object.entries(s.eval_sets || {}).slice(1)) {
+    const parts = ["before", "after"].filter(k => e[k]).map(k => `${k} ${withSE(e[k].em, e[k].se)}`);
+    const n = (e.after || e.before || {}).n;
+    root.appendChild(el("div", {class: "hint", "data-set": group},
+      (SET_NAMES[group] || `${group} EM `) + parts.join(" → ") + (isNum(n) ? ` (n = ${n})` : "") +
+      (e.change ? " · " + pairedText(e.change) : "")));
+  }
 
   const body = el("tbody");
   for (const [key, t] of Object.entries(s.targets || {})) {
