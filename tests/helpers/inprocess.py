@@ -35,3 +35,17 @@ def train_watched(cfg, watch: Callable[[object, threading.Event], None]):
         stop.set()
         thread.join(timeout=10)
     return box.get("loop")
+
+
+def train_hooked(cfg, install: Callable[[object], None]):
+    """Run `driver.train(cfg)` with `install(loop)` called on the loop before it starts (in this thread): a test
+    wraps the loop's own coroutines to act at an exact point of the run. Returns the loop."""
+    box = {}
+
+    def make_loop(cfg, run):
+        box["loop"] = driver.start_loop(cfg, run)
+        install(box["loop"])
+        return box["loop"]
+
+    driver.train(cfg, make_loop=make_loop)
+    return box.get("loop")

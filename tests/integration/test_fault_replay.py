@@ -10,55 +10,75 @@ learner's own record of the groups it trained.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
 import ray
 import torch
-from helpers.inprocess import train_watched
+from helpers.inprocess import train_hooked
 from helpers.runs import ROOT
 
 from piplay_ray.actors.replay_buffer import ReplayBuffer
 from piplay_ray.config import load_config
-from piplay_ray.learner.checkpoint import checkpoint_dir, is_complete, read_driver_state
+from piplay_ray.learner.checkpoint import checkpoint_dir, read_driver_state
 from piplay_ray.rundir import REPLAY_SPILL
 
 
-def kill_after_a_held_checkpoint(loop, stop, log: list, candidates: list) -> None:
-    """In each phase: at the first checkpoint whose spill holds a step of the phase's role not yet trained,
-    wait for one more learner step, then kill the replay store for good (the driver replaces it and goes back)."""
-    write = loop.write_task_set
+def kill_after_a_held_checkpoint(loop, log: list, candidates: list) -> None:
+    """In each phase, at exact points of the loop's own coroutines (no watching thread, so no race with a fast
+    phase): the first checkpoint of the phase is taken once the replay store holds a step of the role not yet
+    trained (its spill holds it); one learner step later, once the pool has synced past the checkpoint's
+    weights, the replay store is killed for good (the driver replaces it and goes back to the checkpoint)."""
+    write, checkpoint, after_step, armed = loop.write_task_set, loop.book.checkpoint, loop.book.after_step, {}
 
     async def recording():  # the examiner candidates as the task set is written
         candidates.append(sorted(loop.state.candidates, key=int))
         await write()
 
+    async def held_checkpoint():
+        st, role = loop.state, loop.state.phase
+        first = role in loop.policies and role not in armed and st.phase_steps > 0  # a checkpoint inside a phase
+        if first:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not any(
+                    s >= st.versions[role] for s in (await loop.actors.replay.held_steps.remote()).get(role, [])):
+                await asyncio.sleep(0.01)  # the producer runs ahead (replay.max_staleness 1)
+        await checkpoint()
+        if first:
+            ckpt = checkpoint_dir(loop.run.path, st.global_step)
+            held = ReplayBuffer.restore(ckpt / "replay" / REPLAY_SPILL, 1000, 1).held_steps().get(role, [])
+            state = read_driver_state(ckpt)
+            assert any(s >= state["versions"][role] for s in held), held
+            armed[role] = {"role": role, "checkpoint": st.global_step, "held": held,
+                           "version": state["versions"][role], "seen": []}
+
+    async def step_then_maybe_kill():
+        await after_step()
+        role = loop.state.phase
+        k, policy = armed.get(role), loop.policies[role]
+        if k is not None and k not in log and loop.state.global_step == k["checkpoint"] + 1:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and policy.pool_version <= k["version"]:
+                await asyncio.sleep(0.01)  # the producer syncs the pool to the weights just published
+            k.update(at=loop.state.global_step, pool_ahead=policy.pool_version)
+            ray.kill(loop.actors.replay)
+            log.append(k)
+
+    def recording_syncs(policy):
+        sync = policy.sync_pool
+
+        async def sync_and_record():
+            await sync()
+            k = armed.get(policy.role)
+            if k in log and loop.state.global_step == k["checkpoint"]:
+                k["seen"].append(policy.pool_version)  # back at the checkpoint: what the pool holds
+        return sync_and_record
+
     loop.write_task_set = recording
-    for role in ("examiner", "student"):
-        while not stop.is_set():
-            step = loop.state.global_step
-            ckpt = checkpoint_dir(loop.run.path, step)
-            if loop.state.phase == role and step and is_complete(ckpt) and (ckpt / "replay" / REPLAY_SPILL).is_file():
-                state = read_driver_state(ckpt)
-                held = ReplayBuffer.restore(ckpt / "replay" / REPLAY_SPILL, 1000, 1).held_steps().get(role, [])
-                if state["phase"] == role and any(s >= state["versions"][role] for s in held):
-                    policy, deadline = loop.policies[role], time.monotonic() + 60
-                    while not stop.is_set() and time.monotonic() < deadline and (
-                            loop.state.global_step == step or policy.pool_version <= state["versions"][role]):
-                        time.sleep(0.005)  # a step past the checkpoint, and the pool synced to its weights
-                    at = loop.state.global_step
-                    ahead = policy.pool_version  # the pool holds weights past the checkpoint's
-                    ray.kill(loop.actors.replay)
-                    seen, deadline = [], time.monotonic() + 60
-                    while not stop.is_set() and time.monotonic() < deadline and loop.state.global_step != step:
-                        time.sleep(0.005)  # until the run is back at the checkpoint
-                    while not stop.is_set() and time.monotonic() < deadline and loop.state.global_step == step:
-                        seen.append(policy.pool_version)  # what the pool holds before the re-done step ends
-                        time.sleep(0.005)
-                    log.append({"role": role, "checkpoint": step, "held": held, "at": at, "pool_ahead": ahead,
-                                "pool_back": min(seen, default=None), "version": state["versions"][role]})
-                    break
-            time.sleep(0.01)
+    loop.book.checkpoint, loop.book.after_step = held_checkpoint, step_then_maybe_kill
+    for policy in loop.policies.values():
+        policy.sync_pool = recording_syncs(policy)
 
 
 def test_a_replay_store_lost_mid_phase_loses_no_step_record_or_task(tmp_path, tiny_model, corpus_path):
@@ -67,12 +87,12 @@ def test_a_replay_store_lost_mid_phase_loses_no_step_record_or_task(tmp_path, ti
         f"run.dir={run_dir}", "rollout.engine=transformers", "schedule.examiner_steps=6",
         "schedule.student_steps=6", "checkpoint.every=2", "checkpoint.keep=10", "examiner.task_set_fallback=true"])
     log, candidates = [], []
-    train_watched(cfg, lambda loop, stop: kill_after_a_held_checkpoint(loop, stop, log, candidates))
+    train_hooked(cfg, lambda loop: kill_after_a_held_checkpoint(loop, log, candidates))
 
     assert [k["role"] for k in log] == ["examiner", "student"], log
     assert all(k["at"] == k["checkpoint"] + 1 for k in log), log  # one step past the checkpoint: it goes back
     # the pool held newer weights when the store died, and reloaded the checkpoint's before training went on
-    assert all(k["pool_ahead"] > k["version"] and k["pool_back"] is not None and k["pool_back"] <= k["version"]
+    assert all(k["pool_ahead"] > k["version"] and k["seen"] and min(k["seen"]) <= k["version"]
                for k in log), repr(log)
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     learner = [r for r in rows if "learner/version" in r]
