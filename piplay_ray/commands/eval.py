@@ -2,7 +2,8 @@
 
 It starts the search env and a student rollout pool on the model (a warm-start name evaluates that warm
 start's student) and answers every question once, greedy, by each method: the search agent, the same model
-closed-book (no search), and BM25 alone (its top-1 article's title). It prints EM, F1 and searches per set and
+closed-book (no search), and BM25 alone (its top-1 article's title). The built-in natural set is scored in full
+unless `eval.natural_size=N` is given. It prints EM, F1 and searches per set and
 per single / two-article question, and writes each method's per-example outputs. Actor output goes to
 `OUT/logs/` unless `logging.verbose`.
 """
@@ -37,8 +38,10 @@ def run(args) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise UserInputError(f"--methods: {', '.join(bad) or 'none given'} not among {', '.join(METHODS)}")
-    run_eval(load_config(args.config, args.overrides), model=args.model, data=args.data, out=args.out,
-             methods=methods)
+    cfg = load_config(args.config, args.overrides)
+    if not any(o.startswith("eval.natural_size=") for o in args.overrides):
+        cfg.eval.natural_size = None  # every natural question: a config's size is for a run's in-loop evaluation
+    run_eval(cfg, model=args.model, data=args.data, out=args.out, methods=methods)
     return 0
 
 

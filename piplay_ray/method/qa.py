@@ -201,7 +201,7 @@ def builtin_eval_set(corpus_path: str | os.PathLike, size: int, seed: int = 0) -
             q = rule_question(title, str(d.get("contents") or ""), desc) if title and desc else None
             if q:
                 candidates.append(QAExample(id=f"builtin-{d.get('id')}", question=q, golden_answers=golden_for_title(title),
-                                            data_source=RULE_SOURCE, kind="single", supports=(str(d.get("id")),)))
+                                            data_source=RULE_SOURCE, supports=(str(d.get("id")),)))
     if not candidates:
         raise ValueError(f"{corpus_path}: no document has the `title` and `description` the built-in set needs")
     rng = random.Random(seed)

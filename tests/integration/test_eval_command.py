@@ -55,7 +55,7 @@ def test_piplay_eval_agent_and_baselines_quietly(tiny_model, corpus_path, tmp_pa
                  "--methods", "retrieval,closed_book"]) == 0
     table = _table(capfd.readouterr().out)
     assert set(table) - {"group"} == {"hotpotqa", "hotpotqa/two-article", "nq", "overall"}
-    assert len(table["group"]) == 1 + 2 * 3  # n, then two methods' columns
+    assert table["group"][1:3] == ["retrieval", "em"] and len(table["group"]) == 1 + 2 * 3 * 2  # two methods
 
 
 def test_piplay_eval_refuses_an_unknown_method(capsys):

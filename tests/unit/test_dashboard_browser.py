@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -184,8 +185,10 @@ def test_summary_panel_tells_the_story_first(page, run_dir):
     # the natural questions are the headline, paired by question; the rule-built set follows as the protocol check
     assert em.attrs["data-set"] == want["eval_set"] == "natural" and em.text.startswith("natural-question EM")
     c = want["em_change"]
-    assert page.by_id("summary-paired").text == (f"paired by question +{c['delta']:.3f} ± {c['se']:.3f}, "
-                                                 f"{c['gained']} gained, {c['lost']} lost (n = {c['n']})")
+    got = re.fullmatch(r"paired by question \+([\d.]+) ± ([\d.]+), (\d+) gained, (\d+) lost \(n = (\d+)\)",
+                       page.by_id("summary-paired").text)
+    assert got and [float(x) for x in got.groups()] == pytest.approx(
+        [c["delta"], c["se"], c["gained"], c["lost"], c["n"]], abs=1e-3)  # JS rounds halves up
     rule = page.find_all("div", data_set="rule")
     assert len(rule) == 1 and rule[0].text.startswith("rule-built EM (protocol check) before 0.500 ± 0.177 → after")
     rows = page.by_id("summary-targets").find_all("tr", data_target=True)
@@ -196,7 +199,7 @@ def test_summary_panel_tells_the_story_first(page, run_dir):
         assert what == t["what"] and status == ("not measured yet" if t["value"] is None else
                                                 "met" if t["met"] else "missed")
         if t["value"] is not None:
-            assert float(value) == pytest.approx(t["value"], abs=5e-4) and float(goal[2:]) == t["target"]
+            assert float(value) == pytest.approx(t["value"], abs=1e-3) and float(goal[2:]) == t["target"]
 
 
 def test_other_metrics_are_grouped_by_namespace_and_collapsed(page, run_dir):
