@@ -116,8 +116,15 @@ def plot(points: list[dict], path: str | Path) -> None:
         xs = sorted(steps)
         ax.plot(xs, [statistics.fmean(steps[x]) for x in xs], marker="o", label=arm)
         ax.fill_between(xs, [min(steps[x]) for x in xs], [max(steps[x]) for x in xs], alpha=0.2)
+    _save(fig, ax, path, "held-out EM")
+
+
+def _save(fig, ax, path: str | Path, ylabel: str) -> None:
+    """Label, legend and grid an EM-against-student-steps plot, write it and free it."""
+    import matplotlib.pyplot as plt
+
     ax.set_xlabel("student steps")
-    ax.set_ylabel("held-out EM")
+    ax.set_ylabel(ylabel)
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -176,10 +183,4 @@ def plot_curve(points: list[dict], path: str | Path) -> None:
         got = [(x, p["sets"][g]) for x, p in zip(xs, points, strict=True) if g in p["sets"]]
         ax.errorbar([x for x, _ in got], [m["em"] for _, m in got], yerr=[m["se"] or 0 for _, m in got],
                     marker="o", capsize=3, label=f"{g} (n={got[-1][1]['n']})")
-    ax.set_xlabel("student steps")
-    ax.set_ylabel("EM (greedy)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, ax, path, "EM (greedy)")
