@@ -47,7 +47,7 @@ assets: setup
 run: setup assets
 	$(VENV)/bin/piplay train --config $(CONFIG)
 
-# three iterations with a learning curve on both held-out sets (about 50 min on 2 cores; docs/results.md)
+# three iterations with a learning curve on both held-out sets (36 min measured on 2 cores with the warm start cached; docs/results.md)
 run-long: setup assets
 	$(VENV)/bin/piplay train --config configs/local-long.yaml
 	$(VENV)/bin/piplay curve runs/local-long
