@@ -27,39 +27,48 @@ def within(run: Path, path: Path) -> bool:
     return run in path.resolve().parents
 
 
-def evaluations(run: Path) -> list[tuple[str, dict]]:
-    """(name, summary by group) of the evaluations under eval/: before-training first, then iter-N by N."""
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSONL file (metrics.jsonl, examples.jsonl); a damaged line, or the half-written last one
+    of a live run, is skipped; a missing file has none."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(r, dict):
+                    rows.append(r)
+    except OSError:
+        pass
+    return rows
+
+
+def evaluations(run: Path) -> list[tuple[str, dict, int | None]]:
+    """(name, summary by group, student step where recorded) of the evaluations under eval/: before-training
+    first, then iter-N by N."""
     out = []
     for f in eval_dir(run).glob("*/metrics.json"):
         if not within(run, f):
             continue
         try:
-            s = json.loads(f.read_text())["summary"]
-            mtime = f.stat().st_mtime
-        except (ValueError, KeyError, TypeError, OSError):
+            data = json.loads(f.read_text())
+            s, step, mtime = data["summary"], data.get("student_step"), f.stat().st_mtime
+        except (ValueError, KeyError, TypeError, AttributeError, OSError):
             continue
         if isinstance(s, dict) and isinstance(s.get(OVERALL), dict) and finite(s[OVERALL].get("em")):
             it = f.parent.name.removeprefix("iter-")
             out.append(((f.parent.name != "before-training", int(it) if it.isdigit() else -1, mtime),
-                        f.parent.name, s))
-    return [(name, s) for _, name, s in sorted(out, key=lambda e: e[0])]
+                        f.parent.name, s, step if finite(step) else None))
+    return [(name, s, step) for _, name, s, step in sorted(out, key=lambda e: e[0])]
 
 
 def _records(run: Path, name: str) -> list[dict]:
+    """The per-question records of one evaluation (those with an id and a score)."""
     path = eval_dir(run) / name / "examples.jsonl"
-    rows = []
-    try:
-        if within(run, path):
-            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    r = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(r, dict) and "id" in r and finite(r.get("em")):
-                    rows.append(r | {"data_source": r.get("data_source", "")})
-    except OSError:
-        pass
-    return rows
+    return [r | {"data_source": r.get("data_source", "")} for r in (read_jsonl(path) if within(run, path) else [])
+            if "id" in r and finite(r.get("em"))]
 
 
 def paired(before: Sequence[dict], after: Sequence[dict], metric: str = "em") -> dict | None:
@@ -107,7 +116,7 @@ def report(run: Path) -> dict:
     if not evals:
         return out
     newest = evals[-1][1]
-    old = {r["id"]: r for r in _records(run, before[0])} if before and after else {}
+    old = _records(run, before[0]) if before and after else []
     new = _records(run, after[0]) if before and after else []
     for group in sets(newest):
         entry = {}
@@ -117,7 +126,7 @@ def report(run: Path) -> dict:
                 out[label] = ev[0]
         if old and new:
             keep = (lambda r: True) if group == OVERALL else (lambda r, g=group: r["data_source"] == g)
-            entry["change"] = paired([r for r in old.values() if keep(r)], [r for r in new if keep(r)])
+            entry["change"] = paired([r for r in old if keep(r)], [r for r in new if keep(r)])
         out["sets"][group] = entry
     out["newest"] = newest[headline(newest)]
     return out
@@ -127,11 +136,7 @@ def curve(run: Path) -> list[dict]:
     """Every evaluation in order (before-training, then iter-N): its name, the student step it evaluated
     (where its metrics.json says) and each set's {em, se, n}."""
     out = []
-    for name, s in evaluations(run):
-        try:
-            step = json.loads((eval_dir(run) / name / "metrics.json").read_text()).get("student_step")
-        except (OSError, ValueError, AttributeError):
-            step = None
-        out.append({"name": name, "student_step": step if finite(step) else None,
+    for name, s, step in evaluations(run):
+        out.append({"name": name, "student_step": step,
                     "sets": {g: _em(s[g]) for g in sets(s) if finite((s.get(g) or {}).get("em"))}})
     return out

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from piplay_ray.monitor import heldout
-from piplay_ray.monitor.heldout import finite, within
+from piplay_ray.monitor.heldout import finite, read_jsonl, within
 from piplay_ray.records import NATURAL_SOURCE, RULE_SOURCE
 from piplay_ray.rundir import METRICS, SUMMARY, write_atomic
 
@@ -34,30 +34,13 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def _rows(path: Path) -> list[dict]:
-    """The records of metrics.jsonl; a damaged line, or the half-written last one of a live run, is skipped."""
-    rows = []
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(r, dict):
-                    rows.append(r)
-    except OSError:
-        pass
-    return rows
-
-
 def compute(run_dir: str | Path) -> dict:
     """The summary of the run in `run_dir` so far (keys are None where nothing was measured yet).
 
     Files that resolve outside the run directory (symlinked out of it) are not read.
     """
     run = Path(run_dir).resolve()
-    rows = _rows(run / METRICS) if within(run, run / METRICS) else []
+    rows = read_jsonl(run / METRICS) if within(run, run / METRICS) else []
 
     def series(key: str, phase: str | None = None) -> list[float]:
         return [r[key] for r in rows if finite(r.get(key)) and (phase is None or r.get("phase") == phase)]
