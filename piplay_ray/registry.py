@@ -70,6 +70,7 @@ RETRIEVERS = Registry("search.retriever", {
 TRANSPORTS = Registry("weight_sync.transport", {
     "object_store": "piplay_ray.weight_sync.object_store:ObjectStoreTransport",
     "collective": "piplay_ray.weight_sync.collective:CollectiveTransport",
+    "ipc": "piplay_ray.weight_sync.ipc:IpcTransport",
 })
 ARMS = Registry("teacher.privileged", {
     "qcp": "piplay_ray.method.privileged:QCP",

@@ -69,8 +69,12 @@ class ActorMemory:
 
 
 def _sync(cfg: Config, a: Arch, sender: bool) -> float:
-    """Bytes of weight-sync buffers on a GPU: only the collective transport moves GPU tensors."""
-    if cfg.weight_sync.transport != "collective":
+    """Bytes of weight-sync buffers on a GPU: only the pushing transports move GPU tensors; `ipc` receivers
+    map the sender's buckets instead of holding their own."""
+    from piplay_ray.cluster.layout import sync_transport  # layout reports this module's figures
+
+    kind = sync_transport(cfg)
+    if kind not in ("collective", "ipc") or (kind == "ipc" and not sender):
         return 0.0
     lc, bucket = cfg.learner.lora, cfg.weight_sync.bucket_mb * 2**20
     payload = 2 * (a.lora_params(lc.rank, lc.target_modules) if lc.rank else a.params)

@@ -125,6 +125,14 @@ def fits(lay: Layout, node_gpus: list[float]) -> bool:
     return plan(lay, node_gpus) is not None
 
 
+def sync_transport(cfg: Config, lay: Layout | None = None) -> str:
+    """`weight_sync.transport` as it runs. A pushing transport whose whole layout asks for at most one GPU
+    (every actor on the learner's card) is `ipc`: its members share the device, where NCCL refuses two ranks
+    and gloo goes through host memory. Members that do not share it after all get a clear `SyncError`."""
+    kind, lay = cfg.weight_sync.transport, lay or layout(cfg)
+    return "ipc" if kind == "collective" and lay.slots and lay.total_gpus <= 1 + 1e-9 else kind
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0].startswith("-"):
@@ -138,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
     lay = layout(cfg)
     memory = gpu_memory.report(cfg) if lay.slots else []  # per GPU actor; the table: python -m ...gpu_memory
-    print(json.dumps({**lay.to_dict(), "gpu_memory": memory, "shared_memory": host_memory.report(cfg, args[0]),
+    print(json.dumps({**lay.to_dict(), "sync_transport": sync_transport(cfg, lay), "gpu_memory": memory, "shared_memory": host_memory.report(cfg, args[0]),
                       "storage": storage.report(cfg)}))
     return 0
 

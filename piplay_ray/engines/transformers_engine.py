@@ -19,7 +19,7 @@ from piplay_ray.config import LoraConfig
 from piplay_ray.engines import adapter
 from piplay_ray.engines.base import Engine, Generation, SamplingSpec, TopK, named_tensors
 from piplay_ray.learner import lora as peft_lora
-from piplay_ray.weight_sync.collective import Receiver
+from piplay_ray.weight_sync import receiver_for
 
 TEACHER = "teacher"  # PEFT's name for the teacher's adapter beside the policy's
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -194,9 +194,7 @@ class TransformersEngine(Engine):
     def receive_weights(self, ticket: dict) -> int:
         """Join the role's group (once per generation) and copy the broadcast straight into the parameters."""
 
-        if getattr(self, "_receiver", None) is None:
-            self._receiver = Receiver(self.device)
-        rx = self._receiver
+        rx = self._receiver = receiver_for(ticket, self.device, getattr(self, "_receiver", None))
         received = rx.receive(ticket)
         self.update_weights(-1, received)
         self.version = rx.version

@@ -210,14 +210,16 @@ class VLLMEngine(LoraServing, Engine):
 
     async def astream_weights(self, version: int, weights) -> None:
         """Full weights from this process into the engine's workers without a file: a private group of this
-        process (rank 0) and the workers, with the frames and receiver of every collective sync. Over gloo,
-        since this process may share the workers' GPU (NCCL refuses two ranks on one device); at most the
-        sender's two bucket buffers exist beside the weights (the teacher's load of its EMA)."""
-        from piplay_ray.weight_sync.collective import CollectiveTransport
+        process (rank 0) and the workers, which share its device, so the `ipc` transport (CUDA IPC; shared
+        memory on CPU): at most the sender's two bucket buffers exist beside the weights (the teacher's load
+        of its EMA)."""
+        import torch
+
+        from piplay_ray.weight_sync.ipc import IpcTransport
 
         self._streams += 1
-        tx = CollectiveTransport(STREAM_BUCKET_MB)
-        rdv = tx.open("127.0.0.1", 1 + self.group_ranks, self._streams, STREAM_TIMEOUT_S, backend="gloo")
+        tx = IpcTransport(STREAM_BUCKET_MB, device="cuda" if torch.cuda.is_available() else "cpu")
+        rdv = tx.open("127.0.0.1", 1 + self.group_ranks, self._streams, STREAM_TIMEOUT_S)
         try:
             await asyncio.gather(asyncio.to_thread(tx.publish, version, named_tensors(weights)),
                                  self.areceive_weights(rdv.ticket(1, version)))

@@ -44,7 +44,7 @@ class AdapterReceiving:
         adapter to `folder`. Returns [version, tensors]."""
         from piplay_ray.config import LoraConfig
 
-        rx = self._piplay_rx()
+        rx = self._piplay_rx(ticket)
         tensors = adapter.as_dict(rx.receive(ticket, rank_offset=self.rank))
         if self.rank == 0:
             adapter.write(folder, tensors, LoraConfig(**lc))

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 import torch
 
 from piplay_ray.engines.vllm_lora import AdapterReceiving, shm_dir
-from piplay_ray.weight_sync.collective import Receiver
+from piplay_ray.weight_sync import Receiver, receiver_for
 
 
 class WeightLoader(AdapterReceiving):
@@ -57,18 +57,17 @@ class WeightLoader(AdapterReceiving):
         with safe_open(path, framework="pt") as f:
             return self._piplay_load((n, f.get_tensor(n)) for n in list(f.keys()))
 
-    def _piplay_rx(self) -> Receiver:
+    def _piplay_rx(self, ticket: dict) -> Receiver:
         import torch
         from vllm.platforms import current_platform
 
-        if getattr(self, "_piplay_receiver", None) is None:
-            device = torch.device("cpu") if current_platform.is_cpu() else self.device
-            self._piplay_receiver = Receiver(device)
+        device = torch.device("cpu") if current_platform.is_cpu() else self.device
+        self._piplay_receiver = receiver_for(ticket, device, getattr(self, "_piplay_receiver", None))
         return self._piplay_receiver
 
     def piplay_receive(self, ticket: dict) -> list[int]:
-        """Receive one collective sync as rank `ticket['rank'] + self.rank`; returns [version, tensors]."""
-        rx = self._piplay_rx()
+        """Receive one pushed sync as rank `ticket['rank'] + self.rank`; returns [version, tensors]."""
+        rx = self._piplay_rx(ticket)
         n = self._piplay_load(rx.receive(ticket, rank_offset=self.rank))
         return [rx.version, n]
 

@@ -15,7 +15,7 @@ from piplay_ray import assets
 from piplay_ray.actors.replay import ReplayStore
 from piplay_ray.actors.rollout_pool import RolloutPool
 from piplay_ray.actors.search_env import SearchEnvPool
-from piplay_ray.cluster.layout import layout
+from piplay_ray.cluster.layout import layout, sync_transport
 from piplay_ray.cluster.placement import Placement
 from piplay_ray.config import Config
 from piplay_ray.learner.checkpoint import latest_checkpoint
@@ -79,10 +79,10 @@ def start_actors(cfg: Config, run_path: Path) -> Actors:
                                form="adapter" if cfg.learner.lora.rank else "full",
                                snapshot_dir=run_path / TEACHER_SNAPSHOT)
     learner = LearnerGroup(cfg, TRAINED, placement)
-    syncs = None
-    if transport_class(cfg.weight_sync.transport).pushes:  # one group per role; the student's holds the teacher
-        syncs = {r: GroupSync(r, learner, pools[r], teacher if r == "student" else None, cfg.fault.max_task_retries)
-                 for r in TRAINED}
+    syncs, kind = None, sync_transport(cfg, lay)
+    if transport_class(kind).pushes:  # one group per role; the student's holds the teacher
+        syncs = {r: GroupSync(r, learner, pools[r], teacher if r == "student" else None, cfg.fault.max_task_retries,
+                              kind) for r in TRAINED}
 
     def new_replay(spill: str | None = None):
         return ReplayStore.remote(cfg.replay.capacity_groups, cfg.replay.max_staleness, spill)

@@ -104,10 +104,10 @@ class LearnerGroup:
         receipt comes back. `form` "adapter": only the LoRA matrices (engines that serve LoRA)."""
         return self._all("publish", role, transport, form)[0]
 
-    def open_sync_group(self, role: str, world: int, generation: int) -> dict:
-        """A new generation of the role's collective group on rank 0: its rendezvous as a dict."""
+    def open_sync_group(self, role: str, world: int, generation: int, transport: str | None = None) -> dict:
+        """A new generation of the role's group of a pushing transport on rank 0: its rendezvous as a dict."""
 
-        return ray.get(self.workers[0].open_sync_group.remote(role, world, generation))
+        return ray.get(self.workers[0].open_sync_group.remote(role, world, generation, transport))
 
     def state_dict(self, role: str) -> dict[str, torch.Tensor]:
         return self._all("state_dict", role)[0]

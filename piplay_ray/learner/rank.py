@@ -181,15 +181,16 @@ class LearnerWorkerImpl:
             bundle.meta["lora"] = {"rank": lc.rank, "alpha": lc.alpha, "target_modules": list(lc.target_modules)}
         return bundle
 
-    def open_sync_group(self, role: str, world: int, generation: int) -> dict:
-        """A pushing transport (collective), rank 0: start a new generation of the role's group, hosted here."""
+    def open_sync_group(self, role: str, world: int, generation: int, transport: str | None = None) -> dict:
+        """A pushing transport (collective, ipc), rank 0: start a new generation of the role's group, hosted
+        here."""
         import dataclasses
 
         import ray
 
         ws = self.weight_sync
-        rdv = self._transport(role, self.weight_sync.transport).open(ray.util.get_node_ip_address(), world, generation,
-                                                        ws.timeout_s, ws.backend)
+        rdv = self._transport(role, transport or ws.transport).open(ray.util.get_node_ip_address(), world,
+                                                                     generation, ws.timeout_s, ws.backend)
         return dataclasses.asdict(rdv)
 
     def export_hf(self, role: str, path: str) -> None:

@@ -31,7 +31,7 @@ from piplay_ray.teacher import context as T
 from piplay_ray.teacher import scoring as teacher_scoring
 from piplay_ray.teacher.ema import EmaState, blend_, save_ema
 from piplay_ray.teacher.gate import UpdateGate
-from piplay_ray.weight_sync.collective import Receiver
+from piplay_ray.weight_sync import receiver_for
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -162,9 +162,7 @@ class TeacherImpl(EmaState):
 
         if mode not in ("ema", "load", "skip"):
             raise ValueError(f"receive_weights mode must be ema, load or skip, got {mode!r}")
-        if self._receiver is None:
-            self._receiver = Receiver(self.device)
-        rx = self._receiver
+        rx = self._receiver = receiver_for(ticket, self.device, self._receiver)
         if mode == "skip":
             await asyncio.to_thread(rx.drain, ticket)
             return False

@@ -4,6 +4,7 @@
 |---|---|---|---|---|
 | `object_store` | packs buckets, `ray.put`s each once; returns a bundle | the bundle (`WeightBundle`): zero-copy views | no | yes |
 | `collective` | broadcasts frames to the role's group (NCCL on GPUs, gloo on CPU); returns a receipt | `collective.Receiver` (a `Receiver`) | yes | no |
+| `ipc` | the collective's frames over gloo, each bucket as a CUDA IPC handle (CPU: a shared-memory name); for members sharing its device | `ipc.IpcReceiver` | yes | CPU twin only |
 
 A pulling transport's bundle travels to each receiver, which reads it; a pushing one delivers during
 `publish` to every member of a role's group, which the driver runs (`coordinator.GroupSync`) so every member
@@ -31,10 +32,17 @@ def transport_class(kind: str) -> type[Transport]:
     return TRANSPORTS.load(kind)
 
 
+def receiver_for(ticket: dict, device, held: Receiver | None = None) -> Receiver:
+    """The receiving side of the transport that sent `ticket` (a pushing one): `held` when it already is
+    one, else a new one on `device`. Receivers keep theirs between syncs (a group is joined once)."""
+    cls = transport_class(ticket.get("transport", "collective")).receiver
+    return held if type(held) is cls else cls(device)
+
+
 def make_transport(kind: str, bucket_mb: int = 256, **kwargs) -> Transport:
     """The transport named `kind` (`weight_sync.transport` in the config)."""
     return transport_class(kind)(bucket_mb=bucket_mb, **kwargs)
 
 
-__all__ = ["Receiver", "TensorSpec", "Transport", "WeightBundle", "make_transport", "pack_buckets", "transport_class",
-           "unpack_bucket"]
+__all__ = ["Receiver", "TensorSpec", "Transport", "WeightBundle", "make_transport", "pack_buckets", "receiver_for",
+           "transport_class", "unpack_bucket"]

@@ -76,9 +76,11 @@ class BucketRing:
     bucket of the model: the whole model again). `peak` is the most bucket bytes it held at once.
     """
 
-    def __init__(self, device: torch.device | str = "cpu", slots: int = 2, wait=None):
+    def __init__(self, device: torch.device | str = "cpu", slots: int = 2, wait=None, alloc=None):
         self.device, self.slots = torch.device(device), slots
         self._wait = wait or (lambda work: work.wait())
+        # alloc(size) -> uint8 tensor: where a slot's memory comes from (ipc on CPU: named shared memory)
+        self._alloc = alloc or (lambda size: torch.empty(size, dtype=torch.uint8, device=self.device))
         self._bufs: list[torch.Tensor | None] = [None] * slots
         self._works: list = [None] * slots
         self._i = -1
@@ -93,7 +95,7 @@ class BucketRing:
         buf = self._bufs[self._i]
         if buf is None or buf.numel() < size:
             self._bufs[self._i] = None  # free the small one before allocating its successor
-            buf = self._bufs[self._i] = torch.empty(size, dtype=torch.uint8, device=self.device)
+            buf = self._bufs[self._i] = self._alloc(size)
         self.peak = max(self.peak, sum(b.numel() for b in self._bufs if b is not None))
         return buf[:size]
 
@@ -117,9 +119,11 @@ class BucketRing:
 
 
 def pack_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, ring: BucketRing | None = None,
-                 device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, list[TensorSpec]]]:
+                 device: torch.device | str = "cpu", pass_through: bool = True,
+                 ) -> Iterator[tuple[torch.Tensor, list[TensorSpec]]]:
     """Yield (uint8 bucket on `device`, specs) pairs; a tensor larger than `bucket_bytes` is its own bucket
-    (a byte view of it, not a copy), so packing never holds more than the ring's buffers beside the tensors.
+    (with `pass_through`, a byte view of it, not a copy), so packing never holds more than the ring's buffers
+    beside the tensors.
 
     Tensors are consumed one at a time, so a generator that gathers ZeRO-3 shards on demand never holds
     more than one bucket of full parameters. With a `ring` the buckets are its buffers (reused, so a bucket
@@ -145,7 +149,7 @@ def pack_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int, r
         if pending and size + n > bucket_bytes:
             yield flush()
             pending, size = [], 0
-        if n > bucket_bytes:  # travels as itself: copying it into a buffer of its size would double it
+        if n > bucket_bytes and pass_through:  # travels as itself: a copy into a buffer of its size doubles it
             raw = t.numel() * t.element_size()
             yield t.reshape(-1).view(torch.uint8), [TensorSpec(name, str(t.dtype).removeprefix("torch."),
                                                                tuple(t.shape), 0, raw)]
@@ -170,6 +174,7 @@ class Transport(abc.ABC):
     # True: `publish` delivers to every member of the role's group, which the driver runs (coordinator.py);
     # False: receivers pull the returned bundle
     pushes: ClassVar[bool] = False
+    receiver: ClassVar[type[Receiver] | None] = None  # a pushing transport's receiving side
     in_shared_memory: ClassVar[bool] = False  # bundles live in the node's /dev/shm (cluster.host_memory counts them)
 
     def __init__(self, bucket_mb: int = 256, device: torch.device | str = "cpu"):

@@ -1,7 +1,7 @@
 """Weight sync as a broadcast in one process group per role (learner rank 0 -> every engine worker + teacher).
 
 The sender packs the gathered parameters (training dtype, on its device) into buckets and broadcasts them as
-frames: an int64 head `[version, bucket bytes, spec bytes]`, the bucket's tensor specs (JSON), the bucket;
+frames: an int64 head `[version, bucket bytes, frame bytes]`, the bucket's tensor specs (JSON), the bucket;
 a head with bucket bytes -1 ends the sync. A receiver turns the frames back into `(name, tensor)` views one
 bucket at a time and loads them in place (vLLM `reload_weights`, a transformers state dict, the teacher's
 EMA), so nothing touches a file or the object store. Every frame carries the version, and a receiver
@@ -96,6 +96,13 @@ class Member:
         except RuntimeError as e:
             raise SyncError(f"weight sync: {e}") from e
 
+    def start_barrier(self):
+        """An asynchronous barrier of the whole group (an allreduce of one number); `wait` on it."""
+        try:
+            return self._pg.allreduce([torch.zeros(1, device=self.device)])
+        except RuntimeError as e:
+            raise SyncError(f"weight sync: {e}") from e
+
 
 class Receiver(Member, base.Receiver):
     peak = 0  # the most bucket bytes the last sync held at once
@@ -113,24 +120,38 @@ class Receiver(Member, base.Receiver):
             while True:
                 head = torch.zeros(3, dtype=torch.int64, device=self.device)
                 self.broadcast(head)
-                version, size, spec_bytes = (int(x) for x in head.tolist())
+                version, size, frame_bytes = (int(x) for x in head.tolist())
                 if want is not None and version != int(want):
                     raise RuntimeError(f"weight sync: received version {version}, expected {want}")
                 self.version = version
                 if size == END:
                     return
-                raw = torch.empty(spec_bytes, dtype=torch.uint8, device=self.device)
+                raw = torch.empty(frame_bytes, dtype=torch.uint8, device=self.device)
                 self.broadcast(raw)
-                specs = [TensorSpec(n, d, tuple(s), o, b) for n, d, s, o, b in json.loads(bytes(raw.cpu().tolist()))]
-                buf = ring.take(size)
-                self.broadcast(buf)
-                yield from unpack_bucket(buf, specs)
+                frame = json.loads(bytes(raw.cpu().tolist()))
+                specs = [TensorSpec(n, d, tuple(s), o, b) for n, d, s, o, b in frame["specs"]]
+                yield from unpack_bucket(self._bucket(ring, size, frame), specs)
+                self._consumed()
         except BaseException:
             self.leave()  # a sync cut short leaves the group out of step: rejoin at the next generation
             raise
         finally:
             self.peak = ring.peak
+            self._ended()
             ring.release()
+
+    # what a transport that moves buckets another way (ipc.py) changes; the frames and their order stay
+    def _bucket(self, ring: BucketRing, size: int, frame: dict) -> torch.Tensor:
+        """The bucket the frame announced: broadcast into the ring's buffer."""
+        buf = ring.take(size)
+        self.broadcast(buf)
+        return buf
+
+    def _consumed(self) -> None:
+        """Every tensor of the last bucket was taken."""
+
+    def _ended(self) -> None:
+        """The sync ended (or failed): let go of what it held."""
 
 
 @dataclass
@@ -153,9 +174,12 @@ class CollectiveTransport(Transport):
     name = "collective"
     pushes = True
 
+    receiver = Receiver
+
     def __init__(self, bucket_mb: int = 256, device: torch.device | str = "cpu"):
         super().__init__(bucket_mb)
         self.member = Member(device)
+        self.device = self.member.device  # where the buckets are packed
         self.rdv: Rendezvous | None = None
         self._store = None
 
@@ -163,27 +187,30 @@ class CollectiveTransport(Transport):
         """Start a new generation of the group (a fresh store); members join it at the next publish."""
         self.member.leave()
         self._store, port = host_store(host, world, timeout_s)
-        self.rdv = Rendezvous(host, port, world, generation, timeout_s, backend)
+        self.rdv = Rendezvous(host, port, world, generation, timeout_s, backend, self.name)
         return self.rdv
 
     def publish(self, version: int, named: Iterable[tuple[str, torch.Tensor]]) -> CollectiveReceipt:
-        """Broadcast every bucket to the group. Two buffers: the next bucket is gathered and packed while the
-        previous one is on the wire; both are freed when the sync ends (`receipt.meta['buffer_peak']`)."""
+        """Send every bucket to the group; the ring's buffers are freed when the sync ends
+        (`receipt.meta['buffer_peak']`)."""
         if self.rdv is None:
             raise RuntimeError("collective transport: open() a group generation before publishing")
         t0 = time.perf_counter()
         member, dev = self.member, self.member.device
-        ring = BucketRing(dev, slots=2, wait=member.wait)
+        ring = self._ring()
         try:
             member.join(self.rdv, 0, self._store)
             names, nbytes, sending = [], 0, None
-            for buf, specs in pack_buckets(named, self.bucket_bytes, ring, device=dev):
+            for buf, specs in pack_buckets(named, self.bucket_bytes, ring, device=self.device,
+                                           pass_through=self.pass_through):
                 if sending is not None:
                     member.wait(sending)
-                raw = json.dumps([[s.name, s.dtype, list(s.shape), s.offset, s.nbytes] for s in specs]).encode()
+                frame = {"specs": [[s.name, s.dtype, list(s.shape), s.offset, s.nbytes] for s in specs],
+                         **self._describe(buf)}
+                raw = json.dumps(frame).encode()
                 member.broadcast(torch.tensor([version, buf.numel(), len(raw)], dtype=torch.int64, device=dev))
                 member.broadcast(torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(dev))
-                sending = member.start_broadcast(buf)
+                sending = self._send(buf)
                 ring.sent(sending)
                 names += [s.name for s in specs]
                 nbytes += sum(s.nbytes for s in specs)
@@ -196,3 +223,18 @@ class CollectiveTransport(Transport):
             ring.release()
         return CollectiveReceipt(version=version, nbytes=nbytes, names=names, publish_s=time.perf_counter() - t0,
                                  generation=self.rdv.generation, meta={"buffer_peak": ring.peak})
+
+    # what a transport that moves buckets another way (ipc.py) changes; the frames and their order stay
+    pass_through = True  # a tensor larger than a bucket may travel as itself (pack_buckets)
+
+    def _ring(self) -> BucketRing:
+        """Two buffers: the next bucket is gathered and packed while the previous one is on the wire."""
+        return BucketRing(self.device, slots=2, wait=self.member.wait)
+
+    def _describe(self, buf: torch.Tensor) -> dict:
+        """What the frame tells receivers about the bucket beyond its specs."""
+        return {}
+
+    def _send(self, buf: torch.Tensor):
+        """Start moving the bucket; the returned work completes when its buffer may be reused."""
+        return self.member.start_broadcast(buf)

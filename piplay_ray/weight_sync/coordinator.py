@@ -1,4 +1,4 @@
-"""Driver side of the collective transport: who is in a role's group, and one sync at a time.
+"""Driver side of a pushing transport (collective, ipc): who is in a role's group, and one sync at a time.
 
 A role's group is the learner's rank 0 (rank 0), then every worker process of every rollout engine of that
 role (an engine with tensor parallelism takes that many consecutive ranks), then, for the student, the
@@ -42,8 +42,9 @@ def pool_form(pool) -> str:
 
 
 class GroupSync:
-    def __init__(self, role: str, learner, pool, teacher=None, retries: int = 3):
+    def __init__(self, role: str, learner, pool, teacher=None, retries: int = 3, transport: str = "collective"):
         self.role, self.learner, self.pool, self.teacher, self.retries = role, learner, pool, teacher, retries
+        self.transport = transport  # a pushing one (layout.sync_transport): collective or ipc
         self.generation = 0
         self.rdv: Rendezvous | None = None
         self._incarnations: list[str] | None = None
@@ -64,7 +65,7 @@ class GroupSync:
     async def _open(self, members) -> None:
         world = 1 + sum(ranks for _, _, ranks, _ in members)
         self.generation += 1
-        rdv = await asyncio.to_thread(self.learner.open_sync_group, self.role, world, self.generation)
+        rdv = await asyncio.to_thread(self.learner.open_sync_group, self.role, world, self.generation, self.transport)
         self.rdv = Rendezvous(**rdv)
         self._incarnations = [inc for _, inc, _, _ in members]
 
@@ -98,7 +99,7 @@ class GroupSync:
                     rank += ranks
                 if self.teacher is not None:
                     calls.append(self.teacher.receive_weights.remote(self.rdv.ticket(rank, version), teacher_mode))
-                sender = asyncio.to_thread(self.learner.weights, self.role, "collective", form)
+                sender = asyncio.to_thread(self.learner.weights, self.role, self.transport, form)
                 outs = await self._together(sender, calls, [m[0] for m in members])
                 errors = [o for o in outs if isinstance(o, BaseException)]
                 if not errors:

@@ -26,6 +26,7 @@ class Rendezvous:
     generation: int
     timeout_s: float
     backend: str = "auto"  # auto: by device; gloo also carries CUDA tensors (through host memory)
+    transport: str = "collective"  # the sender's transport: receivers take its receiving side (receiver_for)
 
     def ticket(self, rank: int, version: int) -> dict:
         """What one member needs for one sync: the rendezvous, its first rank and the version sent."""
@@ -34,7 +35,7 @@ class Rendezvous:
     @classmethod
     def of(cls, ticket: dict) -> Rendezvous:
         return cls(ticket["host"], int(ticket["port"]), int(ticket["world"]), int(ticket["generation"]),
-                   float(ticket["timeout_s"]), ticket.get("backend", "auto"))
+                   float(ticket["timeout_s"]), ticket.get("backend", "auto"), ticket.get("transport", "collective"))
 
 
 def backend_for(device: torch.device, setting: str = "auto") -> str:

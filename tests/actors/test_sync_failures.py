@@ -1,5 +1,5 @@
 """A weight sync whose member stalls or dies mid-sync, through the code a run uses (GroupSync, the collective
-transport, its Receiver, gloo on CPU) with real Ray actors: every member raises within the group's timeout,
+and ipc transports, their receivers, gloo and shared memory on CPU) with real Ray actors: every member raises within the group's timeout,
 the stalled or dead member is restarted, the retry on a new generation succeeds and every member holds the
 sender's exact weights. And an engine that died inside a live actor (vLLM's EngineDeadError) restarts it."""
 
@@ -36,18 +36,19 @@ class Member:
     """A receiver that, in its first incarnation only, stalls or exits after taking `after` tensors."""
 
     def __init__(self, marker: str, behaviour: str, after: int = 2):
-        from piplay_ray.weight_sync.collective import Receiver
-
         first = not os.path.exists(marker)
         open(marker, "a").close()
         self.behaviour, self.after = (behaviour if first else "ok"), after
-        self.rx, self.incarnation, self.version, self.got, self.raised = Receiver("cpu"), uuid.uuid4().hex, 0, {}, []
+        self.rx, self.incarnation, self.version, self.got, self.raised = None, uuid.uuid4().hex, 0, {}, []
 
     def sync_member(self):
         return self.incarnation, 1, self.version
 
     def receive_weights(self, ticket: dict, mode: str = "skip") -> int:
+        from piplay_ray.weight_sync import receiver_for
+
         t0, got = time.monotonic(), {}
+        self.rx = receiver_for(ticket, "cpu", self.rx)
         try:
             for i, (name, t) in enumerate(self.rx.receive(ticket)):
                 if i == self.after and self.behaviour == "stall":
@@ -66,12 +67,12 @@ class Member:
 
 
 class Learner:
-    """The learner's rank 0 as GroupSync sees it, publishing with the collective transport in this process."""
+    """The learner's rank 0 as GroupSync sees it, publishing with a pushing transport in this process."""
 
-    def __init__(self, named):
-        self.named, self.tx, self.outcomes = named, make_transport("collective", bucket_mb=BUCKET >> 20), []
+    def __init__(self, named, kind):
+        self.named, self.tx, self.outcomes = named, make_transport(kind, bucket_mb=BUCKET >> 20), []
 
-    def open_sync_group(self, role, world, generation):
+    def open_sync_group(self, role, world, generation, transport=None):
         return dataclasses.asdict(self.tx.open("127.0.0.1", world, generation, TIMEOUT_S))
 
     def weights(self, role, kind, form="full"):
@@ -85,13 +86,15 @@ class Learner:
         return receipt
 
 
+@pytest.mark.parametrize("kind", ["collective", "ipc"])
 @pytest.mark.parametrize("behaviour", ["stall", "die"])
-def test_a_member_that_stalls_or_dies_mid_sync_is_restarted_and_the_retry_delivers(ray_local, tmp_path, behaviour):
+def test_a_member_that_stalls_or_dies_mid_sync_is_restarted_and_the_retry_delivers(ray_local, tmp_path, behaviour,
+                                                                                    kind):
     named = _named()
     members = [Member.remote(str(tmp_path / f"m{i}"), behaviour if i == 1 else "ok") for i in range(3)]
     before = ray.get(members[1].state.remote())[0]
-    learner = Learner(named)
-    sync = GroupSync("student", learner, SimpleNamespace(workers=members, version=0), retries=2)
+    learner = Learner(named, kind)
+    sync = GroupSync("student", learner, SimpleNamespace(workers=members, version=0), retries=2, transport=kind)
     t0 = time.monotonic()
     out = asyncio.run(sync.sync(5))
     elapsed = time.monotonic() - t0

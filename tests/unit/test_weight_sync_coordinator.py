@@ -42,7 +42,7 @@ class FakeLearner:
     def __init__(self):
         self.opened, self.sent = [], 0
 
-    def open_sync_group(self, role, world, generation):
+    def open_sync_group(self, role, world, generation, transport=None):
         self.opened.append((world, generation))
         return {"host": "h", "port": 1000 + generation, "world": world, "generation": generation, "timeout_s": 5.0}
 
