@@ -1,8 +1,8 @@
 """`make gpu-check`: the whole loop on configs/tiny.yaml on one GPU, the way a cluster runs it.
 
-vLLM on CUDA for both rollout pools and the teacher, a ZeRO-3 learner, weight sync over the collective
-transport (gloo over the GPU's tensors: NCCL refuses two ranks on one device) and fractional GPUs so every
-actor shares the one device.
+vLLM on CUDA for both rollout pools and the teacher, a ZeRO-3 learner, weight sync over the ipc transport
+(CUDA IPC handles: every member shares the one device, where NCCL refuses two ranks) and fractional GPUs so
+every actor shares it.
 Exits non-zero on any failure, and first of all when there is no CUDA GPU (this check cannot run on CPU);
 on success prints one JSON line: learner step seconds, sync seconds and sync GB/s (means over the run).
 Before that, on any machine, it prints (to stderr) torch's CUDA, nvcc's release and the driver version, with a
@@ -32,9 +32,9 @@ OVERRIDES = [
     "rollout.num_gpus_per_worker=0.2", "rollout.gpu_memory_utilization=0.15",
     "rollout.enforce_eager=false", "teacher.num_gpus=0.2",
     "teacher.gpu_memory_utilization=0.15", "learner.num_gpus_per_rank=0.2", "learner.zero_stage=3",
-    # every member shares the one GPU, and NCCL refuses two ranks on one device ("Duplicate GPU detected",
-    # seen on an H200): gloo carries the CUDA tensors here; a cluster keeps the NCCL default
-    "weight_sync.transport=collective", "weight_sync.backend=gloo", "weight_sync.timeout_s=300", "model.dtype=bfloat16",
+    # every member shares the one GPU, where NCCL refuses two ranks ("Duplicate GPU detected", seen on an
+    # H200): a pushing transport on a one-GPU layout runs as ipc (CUDA IPC handles; layout.sync_transport)
+    "weight_sync.transport=collective", "weight_sync.timeout_s=300", "model.dtype=bfloat16",
     "checkpoint.every=2", "ray.num_cpus=8",
 ]
 

@@ -8,8 +8,9 @@ a cluster, driven directly instead of through a Ray actor:
 - an RL step of each role (truncated IS, k3 KL to a reference, top-K distillation with tail) and an SFT step,
   with tokens/s and peak GPU memory;
 - the ZeRO-3 export: gathered parameters equal the Hugging Face folder written;
-- the collective weight sync to the transformers engine in a second process on the same GPU (gloo carries
-  the CUDA tensors: NCCL refuses two ranks on one device, which is tried too and reported).
+- the weight sync to the transformers engine in a second process on the same GPU: `collective` over gloo
+  (through host memory: NCCL refuses two ranks on one device, which is tried too and reported) and `ipc`
+  (CUDA IPC handles: the receiver copies device to device).
 The model is random weights in a real architecture (`--arch`), so nothing is downloaded. Prints one JSON
 line (and, on a GPU, a second for the NCCL attempt); exits 1 if a check fails.
 
@@ -90,9 +91,11 @@ def receive(ticket: str, model_dir: str, dtype: str) -> None:
                       "checksum": checksum(engine.model.named_parameters())}), flush=True)
 
 
-def sync(worker, role: str, backend: str, generation: int, model_dir: str, dtype: str, timeout: float) -> dict:
-    """Broadcast `role`'s weights from the learner to a receiver process; returns what both sides saw."""
-    transport = worker._transport(role, "collective")
+def sync(worker, role: str, kind: str, backend: str, generation: int, model_dir: str, dtype: str,
+         timeout: float) -> dict:
+    """Send `role`'s weights from the learner to a receiver process over a pushing transport (`kind`:
+    collective with `backend`, or ipc); returns what both sides saw."""
+    transport = worker._transport(role, kind)
     rdv = transport.open("127.0.0.1", 2, generation, timeout, backend)
     ticket = json.dumps(rdv.ticket(1, worker.version(role)))
     proc = subprocess.Popen([sys.executable, __file__, "--receive", ticket, "--model-dir", model_dir,
@@ -100,7 +103,7 @@ def sync(worker, role: str, backend: str, generation: int, model_dir: str, dtype
     try:
         if proc.stdout.readline().strip() != "ready":
             raise RuntimeError(f"the receiver did not start: {proc.communicate(timeout=timeout)[1][-300:]}")
-        receipt = worker.publish(role, "collective")
+        receipt = worker.publish(role, kind)
         out, err = proc.communicate(timeout=timeout)
     except Exception as e:  # noqa: BLE001 - reported in the JSON line, the check fails
         proc.kill()
@@ -172,15 +175,17 @@ def run(args: argparse.Namespace, model_dir: Path) -> int:
     report["export_equal"] = math.isclose(checksum(exported.named_parameters()),
                                           checksum(worker.state_dict("student").items()), rel_tol=1e-9)
     engine_dtype = "bfloat16" if cuda else "float32"
-    report["sync_gloo"] = sync(worker, "student", "gloo", 1, str(model_dir), engine_dtype, 300)
+    report["sync_gloo"] = sync(worker, "student", "collective", "gloo", 1, str(model_dir), engine_dtype, 300)
+    report["sync_ipc"] = sync(worker, "student", "ipc", "gloo", 2, str(model_dir), engine_dtype, 300)
     ok = (all(s["changed"] and math.isfinite(s["loss"]) for s in steps.values()) and report["export_equal"]
           and all(s["idle_role_offloaded"] or not cuda for s in steps.values())
-          and report["sync_gloo"]["ok"] and info["device"].startswith("cuda" if cuda else "cpu"))
+          and report["sync_gloo"]["ok"] and report["sync_ipc"]["ok"] and info["device"].startswith("cuda" if cuda else "cpu"))
     report["ok"] = ok
     print(json.dumps(report), flush=True)
     if cuda:  # last, on its own line: a failed NCCL group may take the process down
         print(json.dumps({"bench": "gpu_learner_nccl_same_gpu",
-                          **sync(worker, "student", "nccl", 2, str(model_dir), engine_dtype, 60)}), flush=True)
+                          **sync(worker, "student", "collective", "nccl", 3, str(model_dir), engine_dtype, 60)}),
+              flush=True)
     return 0 if ok else 1
 
 

@@ -3,12 +3,13 @@
 For each model, a 1-rank learner group publishes its weights and two Ray actors each holding a rollout
 engine load them. `object_store`: gathered, packed into buckets, put once, each worker maps and loads them
 (`update_weights(version, bundle)`). `collective`: the learner's rank 0 broadcasts the buckets in the role's
-process group (gloo on CPU) while both workers receive and load them (`GroupSync.sync`). The figure to beat
+process group (gloo on CPU) while both workers receive and load them (`GroupSync.sync`). `ipc`: the same
+sync, each bucket passed as a handle the workers map (CUDA IPC; on CPU named shared memory). The figure to beat
 is a plain in-memory copy of the same number of bytes, measured in the same process right after: the
 transport cannot go faster than memory bandwidth.
 
     python bench/weight_sync.py [--models tiny,smollm2] [--engine transformers|vllm] [--repeats 3]
-                                [--transports object_store,collective]
+                                [--transports object_store,collective,ipc]
 
 With `--lora-rank R` (default 16; 0 = off) every model and transport is also run with `learner.lora.rank=R`
 on every linear layer and engines serving LoRA: the sync then moves only the adapter, and its line gives the
@@ -123,7 +124,7 @@ def bench_model(name: str, engine: str, repeats: int, transport: str, lora_rank:
     forms = set(ray.get([w.weight_form.remote() for w in workers]))
     form = "adapter" if forms == {"adapter"} else "full"
     pool = SimpleNamespace(workers=workers, version=-1, weight_form=lambda: form)
-    sync = GroupSync("student", group, pool, None, retries=0)
+    sync = GroupSync("student", group, pool, None, retries=0, transport=transport)
     try:
         best = None
         for _ in range(repeats):  # the first collective sync also forms the group; the best run counts
@@ -150,7 +151,7 @@ def main() -> None:
     ap.add_argument("--models", default="tiny,smollm2")
     ap.add_argument("--engine", default="transformers", choices=["transformers", "vllm"])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--transports", default="object_store,collective")
+    ap.add_argument("--transports", default="object_store,collective,ipc")
     ap.add_argument("--num-cpus", type=int, default=4)
     ap.add_argument("--lora-rank", type=int, default=16, help="also run LoRA syncs at this rank (0: only full)")
     ap.add_argument("--bucket-mb", type=int, default=32, help="weight_sync.bucket_mb: below the model's size, so "

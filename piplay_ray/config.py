@@ -89,6 +89,9 @@ class RolloutConfig(Section):
     max_response_tokens: PosInt = 1024  # all turns together, generated and inserted
     max_info_tokens: PosInt | None = None  # one search's <information> text, cut to this many tokens
     enforce_eager: bool = True
+    # an engine (rollout pool or teacher) a phase does not use sleeps through it: vLLM's sleep mode on a GPU
+    # (weights to host memory, KV cache dropped), freeing its memory for the learner; no effect elsewhere
+    sleep_when_idle: bool = False
     # run.mode=local, vLLM CPU: cores a role's engine binds its threads to (default 1; engines spread)
     local_engine_cores: dict[Literal["examiner", "student"], PosInt] = Field(default_factory=dict)
 

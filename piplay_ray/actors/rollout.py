@@ -144,6 +144,11 @@ class RolloutWorkerImpl:
         await self.engine.aupdate_weights(version, weights)
         return self.engine.version
 
+    @dies_with_engine
+    async def asleep(self) -> None:
+        """The engine frees its device memory until next used (Engine.asleep)."""
+        await self.engine.asleep()
+
     def metrics(self) -> dict:
         busy = self.stats["busy_s"]
         return {**self.stats, "inflight": self._inflight,

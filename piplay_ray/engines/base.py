@@ -79,6 +79,10 @@ class Engine(abc.ABC):
         returns the version received."""
         raise NotImplementedError(f"{type(self).__name__} cannot receive a collective weight sync")
 
+    async def asleep(self) -> None:  # noqa: B027  (an engine that cannot sleep keeps its memory)
+        """Free the device memory this engine holds while a phase does not use it; the next request or
+        weight load wakes it (`rollout.sleep_when_idle`)."""
+
     def shutdown(self) -> None:  # noqa: B027  (an engine with nothing to free keeps this)
         """Free what the engine holds (engine processes, accelerator memory); it serves nothing after."""
 

@@ -35,17 +35,19 @@ class VLLMEngine(LoraServing, Engine):
         return cls(model_path, dtype=dtype, seed=seed, max_model_len=rollout_cfg.max_model_len,
                    max_num_seqs=rollout_cfg.max_num_seqs, gpu_memory_utilization=gpu_memory_utilization,
                    kv_cache_gib=rollout_cfg.kv_cache_gib, tensor_parallel_size=tensor_parallel_size,
-                   enforce_eager=rollout_cfg.enforce_eager, max_logprobs=max_logprobs, lora=lora)
+                   enforce_eager=rollout_cfg.enforce_eager, max_logprobs=max_logprobs, lora=lora,
+                   sleep=rollout_cfg.sleep_when_idle)
 
     def __init__(self, model_path: str, *, dtype: str = "auto", seed: int = 0, max_model_len: int = 4096,
                  max_num_seqs: int = 64, gpu_memory_utilization: float = 0.85, kv_cache_gib: float = 1.0,
                  tensor_parallel_size: int = 1, enforce_eager: bool = True, max_logprobs: int = 64,
-                 lora=None):
+                 lora=None, sleep: bool = False):
         from vllm import AsyncEngineArgs
         from vllm.platforms import current_platform
 
         sweep_orphans()  # what engines killed mid-sync left in this host's shared memory
         on_cpu = current_platform.is_cpu()
+        self.can_sleep = sleep and current_platform.is_sleep_mode_available()  # CUDA, ROCm, XPU
         args = dict(
             model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager, max_logprobs=max_logprobs,
@@ -53,6 +55,7 @@ class VLLMEngine(LoraServing, Engine):
             worker_extension_cls=f"{WeightLoader.__module__}.{WeightLoader.__qualname__}",
             **({"kv_cache_memory_bytes": int(kv_cache_gib * GiB)} if on_cpu
                else {"gpu_memory_utilization": gpu_memory_utilization}),
+            **({"enable_sleep_mode": True} if self.can_sleep else {}),
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine-loop", daemon=True)
@@ -62,6 +65,8 @@ class VLLMEngine(LoraServing, Engine):
         self._inflight = 0
         self._ready: asyncio.Event | None = None
         self._idle: asyncio.Condition | None = None
+        self._waking: asyncio.Lock | None = None
+        self._asleep = False
         self.llm = None
         if lora is not None:
             try:
@@ -76,7 +81,7 @@ class VLLMEngine(LoraServing, Engine):
     async def _start(self, args):
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self._ready, self._idle = asyncio.Event(), asyncio.Condition()
+        self._ready, self._idle, self._waking = asyncio.Event(), asyncio.Condition(), asyncio.Lock()
         self._ready.set()
         return AsyncLLM.from_engine_args(args)
 
@@ -101,6 +106,7 @@ class VLLMEngine(LoraServing, Engine):
         await self._ready.wait()  # closed while weights are being replaced
         self._inflight += 1
         try:
+            await self._awake()
             final = None
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params,
                                                request_id=uuid.uuid4().hex,
@@ -152,6 +158,34 @@ class VLLMEngine(LoraServing, Engine):
             lps.append([float(lp.logprob) for _, lp in best])
         return TopK(ids=ids, logprobs=lps)
 
+    # ------------------------------------------------------------------------------------- sleep
+
+    async def asleep(self) -> None:
+        """vLLM's sleep mode, level 1 (`rollout.sleep_when_idle`, on a GPU): weights to host memory, the KV
+        cache dropped, the device memory free for the learner until the next request or weight load."""
+        if self.can_sleep:
+            await self._on_engine(self._sleep())
+
+    async def _sleep(self) -> None:
+        self._ready.clear()
+        async with self._idle:
+            await self._idle.wait_for(lambda: self._inflight == 0)
+        try:
+            async with self._waking:
+                if not self._asleep:
+                    await self.llm.sleep(level=1)
+                    self._asleep = True
+        finally:
+            self._ready.set()
+
+    async def _awake(self) -> None:
+        """Back from `asleep` before anything touches the engine; one waker, the others wait for it."""
+        async with self._waking:
+            if self._asleep:
+                await self.llm.wake_up()
+                await self.llm.reset_prefix_cache()  # what the dropped cache held is gone
+                self._asleep = False
+
     # ------------------------------------------------------------------------------------- weights
 
     async def _swap(self, path: str):
@@ -163,6 +197,7 @@ class VLLMEngine(LoraServing, Engine):
         async with self._idle:
             await self._idle.wait_for(lambda: self._inflight == 0)
         try:
+            await self._awake()
             out = await self.llm.collective_rpc(method, args=(arg,))
             if not await self.llm.reset_prefix_cache():  # refuses while requests run; none do here
                 raise RuntimeError("vLLM refused to reset its prefix cache after a weight update")

@@ -95,6 +95,7 @@ class LoraServing:
         async with self._idle:
             await self._idle.wait_for(lambda: self._inflight == 0)
         try:
+            await self._awake()
             out = await self.llm.collective_rpc(rpc[0], args=rpc[1]) if rpc else None
             request = LoRARequest(f"piplay-{self._lora_ids + 1}", self._lora_ids + 1, folder)
             if not await self.llm.add_lora(request):

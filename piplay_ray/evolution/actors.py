@@ -7,6 +7,8 @@ learner group and a fresh replay store.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,8 @@ from piplay_ray.teacher.shared import SharedTeacher
 from piplay_ray.weight_sync import transport_class
 from piplay_ray.weight_sync.coordinator import GroupSync
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class Actors:
@@ -38,7 +42,7 @@ class Actors:
     teacher_client: TeacherHandle  # TeacherClient on `teacher`, or the SharedTeacher on the student's engines
     learner: object  # LearnerGroup
     replay: object  # ReplayStore actor
-    syncs: dict[str, object] | None = None  # role -> GroupSync with weight_sync.transport=collective
+    syncs: dict[str, object] | None = None  # role -> GroupSync with a pushing transport (collective, ipc)
     new_learner: Callable[[], object] | None = None
     new_replay: Callable[[str | None], object] | None = None  # from a spill file, or empty
 
@@ -49,6 +53,16 @@ class Actors:
             named |= {f"rollout-{role}-{i}": w for i, w in enumerate(pool.workers)}
         named |= {f"learner-{i}": w for i, w in enumerate(self.learner.workers)}
         return named | ({"teacher": self.teacher} if self.teacher is not None else {}) | {"replay": self.replay}
+
+    async def sleep(self, *names: str) -> None:
+        """The engines of `names` ("teacher", or a role's pool) sleep through a phase that does not use them
+        (`rollout.sleep_when_idle`: on a GPU their memory goes to the learner). A hint: their next use wakes
+        them, and one that fails to sleep is logged, never fatal."""
+        workers = [w for n in names for w in ([self.teacher] if n == "teacher" else self.pools[n].workers)
+                   if w is not None]
+        for out in await asyncio.gather(*[w.asleep.remote() for w in workers], return_exceptions=True):
+            if isinstance(out, BaseException):
+                log.warning("an idle engine did not sleep: %s", out)
 
 
 def model_paths(cfg: Config) -> dict[str, str]:

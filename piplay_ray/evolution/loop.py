@@ -73,6 +73,8 @@ class EvolutionLoop:
         while st.iteration < sched.iterations and not self.stopping:
             say(f"iteration {st.iteration + 1}/{sched.iterations}, phase {st.phase}")
             if st.phase == "examiner":  # examiner: W steps on the difficulty reward
+                if cfg.rollout.sleep_when_idle:
+                    await self.actors.sleep("teacher")
                 self.sampler.start_iteration(st.iteration)
                 await Phase(self, "examiner").run(sched.examiner_steps)
                 if self.stopping:
@@ -80,6 +82,8 @@ class EvolutionLoop:
                 st.phase, st.phase_steps = "tasks", 0
             if st.phase == "tasks":  # the final examiner writes the student's task set
                 await self.write_task_set()
+                if cfg.rollout.sleep_when_idle:
+                    await self.actors.sleep("examiner")
                 st.phase, st.phase_steps = "student", 0
                 await self.policies["student"].start_phase(cfg.teacher.init)
             if st.phase == "student":  # student: W steps on EM + λ·KL to the EMA teacher

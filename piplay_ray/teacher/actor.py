@@ -176,6 +176,12 @@ class TeacherImpl(EmaState):
             await self._push(version)
             return True
 
+    @dies_with_engine
+    async def asleep(self) -> None:
+        """The vLLM engine frees its device memory until the next score or update (Engine.asleep)."""
+        if self.engine is not None:
+            await self.engine.asleep()
+
     # ------------------------------------------------------------------------------------- scoring
 
     @dies_with_engine

@@ -196,3 +196,28 @@ def test_importing_the_model_loads_no_torch_or_ray():
             "print([m for m in ('torch', 'ray', 'deepspeed', 'vllm') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_one_gpu_config_fits_one_card_colocated_and_syncs_by_ipc():
+    """configs/gpu1.yaml: every actor within its share with 10% spare, the shares one card together (so Ray
+    puts them all on it), the learner's states as computed here (16 B x P for the active role, 2 B x P for
+    the idle one), and a 4B model that would not fit."""
+    from piplay_ray.cluster.layout import layout, sync_transport
+
+    c = load_config(ROOT / "configs" / "gpu1.yaml")
+    assert G.problems(c, 80.0, 0.10) == []
+    assert sum(m.card for m in G.actors(c)) <= CARD + 1e6
+    lay = layout(c)
+    assert lay.total_gpus <= 1.0 and sync_transport(c, lay) == "ipc"
+    P = arch("Qwen/Qwen3-1.7B").params
+    assert states(actor(c, "learner-0")) == pytest.approx(16 * P + 2 * P, rel=1e-6)
+    assert G.problems(load_config(ROOT / "configs" / "gpu1.yaml", ["model.base=Qwen/Qwen3-4B"]), 80.0, 0.10)
+
+
+def test_ipc_only_where_every_actor_shares_one_gpu():
+    from piplay_ray.cluster.layout import sync_transport
+
+    assert sync_transport(cfg("qwen3-8b")) == "collective"  # 16 GPUs on two nodes: NCCL
+    assert sync_transport(cfg("qwen3-4b", "weight_sync.transport=object_store")) == "object_store"
+    local = load_config(ROOT / "configs" / "local.yaml", ["weight_sync.transport=collective"])
+    assert sync_transport(local) == "collective"  # no GPU at all: gloo on CPU
