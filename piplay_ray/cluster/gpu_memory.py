@@ -70,10 +70,9 @@ class ActorMemory:
 
 def _sync(cfg: Config, a: Arch, sender: bool) -> float:
     """Bytes of weight-sync buffers on a GPU: only the pushing transports move GPU tensors; `ipc` receivers
-    map the sender's buckets instead of holding their own."""
-    from piplay_ray.cluster.layout import sync_transport  # layout reports this module's figures
-
-    kind = sync_transport(cfg)
+    map the sender's buckets instead of holding their own (a `collective` that runs as ipc on one GPU is
+    counted as collective: a bucket too many per receiver)."""
+    kind = cfg.weight_sync.transport
     if kind not in ("collective", "ipc") or (kind == "ipc" and not sender):
         return 0.0
     lc, bucket = cfg.learner.lora, cfg.weight_sync.bucket_mb * 2**20

@@ -126,11 +126,16 @@ def fits(lay: Layout, node_gpus: list[float]) -> bool:
 
 
 def sync_transport(cfg: Config, lay: Layout | None = None) -> str:
-    """`weight_sync.transport` as it runs. A pushing transport whose whole layout asks for at most one GPU
-    (every actor on the learner's card) is `ipc`: its members share the device, where NCCL refuses two ranks
-    and gloo goes through host memory. Members that do not share it after all get a clear `SyncError`."""
+    """`weight_sync.transport` as it runs. `collective` on a layout that asks for at most one GPU (every
+    actor on the learner's card) runs as `ipc`: its members share the device, where NCCL refuses two ranks
+    and gloo goes through host memory. `ipc` itself needs that (or no GPU: shared memory on one node); members
+    that do not share the sender's device after all get a clear `SyncError` at the first sync."""
     kind, lay = cfg.weight_sync.transport, lay or layout(cfg)
-    return "ipc" if kind == "collective" and lay.slots and lay.total_gpus <= 1 + 1e-9 else kind
+    one_device = lay.total_gpus <= 1 + 1e-9
+    if kind == "ipc" and not one_device:
+        raise ConfigError(f"weight_sync.transport=ipc needs every actor on one GPU; this layout asks for "
+                          f"{lay.total_gpus:g} (use collective)")
+    return "ipc" if kind == "collective" and lay.slots and one_device else kind
 
 
 def main(argv: list[str] | None = None) -> int:
