@@ -180,6 +180,10 @@ class TeacherConfig(Section):
     # the teacher's own vLLM engine (backend vllm): its parallelism and GPU memory share, not the rollout's
     tensor_parallel_size: PosInt = 1
     gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.85
+    # the float32 EMA masters (4 B per parameter; the adapter's under learner.lora) live on the teacher's GPU,
+    # outside vLLM's share, where the update runs; true: in host memory, for a card too small for both
+    # (configs/gpu1.yaml), at the cost of a host-side blend and a host-to-device stream per student step
+    ema_on_host: bool = False
 
     @model_validator(mode="after")
     def _fits_its_gpus(self) -> TeacherConfig:

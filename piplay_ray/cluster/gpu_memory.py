@@ -136,9 +136,13 @@ def actors(cfg: Config, card_gb: float = 80.0) -> list[ActorMemory]:
                         scores=shared and role == "student", lora=lora)
                 for role in TRAINED for i in range(r.workers_per_role)]
     if t.num_gpus and not shared:
-        out.append(_engine(cfg, "teacher", cfg.model.path_for("teacher"), t.backend, t.tensor_parallel_size,
-                           t.gpu_memory_utilization, card(t.num_gpus / t.tensor_parallel_size), card_gb,
-                           scores=True, lora=lora))
+        teacher = _engine(cfg, "teacher", cfg.model.path_for("teacher"), t.backend, t.tensor_parallel_size,
+                          t.gpu_memory_utilization, card(t.num_gpus / t.tensor_parallel_size), card_gb,
+                          scores=True, lora=lora)
+        if not (t.backend == "vllm" and t.ema_on_host):  # float32 masters beside the engine (on its first GPU)
+            a = arch(cfg.model.path_for("teacher"))
+            teacher.parts["ema"] = 4 * (a.lora_params(lc.lora.rank, lc.lora.target_modules) if lora else a.params)
+        out.append(teacher)
     return out
 
 
@@ -153,7 +157,8 @@ def report(cfg: Config, card_gb: float = 80.0) -> list[dict]:
 
 
 COLUMNS = {"weights": "weights", "grads": "grads", "optimizer": "optim", "gathered": "gathered",
-           "activations": "activ", "logits": "logits", "weight_sync": "sync", "kv_cache": "kv", "overhead": "ovh",
+           "activations": "activ", "logits": "logits", "ema": "ema", "weight_sync": "sync", "kv_cache": "kv",
+           "overhead": "ovh",
            "total": "total", "card": "card", "headroom": "headroom", "kv_tokens": "kv tokens"}
 
 

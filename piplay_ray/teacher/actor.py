@@ -57,7 +57,10 @@ class TeacherImpl(EmaState):
         index = devices.claim().index if self.tcfg.num_gpus > 0 and torch.cuda.is_available() else None
         self.device = torch.device("cpu") if index is None else torch.device("cuda", index)
         serve = self.serve_dtype = _DTYPES.get(dtype, torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        # the vLLM backend's float32 EMA masters load straight onto the device that blends them
+        ema = torch.device("cpu") if self.tcfg.backend != "vllm" or self.tcfg.ema_on_host else self.device
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                                     **({"device_map": str(ema)} if ema.type == "cuda" else {}))
         self.alias: dict[str, str] | None = None  # canonical name of every full parameter, tied aliases included
         if lora is None:
             canon: dict[int, str] = {}
@@ -66,7 +69,8 @@ class TeacherImpl(EmaState):
         self._aliased = False  # the served model's parameters are the masters themselves
         if self.tcfg.backend == "vllm":
             base = {n: p.detach() for n, p in model.named_parameters()}
-            self.master = base if lora is None else teacher_adapter.initial(model_path, lora)
+            self.master = base if lora is None else {n: t.to(ema) for n, t in
+                                                    teacher_adapter.initial(model_path, lora).items()}
             del model
             # the teacher's own parallelism and memory share, not the rollout engines' (config.TeacherConfig)
             self.engine = make_engine("vllm", model_path, rollout, dtype=dtype, seed=seed,

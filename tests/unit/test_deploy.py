@@ -136,7 +136,8 @@ def test_qwen3_8b_lora_fits_one_node_with_the_schedule_of_qwen3_8b():
     assert (lay.learner_gpus, lay.rollout_gpus, lay.teacher_gpus) == (2, {"examiner": 2.0, "student": 2.0}, 1)
     assert lay.total_gpus == 7 and L.fits(lay, [7]) and not L.fits(lay, [6])
     changed = {"run": {"name"}, "rollout": {"workers_per_role", "tensor_parallel_size"},
-               "learner": {"world_size", "lora"}}
+               "learner": {"world_size", "lora"},
+               "teacher": {"gpu_memory_utilization"}}  # an adapter EMA leaves vLLM a larger share
     a, b = lora.model_dump(), full.model_dump()
     for section in a:
         skip = changed.get(section, set())

@@ -221,3 +221,14 @@ def test_ipc_only_where_every_actor_shares_one_gpu():
     assert sync_transport(cfg("qwen3-4b", "weight_sync.transport=object_store")) == "object_store"
     local = load_config(ROOT / "configs" / "local.yaml", ["weight_sync.transport=collective"])
     assert sync_transport(local) == "collective"  # no GPU at all: gloo on CPU
+
+
+def test_the_teachers_float32_ema_sits_on_its_gpu_unless_kept_on_the_host():
+    """4 B per parameter beside vLLM's share (Qwen3-8B: 32.8 GB), the adapter's under LoRA, none with
+    teacher.ema_on_host; the 8B teacher still fits with 10% spare and a KV cache for whole sequences."""
+    t = actor(cfg("qwen3-8b"), "teacher")
+    assert t.parts["ema"] == pytest.approx(4 * P8, rel=0.01)
+    assert t.problems(0.10) == [] and t.kv_tokens >= 8192
+    assert "ema" not in actor(cfg("qwen3-8b", "teacher.ema_on_host=true"), "teacher").parts
+    lora = actor(cfg("qwen3-8b-lora"), "teacher").parts["ema"]
+    assert lora == pytest.approx(4 * 87.3e6, rel=0.01)  # the header's adapter size
