@@ -4,9 +4,11 @@
 install them (no registry, and Ray's wheel alone is 79 MB) still runs this: the code a learner rank runs on
 a cluster, driven directly instead of through a Ray actor:
 - the rank environment as Ray's device isolation leaves it (one visible GPU -> local rank 0), DeepSpeed over
-  NCCL, ZeRO-3 in bf16, fused AdamW, `offload_inactive` (GPU bytes of each role before and after);
+  NCCL, ZeRO-3 in bf16 (run as stage 2 on this one rank: `role_engine.zero_stage`), fused AdamW,
+  `offload_inactive` (GPU bytes of each role before and after);
 - an RL step of each role (truncated IS, k3 KL to a reference, top-K distillation with tail) and an SFT step,
-  with tokens/s and peak GPU memory;
+  with tokens/s, model FLOPs utilisation and peak GPU memory, on sequences of varied lengths, right-padded
+  or with `--pack` packed (`learner.pack_sequences`): run both to compare;
 - the ZeRO-3 export: gathered parameters equal the Hugging Face folder written;
 - the weight sync to the transformers engine in a second process on the same GPU: `collective` over gloo
   (through host memory: NCCL refuses two ranks on one device, which is tried too and reported) and `ipc`
@@ -14,7 +16,7 @@ a cluster, driven directly instead of through a Ray actor:
 The model is random weights in a real architecture (`--arch`), so nothing is downloaded. Prints one JSON
 line (and, on a GPU, a second for the NCCL attempt); exits 1 if a check fails.
 
-    python bench/gpu_learner.py [--arch qwen3-0.6b|smollm2-135m] [--tokenizer DIR] [--tokens 16384]
+    python bench/gpu_learner.py [--arch qwen3-0.6b|smollm2-135m] [--tokenizer DIR] [--tokens 16384] [--pack]
 """
 
 from __future__ import annotations
@@ -42,6 +44,21 @@ ARCHS = {  # published shapes of the models the configs train
 }
 
 
+# dense bf16 peak TFLOP/s by device name (without sparsity); a card not listed reports MFU null
+PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100 SXM", 989.0), ("H100 80GB HBM3", 989.0),
+               ("A100", 312.0), ("L40S", 362.0))
+
+
+def peak_tflops(device: str) -> float | None:
+    return next((peak for name, peak in PEAK_TFLOPS if name in device), None)
+
+
+def mfu(trainable: int, tokens_per_s: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: 6 x trainable parameters per token (forward 2, backward 4; attention's
+    sequence-length term and the KL reference's forward not counted) over the card's peak."""
+    return round(6 * trainable * tokens_per_s / (peak * 1e12), 4) if peak else None
+
+
 def checksum(named) -> float:
     return sum(float(t.detach().double().sum()) for _, t in named)
 
@@ -61,8 +78,9 @@ def experiences(role: str, n: int, length: int, vocab: int, k: int, seed: int):
 
     g = torch.Generator().manual_seed(seed)
     out = []
-    for i in range(n):
-        p, r = length // 4, length - length // 4
+    for i in range(n):  # lengths from length/2 to 3 length/2 (mean ~length): what padding wastes and packing saves
+        total = length // 2 + (i * 397) % length
+        p, r = total // 4, total - total // 4
         mask = [1] * r
         mask[r // 3 : r // 3 + 16] = [0] * 16  # an inserted <information> block
         lp = torch.log_softmax(torch.randn(r, k + 1, generator=g), -1)
@@ -122,6 +140,7 @@ def main() -> int:
     ap.add_argument("--arch", choices=sorted(ARCHS), default="qwen3-0.6b")
     ap.add_argument("--tokenizer", default=str(Path.home() / ".cache/piplay/models/SmolLM2-135M-Instruct"))
     ap.add_argument("--tokens", type=int, default=16_384, help="tokens per training step")
+    ap.add_argument("--pack", action="store_true", help="learner.pack_sequences=true: micro-batches packed")
     ap.add_argument("--receive", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     ap.add_argument("--dtype", default="bfloat16", help=argparse.SUPPRESS)
@@ -144,12 +163,18 @@ def run(args: argparse.Namespace, model_dir: Path) -> int:
     build_model(args.arch, args.tokenizer, model_dir, dtype)
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [
         f"model.base={model_dir}", "learner.zero_stage=3", "learner.offload_inactive=true",
-        "learner.micro_batch_tokens=8192", "learner.loss.kl_beta=0.01", "learner.loss.chunk_tokens=1024"])
+        "learner.micro_batch_tokens=8192", "learner.loss.kl_beta=0.01", "learner.loss.chunk_tokens=1024",
+        f"learner.pack_sequences={str(args.pack).lower()}"])
     worker = LearnerWorkerImpl(rank=0, world_size=1, **rank_args(cfg, ROLES))
     # what Ray hands a rank under device isolation: its one GPU, visible as index 0
     info = worker.setup("127.0.0.1", _free_port(), 0, 1, ["0"] if cuda else [])
     report = {"bench": "gpu_learner", "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-              "arch": args.arch, "setup": info, "setup_s": round(time.perf_counter() - t0, 1)}
+              "arch": args.arch, "pack": args.pack, "setup": info, "setup_s": round(time.perf_counter() - t0, 1)}
+    peak = peak_tflops(report["device"])
+    # all trainable parameters (a tied embedding once: it is also the LM head's matmul); full under ZeRO-3 too
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in worker.policies[ROLES[0]].engine.module.parameters()
+                    if p.requires_grad)
+    report.update(trainable_params=trainable, peak_tflops=peak)
     mem = lambda: round(torch.cuda.memory_allocated() / 1e9, 3) if cuda else None  # noqa: E731
     vocab, length = ARCHS[args.arch]["vocab_size"], 1024
     n = max(2, args.tokens // length)
@@ -161,6 +186,7 @@ def run(args: argparse.Namespace, model_dir: Path) -> int:
         m = worker.train_step(role, experiences(role, n, length, vocab, 8, len(steps)), lam=0.03, objective=objective)
         key = f"{role}_{objective}" + ("_again" if f"{role}_{objective}" in steps else "")
         steps[key] = {"loss": round(m["loss"], 4), "tokens_per_s": round(m["tokens_per_s"]),
+                      "mfu": mfu(trainable, m["tokens_per_s"], peak), "micro_batches": int(m["micro_batches"]),
                       "step_s": round(m["step_time_s"], 3), "grad_norm": round(m["grad_norm"], 4),
                       "peak_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
                       "changed": checksum(worker.state_dict(role).items()) != before,

@@ -228,6 +228,10 @@ class LearnerConfig(Section):
     grad_clip: Annotated[float, Field(gt=0)] = 0.1  # Dr. Zero's
     lr_warmup_steps: NonNegInt = 0  # linear warm-up: optimizer step s (1-based) uses lr * min(1, s / n)
     micro_batch_tokens: PosInt = 4096
+    # each micro-batch as one row of its sequences end to end (no padding; attention kept within each sequence
+    # by restarting position_ids), instead of the shared-prefix forward. Off by default: with sdpa or eager the
+    # block-diagonal mask is dense over the whole row (on CPU, 1.5x slower); flash or flex attention skip it
+    pack_sequences: bool = False
     # iteration: each phase of an iteration starts with a fresh optimizer and warm-up, as Dr. Zero's separate
     # training run per iteration does; never: one optimizer per role for the whole run
     optimizer_restart: Literal["never", "iteration"] = "never"

@@ -9,12 +9,16 @@ The rows of a micro-batch often begin with the same tokens (a GRPO group's promp
 prompt of a role opens with): that prefix runs once, and the rest of every row attends to its keys and
 values — the same values and gradients as the full forward, for ~30% fewer tokens through the model. The
 micro-batch planner says how long that prefix is (`batching.prefix`), so one rule sets both cost and run.
+A packed batch (`packing.py`, one row, ``position_ids`` restarting per sequence) runs whole, without
+attention mask or cache, so that transformers keeps each sequence's attention to itself.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from piplay_ray.learner import packing
 
 
 class HiddenForward:
@@ -24,6 +28,7 @@ class HiddenForward:
 
     def __init__(self, model: torch.nn.Module, share_prefix: bool = True):
         self.head = model.get_output_embeddings()
+        self.config = model.config
         self.share_prefix = share_prefix
         self._kept: Tensor | None = None
         self._checked = False
@@ -41,9 +46,16 @@ class HiddenForward:
     def __call__(self, call, batch: dict[str, Tensor], prefix: int = 0) -> Tensor:
         """`call`: the model or its DeepSpeed engine (same module); `prefix`: leading tokens every row has in
         common (right padding), run once when > 0."""
-        ids, am = batch["input_ids"], batch["attention_mask"]
+        ids, am = batch["input_ids"], batch.get("attention_mask")
         p = prefix if self.share_prefix else 0
-        if p > 0:
+        if "position_ids" in batch:  # packed: a cache or a 2-D mask would hide the sequence starts
+            if p > 0:
+                raise ValueError("a packed batch runs without a shared prefix")
+            packing.check_attention(self.config)
+            out = call(input_ids=ids, position_ids=batch["position_ids"], attention_mask=None, use_cache=False,
+                       logits_to_keep=1)
+            hidden = self._take()
+        elif p > 0:
             pre = call(input_ids=ids[:1, :p], attention_mask=am[:1, :p], use_cache=True, logits_to_keep=1)
             before = self._take().expand(len(ids), -1, -1)
             cache = pre.past_key_values

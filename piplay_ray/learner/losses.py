@@ -3,7 +3,8 @@
 Alignment convention: a batch holds right-padded sequences ``input_ids`` [B, T] (prompt then response);
 every per-token tensor is *target-aligned* [B, T-1]: index ``t`` describes the token ``input_ids[:, t+1]``,
 predicted by the logits at position ``t``. ``mask`` is 1 only where that target is a model-generated response
-token, so prompts, inserted ``<information>`` blocks and padding never carry loss or gradient.
+token, so prompts, inserted ``<information>`` blocks and padding never carry loss or gradient. A packed batch
+(packing.py) is one such row holding several sequences, with ``seq_index`` naming each slot's sequence.
 
 Student objective (to minimise), with per-token weights ``w`` from the aggregation mode::
 
@@ -72,13 +73,25 @@ def topk_reverse_kl(student_lp_at_ids: Tensor, teacher_lp: Tensor, teacher_tail:
     return (s.exp() * (s - t)).sum(-1) + s_tail.exp() * (s_tail - t_tail)
 
 
-def _token_weights(mask: Tensor, aggregation: str, normalizer: float | None) -> Tensor:
+def sequence_sums(x: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """Sums of `x` [B, T-1] per sequence: [S], and each slot's own sequence's sum, shaped like `x`. A sequence is
+    a row of a padded batch, or a run of ``batch["seq_index"]`` in a packed one (`packing.py`)."""
+    seq = batch.get("seq_index")
+    if seq is None:
+        sums = x.sum(dim=1)
+        return sums, sums[:, None].expand_as(x)
+    sums = x.new_zeros(int(seq.max()) + 1).index_add(0, seq.flatten(), x.flatten())
+    return sums, sums[seq]
+
+
+def _token_weights(mask: Tensor, aggregation: str, normalizer: float | None,
+                   batch: dict[str, Tensor] | None = None) -> Tensor:
     if aggregation == "token_mean":
         denom = normalizer if normalizer is not None else mask.sum().clamp(min=1.0)
         return mask / denom
     if aggregation == "seq_mean":
-        lens = mask.sum(dim=1, keepdim=True)
-        denom = normalizer if normalizer is not None else (lens > 0).sum().clamp(min=1)
+        per_seq, lens = sequence_sums(mask, batch or {})
+        denom = normalizer if normalizer is not None else (per_seq > 0).sum().clamp(min=1)
         return mask / lens.clamp(min=1.0) / denom
     raise ValueError(f"unknown aggregation {aggregation!r}; allowed: token_mean, seq_mean")
 
@@ -87,7 +100,7 @@ def distill_normalizer(batch: dict[str, Tensor]) -> float:
     """Sequences with a distillation term: the per-sequence distillation mean's denominator in this batch."""
     if "teacher_mask" not in batch:
         return 0.0
-    return float(((batch["teacher_mask"] * batch["mask"]).sum(dim=1) > 0).sum())
+    return float((sequence_sums(batch["teacher_mask"] * batch["mask"], batch)[0] > 0).sum())
 
 
 def step_normalizers(experiences: Sequence[Experience], loss_cfg: LossConfig) -> tuple[float, float]:
@@ -168,7 +181,7 @@ def compute_loss(states: Tensor, batch: dict[str, Tensor], loss_cfg: LossConfig,
 
     has_teacher = "teacher_ids" in batch
     logp, s_lp, ent = _selected_stats(states, batch, head, loss_cfg.chunk_tokens, with_ids=has_teacher)
-    w = _token_weights(mask, loss_cfg.aggregation, normalizer)
+    w = _token_weights(mask, loss_cfg.aggregation, normalizer, batch)
     n_tok = mask.sum().clamp(min=1.0)
     on = mask > 0
 
@@ -214,7 +227,7 @@ def compute_loss(states: Tensor, batch: dict[str, Tensor], loss_cfg: LossConfig,
         if lam > 0:
             if loss_cfg.distill_norm == "sequence":  # (1/|y|) sum_t D_t per sequence, mean over sequences
                 seqs = distill_norm_total if distill_norm_total is not None else distill_normalizer(batch)
-                wd = tmask / mask.sum(dim=1, keepdim=True).clamp(min=1.0) / max(seqs, 1.0)
+                wd = tmask / sequence_sums(mask, batch)[1].clamp(min=1.0) / max(seqs, 1.0)
             else:
                 wd = tmask * w
             loss = loss + lam * (d * wd).sum()

@@ -84,7 +84,9 @@ class LearnerWorkerImpl:
             path = assets.resolve_model(self.models[role])
             self.policies[role] = RoleEngine(role, path, self.learner, self.world_size, self.device)
         self.activate(self.roles[0])
-        return {"rank": self.rank, "device": str(self.device), "bf16": self.policies[self.roles[0]].bf16,
+        first = self.policies[self.roles[0]]
+        return {"rank": self.rank, "device": str(self.device), "bf16": first.bf16,
+                "zero_stage": first.engine.zero_optimization_stage(),  # what runs (role_engine.zero_stage)
                 "load_rss": {role: pol.load_rss.bytes for role, pol in self.policies.items()}}
 
     # ------------------------------------------------------------------------------------------ phases

@@ -18,6 +18,17 @@ from piplay_ray.learner.reference import Reference
 from piplay_ray.learner.schedule import make_scheduler
 
 
+def zero_stage(lc: LearnerConfig, world_size: int) -> int:
+    """The ZeRO stage a rank runs: `learner.zero_stage`, but 2 for 3 on a single rank. One rank has nothing
+    to partition the weights over, and ZeRO-3 would still gather every layer's weights before its forward and
+    backward and re-partition them after: time for nothing. Stage 2 on one rank partitions nothing either and
+    keeps what `offload_inactive` needs: DeepSpeed's ZeRO-1/2 optimizer moves an idle role's states (its
+    weights too) with any optimizer; stage 0 could not offload at all. The cost: the rank loads the whole model
+    on the host in float32 first (`load_model`). The checkpoint format follows the stage run, and a resume
+    needs the same world size anyway (`learner.py`)."""
+    return 2 if world_size == 1 and lc.zero_stage == 3 else lc.zero_stage
+
+
 def ds_config(lc: LearnerConfig, world_size: int, bf16: bool) -> dict:
     """The DeepSpeed config: one engine step per learner step; accumulation is driven by the learner."""
     return {
@@ -25,7 +36,7 @@ def ds_config(lc: LearnerConfig, world_size: int, bf16: bool) -> dict:
         "gradient_accumulation_steps": 1,
         "train_batch_size": world_size,
         "gradient_clipping": lc.grad_clip,
-        "zero_optimization": {"stage": lc.zero_stage, "overlap_comm": False, "contiguous_gradients": True,
+        "zero_optimization": {"stage": zero_stage(lc, world_size), "overlap_comm": False, "contiguous_gradients": True,
                               "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7},
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": bf16},

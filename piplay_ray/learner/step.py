@@ -15,7 +15,7 @@ import torch
 
 from piplay_ray.cluster import heap
 from piplay_ray.config import LearnerConfig
-from piplay_ray.learner import batching
+from piplay_ray.learner import batching, packing
 from piplay_ray.learner.collate import collate
 from piplay_ray.learner.losses import compute_loss, sft_loss, step_normalizers
 from piplay_ray.learner.role_engine import RoleEngine
@@ -56,9 +56,10 @@ def train_step(pol: RoleEngine, experiences: list[Experience], lam: float, objec
         normalizer = float(sum(sum(e.mask) for e in experiences))
     if normalizer == 0:
         raise ValueError(f"train_step({role!r}): no experience has a trained (mask==1) token")
+    packed = lc.pack_sequences  # packing replaces the shared-prefix forward: one or the other per step
     seqs = [e.prompt_ids + e.response_ids for e in experiences]
-    shared = batching.common_prefix(seqs) if pol.forward.share_prefix else None
-    plan = batching.plan([e.num_tokens for e in experiences], lc.micro_batch_tokens, world_size, shared)
+    shared = batching.common_prefix(seqs) if pol.forward.share_prefix and not packed else None
+    plan = batching.plan([e.num_tokens for e in experiences], lc.micro_batch_tokens, world_size, shared, packed)
     mine = plan[rank]
     engine = pol.engine
     engine.train()
@@ -67,6 +68,8 @@ def train_step(pol: RoleEngine, experiences: list[Experience], lam: float, objec
     for j, mb in enumerate(mine):
         real = bool(mb)
         batch = collate([experiences[i] for i in (mb or [0])], pol.pad_id)  # filler: zero-weight copy
+        if packed:
+            batch = packing.pack(batch)
         batch = {k: v.to(device) for k, v in batch.items()}
         prefix = batching.prefix(mb, shared)
         if objective == "rl" and pol.reference is not None:

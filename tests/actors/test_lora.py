@@ -18,7 +18,7 @@ from helpers.learner import experience_batch, learner_config
 from transformers import AutoModelForCausalLM
 
 from piplay_ray.config import ConfigError
-from piplay_ray.learner import lora
+from piplay_ray.learner import lora, role_engine
 from piplay_ray.learner.rank import LearnerWorkerImpl, _free_port, rank_args
 from piplay_ray.weight_sync.base import Transport, pack_buckets, unpack_bucket
 
@@ -254,9 +254,11 @@ OFFLOADED = {2: ["hp_params", "lp_grads", "lp_params", "optim_states"], 3: ["con
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_two_roles_offload_and_merge(process, tiny_model, base, stage):
+def test_two_roles_offload_and_merge(process, tiny_model, base, stage, monkeypatch):
     """Both roles on one rank, the idle one offloaded; ZeRO-3 keeps only partitions in the module, so the merge
-    gathers W, A and B of each layer (on CPU DeepSpeed's offload bookkeeping runs, with no copies)."""
+    gathers W, A and B of each layer (on CPU DeepSpeed's offload bookkeeping runs, with no copies). ZeRO-3 is
+    kept on this one rank, as a cluster's ranks run it (the learner itself would run stage 2 here)."""
+    monkeypatch.setattr(role_engine, "zero_stage", lambda lc, world_size: lc.zero_stage)
     w = _worker(tiny_model, ("examiner", "student"), **{"learner.zero_stage": stage, "learner.offload_inactive": True})
     try:
         pol = w.policies["student"]
