@@ -89,6 +89,12 @@ class RolloutConfig(Section):
     max_response_tokens: PosInt = 1024  # all turns together, generated and inserted
     max_info_tokens: PosInt | None = None  # one search's <information> text, cut to this many tokens
     enforce_eager: bool = True
+    # a weight sync reaches running requests: the engine pauses between tokens, loads, and continues them, so
+    # the learner never waits for the slowest trajectory; every token records the version that produced it.
+    # inflight_kv: what continues: "recompute" (the requests' KV recomputed under the new weights) or "keep"
+    # (the KV cache the old weights computed, and the prefix cache, kept: faster, not exact)
+    inflight_updates: bool = False
+    inflight_kv: Literal["recompute", "keep"] = "recompute"
     # an engine (rollout pool or teacher) a phase does not use sleeps through it: vLLM's sleep mode on a GPU
     # (weights to host memory, KV cache dropped), freeing its memory for the learner; no effect elsewhere
     sleep_when_idle: bool = False
@@ -219,6 +225,9 @@ class LoraConfig(Section):
 class LearnerConfig(Section):
     world_size: PosInt = 1
     num_cpus_per_rank: Annotated[float, Field(gt=0)] = 1.0
+    # CPU cores every rank's threads are pinned to (one machine: keeps the learner off the engines' cores, as
+    # separate GPUs would on a cluster; bench/pipeline.py); None: wherever the OS puts them
+    cpu_cores: list[NonNegInt] | None = None
     num_gpus_per_rank: Annotated[float, Field(ge=0)] = 0.0
     zero_stage: Literal[0, 1, 2, 3] = 2
     bf16: Literal["auto", True, False] = "auto"  # auto: on where the hardware supports it

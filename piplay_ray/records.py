@@ -64,7 +64,8 @@ class Trajectory:
     answer: str | None = None
     finish_reason: FinishReason = "length"
     turns: int = 0
-    version: int = 0
+    version: int = 0  # the oldest version any of its generated tokens came from (its staleness)
+    versions: list[int] = field(default_factory=list)  # per response token: the version that generated it
     role: Role = "student"
     text: str = ""  # decoded response, for logs and the dashboard only (never re-tokenised)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. the examiner's question
@@ -122,13 +123,19 @@ class Experience:
     logprobs: list[float]
     reward: float
     advantage: float
-    version: int
+    version: int  # its oldest generated token's policy version: what the replay bound and staleness read
     # teacher top-K over response positions (student experiences only): per position, K ids and logprobs;
     # positions with mask 0 hold empty lists. `teacher_tail` is log(1 - sum p_topk) per position, if used.
     teacher_ids: list[list[int]] | None = None
     teacher_logprobs: list[list[float]] | None = None
     teacher_tail: list[float] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    versions: list[int] | None = None  # per response token, the policy version that generated it
+
+    def token_staleness(self, learner_version: int) -> list[int]:
+        """How many versions behind `learner_version` each trained (mask 1) token is."""
+        vs = self.versions or [self.version] * len(self.mask)
+        return [learner_version - v for v, m in zip(vs, self.mask, strict=True) if m]
 
     @property
     def num_tokens(self) -> int:

@@ -160,5 +160,5 @@ def _schema():
         ("group_id", pa.string()), ("role", pa.string()), ("prompt_ids", ints), ("response_ids", ints),
         ("mask", ints), ("logprobs", floats), ("reward", pa.float64()), ("advantage", pa.float64()),
         ("version", pa.int64()), ("teacher_ids", pa.list_(ints)), ("teacher_logprobs", pa.list_(floats)),
-        ("teacher_tail", floats), ("info", pa.string()),
+        ("teacher_tail", floats), ("info", pa.string()), ("versions", ints),
     ])

@@ -31,6 +31,9 @@ class Generation:
     token_ids: list[int]
     logprobs: list[float]  # sampling logprob of each generated token
     finish_reason: str  # "stop" (a stop string), "eos", or "length"
+    # the policy version that produced each token: weights may change mid-request (rollout.inflight_updates);
+    # None: all of them the engine's version when the request started
+    versions: list[int] | None = None
 
 
 @dataclass

@@ -1,7 +1,10 @@
 """The transformers engine: the fallback rollout engine and the reference the vLLM engine is tested against.
 
-One model, one request at a time (a lock serialises the forward passes, which run in a thread so the event
-loop keeps serving search calls). Logprobs are the model's raw log-softmax, like vLLM's `raw_logprobs`.
+One model; a lock serialises the forward passes, which run in a thread so the event loop keeps serving search
+calls. A request holds the lock for its whole generation, unless `inflight` (rollout.inflight_updates): then
+it takes it per decoding step, so a weight update lands between two tokens of running requests, which go on
+with the new weights (their KV cache recomputed, or kept with `kv="keep"`) and tag every token with the
+version that produced it. Logprobs are the model's raw log-softmax, like vLLM's `raw_logprobs`.
 With `lora` the model carries a PEFT adapter of that config (zero at start: the base model) and a weight sync
 copies new A and B matrices into it in place (`weight_form` "adapter"). Under `teacher.backend: shared` it
 also holds a second adapter, the teacher's EMA (`aload_teacher`), switched in for `teacher_topk` only.
@@ -10,8 +13,9 @@ also holds a second adapter, the teacher's EMA (`aload_teacher`), switched in fo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -42,10 +46,12 @@ class TransformersEngine(Engine):
     def from_config(cls, model_path: str, rollout_cfg, *, dtype: str, seed: int, lora=None,
                     **_: object) -> TransformersEngine:
         """One process on one device: tensor parallelism, memory shares and logprob caps do not apply."""
-        return cls(model_path, dtype=dtype, seed=seed, lora=lora)
+        return cls(model_path, dtype=dtype, seed=seed, lora=lora,
+                   inflight=rollout_cfg.inflight_updates, kv=rollout_cfg.inflight_kv)
 
     def __init__(self, model_path: str, dtype: str = "auto", seed: int = 0, device: str | None = None,
-                 num_threads: int | None = None, lora: LoraConfig | None = None):
+                 num_threads: int | None = None, lora: LoraConfig | None = None, inflight: bool = False,
+                 kv: str = "recompute"):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if num_threads:
@@ -64,32 +70,39 @@ class TransformersEngine(Engine):
             self._wrap(lora)
         self._lock = threading.Lock()
         self._calls = 0
+        self.inflight, self.recompute = inflight, kv == "recompute"
 
     # ------------------------------------------------------------------------------------- generate
 
     @torch.inference_mode()
     def generate_sync(self, prompt_ids: list[int], spec: SamplingSpec) -> Generation:
-        with self._lock:
+        whole = contextlib.nullcontext() if self.inflight else self._lock  # else: the lock per step
+        step = self._lock if self.inflight else contextlib.nullcontext()
+        with whole:
             self._calls += 1
             generator = torch.Generator(device=self.device)
             generator.manual_seed(spec.seed if spec.seed is not None else self.seed * 1_000_003 + self._calls)
-            ids = torch.tensor([prompt_ids], device=self.device)
-            past, out_ids, logprobs, finish = None, [], [], "length"
+            past, seen, out_ids, logprobs, versions, finish = None, None, [], [], [], "length"
             for _ in range(spec.max_tokens):
-                out = self.model(input_ids=ids, past_key_values=past, use_cache=True)
-                past = out.past_key_values
+                with step:
+                    if past is not None and seen != self.version and self.recompute:
+                        past = None  # new weights: the whole context again, under them
+                    new = (prompt_ids + out_ids) if past is None else out_ids[-1:]
+                    out = self.model(input_ids=torch.tensor([new], device=self.device), past_key_values=past,
+                                     use_cache=True)
+                    past, seen = out.past_key_values, self.version
                 logits = out.logits[0, -1].float()
                 tok = sample_token(logits, spec.temperature, spec.top_p, generator)
                 out_ids.append(tok)
                 logprobs.append(float(torch.log_softmax(logits, -1)[tok]))
+                versions.append(seen)
                 if tok in self.eos_ids:
                     finish = "eos"
                     break
                 if spec.stop and any(s in self.tokenizer.decode(out_ids[-32:]) for s in spec.stop):
                     finish = "stop"
                     break
-                ids = torch.tensor([[tok]], device=self.device)
-            return Generation(out_ids, logprobs, finish)
+            return Generation(out_ids, logprobs, finish, versions)
 
     async def generate(self, prompt_ids: list[int], spec: SamplingSpec) -> Generation:
         return await asyncio.to_thread(self.generate_sync, list(prompt_ids), spec)
@@ -138,7 +151,9 @@ class TransformersEngine(Engine):
         self._adapter = {peft_lora.peft_name(n): p for n, p in peft_lora.adapter_parameters(self.model).items()}
 
     @torch.inference_mode()
-    def update_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def update_weights(self, version: int | Callable[[], int], weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load `weights` and take `version` (or what `version()` says once they are loaded: a sync's receiver
+        learns it from the wire) under one lock: no token sees the new weights under the old version."""
         if self._adapter is not None:
             return self._load_adapter(version, weights)
         state = self.model.state_dict()
@@ -150,15 +165,15 @@ class TransformersEngine(Engine):
                     raise ValueError(f"update_weights: {name} has shape {tuple(tensor.shape)}, "
                                      f"expected {tuple(state[name].shape)}")
                 state[name].copy_(tensor)
-            self.version = version
+            self.version = version() if callable(version) else version
 
-    def _load_adapter(self, version: int, weights) -> None:
+    def _load_adapter(self, version: int | Callable[[], int], weights) -> None:
         """Copy a whole adapter (every A and B, PEFT saved names) into the model's adapter."""
-        self._copy_adapter(self._adapter, weights)
-        self.version = version
+        self._copy_adapter(self._adapter, weights, then=lambda: setattr(
+            self, "version", version() if callable(version) else version))
 
     @torch.inference_mode()
-    def _copy_adapter(self, into: dict[str, torch.nn.Parameter], weights) -> None:
+    def _copy_adapter(self, into: dict[str, torch.nn.Parameter], weights, then=lambda: None) -> None:
         new = adapter.as_dict(named_tensors(weights))  # a transport's views last only until its next bucket
         adapter.check(new, self._lora)
         if set(new) != set(into):
@@ -168,6 +183,7 @@ class TransformersEngine(Engine):
         with self._lock:
             for name, tensor in new.items():
                 into[name].copy_(tensor)
+            then()
 
     def load_teacher(self, version: int, weights) -> None:
         """The teacher's adapter (same rank and targets as the policy's), added as a second PEFT adapter on
@@ -195,9 +211,7 @@ class TransformersEngine(Engine):
         """Join the role's group (once per generation) and copy the broadcast straight into the parameters."""
 
         rx = self._receiver = receiver_for(ticket, self.device, getattr(self, "_receiver", None))
-        received = rx.receive(ticket)
-        self.update_weights(-1, received)
-        self.version = rx.version
+        self.update_weights(lambda: rx.version, rx.receive(ticket))
         return rx.version
 
     async def areceive_weights(self, ticket: dict) -> int:

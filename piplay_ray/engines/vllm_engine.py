@@ -22,13 +22,14 @@ import torch
 from piplay_ray.engines import adapter
 from piplay_ray.engines.base import Engine, Generation, SamplingSpec, TopK, named_tensors
 from piplay_ray.engines.vllm_lora import LoraServing
+from piplay_ray.engines.vllm_swap import WeightSwap
 from piplay_ray.engines.vllm_weights import WeightLoader, sweep_orphans, write_shared
 
 GiB = 1 << 30
 STREAM_BUCKET_MB, STREAM_TIMEOUT_S = 256, 600.0  # astream_weights: its buckets and a stalled worker's deadline
 
 
-class VLLMEngine(LoraServing, Engine):
+class VLLMEngine(LoraServing, WeightSwap, Engine):
     @classmethod
     def from_config(cls, model_path: str, rollout_cfg, *, dtype: str, seed: int, max_logprobs: int,
                     tensor_parallel_size: int, gpu_memory_utilization: float, lora=None) -> VLLMEngine:
@@ -36,12 +37,13 @@ class VLLMEngine(LoraServing, Engine):
                    max_num_seqs=rollout_cfg.max_num_seqs, gpu_memory_utilization=gpu_memory_utilization,
                    kv_cache_gib=rollout_cfg.kv_cache_gib, tensor_parallel_size=tensor_parallel_size,
                    enforce_eager=rollout_cfg.enforce_eager, max_logprobs=max_logprobs, lora=lora,
-                   sleep=rollout_cfg.sleep_when_idle)
+                   sleep=rollout_cfg.sleep_when_idle, inflight=rollout_cfg.inflight_updates,
+                   kv=rollout_cfg.inflight_kv)
 
     def __init__(self, model_path: str, *, dtype: str = "auto", seed: int = 0, max_model_len: int = 4096,
                  max_num_seqs: int = 64, gpu_memory_utilization: float = 0.85, kv_cache_gib: float = 1.0,
                  tensor_parallel_size: int = 1, enforce_eager: bool = True, max_logprobs: int = 64,
-                 lora=None, sleep: bool = False):
+                 lora=None, sleep: bool = False, inflight: bool = False, kv: str = "recompute"):
         from vllm import AsyncEngineArgs
         from vllm.platforms import current_platform
 
@@ -67,6 +69,7 @@ class VLLMEngine(LoraServing, Engine):
         self._idle: asyncio.Condition | None = None
         self._waking: asyncio.Lock | None = None
         self._asleep = False
+        self.inflight, self.recompute = inflight, kv == "recompute"
         self.llm = None
         if lora is not None:
             try:
@@ -99,11 +102,12 @@ class VLLMEngine(LoraServing, Engine):
 
     # ------------------------------------------------------------------------------------- requests
 
-    async def _request(self, prompt_ids: list[int], params, lora_request=None):
-        """One request, with the policy's adapter unless `lora_request` names another (the teacher's)."""
+    async def _request(self, prompt_ids: list[int], params, lora_request=None, on_output=None):
+        """One request, with the policy's adapter unless `lora_request` names another (the teacher's);
+        `on_output(out)` sees every output as it comes (streamed with `RequestOutputKind.DELTA`)."""
         from vllm.inputs import TokensPrompt
 
-        await self._ready.wait()  # closed while weights are being replaced
+        await self._ready.wait()  # closed while weights are being replaced between requests
         self._inflight += 1
         try:
             await self._awake()
@@ -112,6 +116,8 @@ class VLLMEngine(LoraServing, Engine):
                                                request_id=uuid.uuid4().hex,
                                                lora_request=lora_request or self._lora_request):
                 final = out
+                if on_output is not None:
+                    on_output(out)
             return final
         finally:
             self._inflight -= 1
@@ -119,15 +125,27 @@ class VLLMEngine(LoraServing, Engine):
                 self._idle.notify_all()
 
     async def generate(self, prompt_ids: list[int], spec: SamplingSpec) -> Generation:
+        """With in-flight updates the tokens stream in (DELTA) and each takes the version the engine holds
+        when it arrives: a swap sets the new version while generation is paused, after the tokens made
+        before the pause came out (vllm_swap.py)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        kind = RequestOutputKind.DELTA if self.inflight else RequestOutputKind.FINAL_ONLY
         params = SamplingParams(max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
                                 stop=list(spec.stop), include_stop_str_in_output=True, logprobs=0,
-                                seed=spec.seed, output_kind=RequestOutputKind.FINAL_ONLY)
-        out = (await self._on_engine(self._request(prompt_ids, params))).outputs[0]
-        ids = list(out.token_ids)
-        logprobs = [float(lp[t].logprob) for lp, t in zip(out.logprobs, ids, strict=True)]
+                                seed=spec.seed, output_kind=kind)
+        ids, logprobs, versions = [], [], []
+
+        def take(out) -> None:
+            o = out.outputs[0]
+            ids.extend(o.token_ids)
+            logprobs.extend(float(lp[t].logprob) for lp, t in zip(o.logprobs, o.token_ids, strict=True))
+            versions.extend([self.version] * len(o.token_ids))
+
+        out = (await self._on_engine(self._request(prompt_ids, params, on_output=take))).outputs[0]
+        if not self.inflight:
+            versions = None
         if out.finish_reason == "length":
             finish = "length"
         elif out.finish_reason == "stop" and isinstance(out.stop_reason, str):
@@ -136,7 +154,7 @@ class VLLMEngine(LoraServing, Engine):
             finish = "eos"  # the EOS token (stop_reason None) or a stop token id
         else:
             raise RuntimeError(f"vLLM request ended with {out.finish_reason!r}")
-        return Generation(ids, logprobs, finish)
+        return Generation(ids, logprobs, finish, versions)
 
     async def prompt_topk(self, token_ids: list[int], start: int, k: int) -> TopK:
         return await self._topk(token_ids, start, k)
@@ -158,63 +176,21 @@ class VLLMEngine(LoraServing, Engine):
             lps.append([float(lp.logprob) for _, lp in best])
         return TopK(ids=ids, logprobs=lps)
 
-    # ------------------------------------------------------------------------------------- sleep
-
-    async def asleep(self) -> None:
-        """vLLM's sleep mode, level 1 (`rollout.sleep_when_idle`, on a GPU): weights to host memory, the KV
-        cache dropped, the device memory free for the learner until the next request or weight load."""
-        if self.can_sleep:
-            await self._on_engine(self._sleep())
-
-    async def _sleep(self) -> None:
-        self._ready.clear()
-        async with self._idle:
-            await self._idle.wait_for(lambda: self._inflight == 0)
-        try:
-            async with self._waking:
-                if not self._asleep:
-                    await self.llm.sleep(level=1)
-                    self._asleep = True
-        finally:
-            self._ready.set()
-
-    async def _awake(self) -> None:
-        """Back from `asleep` before anything touches the engine; one waker, the others wait for it."""
-        async with self._waking:
-            if self._asleep:
-                await self.llm.wake_up()
-                await self.llm.reset_prefix_cache()  # what the dropped cache held is gone
-                self._asleep = False
-
     # ------------------------------------------------------------------------------------- weights
-
-    async def _swap(self, path: str):
-        return await self._swap_rpc("piplay_reload", path)
-
-    async def _swap_rpc(self, method: str, arg):
-        """Run a loading method on every worker while no request runs, then drop the prefix cache."""
-        self._ready.clear()  # new requests wait; requests already running finish on the old weights
-        async with self._idle:
-            await self._idle.wait_for(lambda: self._inflight == 0)
-        try:
-            await self._awake()
-            out = await self.llm.collective_rpc(method, args=(arg,))
-            if not await self.llm.reset_prefix_cache():  # refuses while requests run; none do here
-                raise RuntimeError("vLLM refused to reset its prefix cache after a weight update")
-            return out
-        finally:
-            self._ready.set()
 
     async def areceive_weights(self, ticket: dict) -> int:
         if self._lora is not None:
-            out = await self._receive_adapter(ticket)
+            self._settle(await self._receive_adapter(ticket))
         else:
-            out = await self._on_engine(self._swap_rpc("piplay_receive", dict(ticket)))
+            await self._on_engine(self._swap_rpc("piplay_receive", dict(ticket), self._settle))
+        return self.version
+
+    def _settle(self, out: list) -> None:
+        """Take the version every worker says it received."""
         versions = {v for v, _ in out}
         if len(versions) != 1:
             raise RuntimeError(f"vLLM workers received different weight versions: {sorted(versions)}")
         self.version = versions.pop()
-        return self.version
 
     def update_weights(self, version: int, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         if self._lora is not None:
@@ -223,10 +199,9 @@ class VLLMEngine(LoraServing, Engine):
             return
         path = write_shared(named_tensors(weights))
         try:
-            self._call(self._swap(path))
+            self._call(self._swap(path, version))
         finally:
             os.unlink(path)
-        self.version = version
 
     async def aupdate_weights(self, version: int, weights) -> None:
         """`update_weights` for callers on an event loop (the file is written in a thread)."""
@@ -238,10 +213,9 @@ class VLLMEngine(LoraServing, Engine):
             return
         path = await asyncio.to_thread(write_shared, named_tensors(weights))
         try:
-            await self._on_engine(self._swap(path))
+            await self._on_engine(self._swap(path, version))
         finally:
             os.unlink(path)
-        self.version = version
 
     async def astream_weights(self, version: int, weights) -> None:
         """Full weights from this process into the engine's workers without a file: a private group of this

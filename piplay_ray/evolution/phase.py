@@ -2,7 +2,10 @@
 
 The producer makes the groups of learner step j (the role's step recipe, through `EvolutionLoop.step_groups`)
 once the staleness rule allows it and puts them in the replay store; the learner samples them, trains, and
-publishes the new weights, which the next producer round loads into the rollout pool.
+publishes the new weights, which the next producer round loads into the rollout pool. With in-flight updates
+(`rollout.inflight_updates`) the new weights go into the engines at once, mid-trajectory, and the rounds of
+consecutive steps overlap (up to `replay.max_staleness` + 1 of them), so the engines stay full and neither
+side waits for the slowest trajectory; rounds still reach the replay store in step order.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class Phase:
         exps = [e for g in groups for e in g]
         oldest = min(e.version for e in exps)
         stale = policy.version - oldest
+        token_stale = [s for e in exps for s in e.token_staleness(policy.version)] or [stale]
         lam = policy.distill_weight(st.iteration)
         t = time.monotonic()
         fresh = cfg.learner.optimizer_restart == "iteration" and st.phase_steps == 0  # Dr. Zero: a run per phase
@@ -74,9 +78,12 @@ class Phase:
         st.global_step += 1
         await actors.replay.set_version.remote(role, policy.version)
         policy.publish()
-        await policy.after_step()  # the student's: the teacher's EMA step
+        await policy.after_step()  # the student's: the teacher's EMA step (collective: with the pool's sync)
+        if cfg.rollout.inflight_updates:  # into the running engines now, not at the next round's start
+            await policy.sync_pool()
         book.record_step(role, groups)
         book.log({**learner_metrics(m), "schedule/lambda": lam, "replay/staleness": stale,
+                  "replay/token_staleness_mean": mean(token_stale), "replay/token_staleness_max": max(token_stale),
                   "learner/step_seconds": step_s, "learner/idle_frac": waited / (waited + step_s),
                   "learner/groups": len(groups), "learner/version": policy.version,
                   "learner/min_experience_version": oldest,
@@ -103,21 +110,58 @@ class Phase:
                 raise RuntimeError(f"the {self.role} producer stopped without filling the replay store")
 
     async def produce(self, first: int, last: int) -> None:
-        """Fill the replay store for learner steps first..last-1, each started once the staleness rule allows."""
+        """Fill the replay store for learner steps first..last-1, each started once the staleness rule allows;
+        in flight, a round starts while earlier ones still run (at most max_staleness + 1 at once)."""
         loop, policy, bound = self.loop, self.policy, self.loop.cfg.replay.max_staleness
-        for j in range(first, last):
-            if await loop.actors.replay.produced.remote(self.role, j):  # buffered, restored with a checkpoint
-                continue
-            while not loop.stopping:
-                await policy.wait_to_produce(j, bound, lambda: loop.stopping)
-                await policy.sync_pool()
-                t = time.monotonic()
-                groups = await loop.step_groups(self.role, j)
-                tokens = sum(sum(e.mask) for g in groups for e in g)
-                verdict = await loop.actors.replay.put.remote(groups)  # the whole step or none of it
-                loop.book.log({"throughput/rollout_tokens_per_s": tokens / max(time.monotonic() - t, 1e-9),
-                               "replay/refused": len(groups) if verdict == "stale" else 0}, self.role)
-                if verdict in ("ok", "duplicate"):
-                    break  # else it went stale while generating: make this step's groups again
-            if loop.stopping:
-                return
+        overlap = bound + 1 if loop.cfg.rollout.inflight_updates else 1
+        running: list[asyncio.Task] = []
+        put_before = None  # the previous round's put: rounds reach the store in step order
+        try:
+            for j in range(first, last):
+                if await loop.actors.replay.produced.remote(self.role, j):  # buffered, restored with a checkpoint
+                    continue
+                await _unless_failed(policy.wait_to_produce(j, bound, lambda: loop.stopping), running)
+                while len(busy := [t for t in running if not t.done()]) >= overlap:
+                    await _unless_failed(asyncio.wait(busy, return_when=asyncio.FIRST_COMPLETED), running)
+                running = [t for t in running if not t.done()]
+                if loop.stopping:
+                    return
+                put_before = asyncio.create_task(self.produce_round(j, put_before))
+                running.append(put_before)
+            await asyncio.gather(*running)
+        finally:
+            for t in running:
+                t.cancel()
+
+    async def produce_round(self, j: int, put_before: asyncio.Task | None) -> None:
+        """The groups of learner step `j`, put in the replay store after the round before (made again if they
+        went stale while generating)."""
+        loop, policy, bound = self.loop, self.policy, self.loop.cfg.replay.max_staleness
+        while not loop.stopping:
+            await policy.wait_to_produce(j, bound, lambda: loop.stopping)
+            await policy.sync_pool()
+            t = time.monotonic()
+            groups = await loop.step_groups(self.role, j)
+            tokens = sum(sum(e.mask) for g in groups for e in g)
+            if put_before is not None:
+                await asyncio.shield(put_before)
+            verdict = await loop.actors.replay.put.remote(groups)  # the whole step or none of it
+            loop.book.log({"throughput/rollout_tokens_per_s": tokens / max(time.monotonic() - t, 1e-9),
+                           "replay/refused": len(groups) if verdict == "stale" else 0}, self.role)
+            if verdict in ("ok", "duplicate"):
+                return  # else it went stale while generating: make this step's groups again
+
+
+async def _unless_failed(aw, rounds: list[asyncio.Task]):
+    """Await `aw` unless one of the running `rounds` fails first: then raise its error (a producer waiting on
+    the staleness gate would otherwise wait for a learner step that never comes)."""
+    task = asyncio.ensure_future(aw)
+    try:
+        while not task.done():
+            await asyncio.wait([task, *[t for t in rounds if not t.done()]], return_when=asyncio.FIRST_COMPLETED)
+            for t in rounds:
+                if t.done() and not t.cancelled() and t.exception() is not None:
+                    raise t.exception()
+        return task.result()
+    finally:
+        task.cancel()

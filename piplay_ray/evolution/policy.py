@@ -35,6 +35,7 @@ class Policy:
         self.pool_version = 0  # what the rollout pool holds; -1 after a rollback (it must reload)
         self.changed = asyncio.Event()  # set on every publish (and on a stop request)
         self._form: str | None = None
+        self._syncing = asyncio.Lock()  # the learner (in flight) and the producer's rounds both bring the pool up
         if sync is not None:  # a pool whose worker restarted rejoins the group and resyncs through it
             pool.resync = sync.resync
 
@@ -64,6 +65,10 @@ class Policy:
 
     async def sync_pool(self) -> None:
         """Bring the pool to the published version (nothing to do when it already holds it)."""
+        async with self._syncing:
+            await self._sync_pool()
+
+    async def _sync_pool(self) -> None:
         if self.published is None or self.pool_version >= self.published[0]:
             return
         version, bundle = self.published

@@ -80,7 +80,8 @@ async def examiner_step(step: int, cfg: Config, iteration: int, sampler: Examine
     }
     group = [Experience(group_id=group_id("examiner", step), role="examiner", prompt_ids=t.prompt_ids,
                         response_ids=t.response_ids, mask=t.mask, logprobs=t.logprobs, reward=r,
-                        advantage=a, version=t.version, info={"task": task.id, "hops": task.hops})
+                        advantage=a, version=t.version, info={"task": task.id, "hops": task.hops},
+                        versions=t.versions or None)
              for t, task, r, a in zip(trajs, tasks, rewards, advantages, strict=True)]
     return StepResult([group], metrics, failures, candidates=[tasks[i] for i in valid])
 
@@ -119,7 +120,8 @@ async def student_step(step: int, cfg: Config, task_set: Sequence[Task], student
         exps.append(Experience(group_id=group_id("student", step, slot[i // g], task.id), role="student",
                                prompt_ids=traj.prompt_ids,
                                response_ids=traj.response_ids, mask=traj.mask, logprobs=traj.logprobs,
-                               reward=r, advantage=a, version=traj.version, teacher_ids=t_ids,
+                               reward=r, advantage=a, version=traj.version, versions=traj.versions or None,
+                               teacher_ids=t_ids,
                                teacher_logprobs=t_lps, teacher_tail=t_tail, info={"task": task.id}))
         tokens = [tokenizer.convert_tokens_to_string([t]) for t in tokenizer.convert_ids_to_tokens(traj.response_ids)]
         diag.add(traj, tokens, task.answer, task.question, texts[task.id], t_ids, t_lps, t_tail)

@@ -20,7 +20,7 @@ import torch
 from piplay_ray import assets
 from piplay_ray.config import Config, LearnerConfig, WeightSyncConfig
 from piplay_ray.learner import checkpoint, lora, offload, rank_checkpoint, step
-from piplay_ray.learner.rank_env import rank_env, unlink_shm_buffers
+from piplay_ray.learner.rank_env import pin_threads, rank_env, unlink_shm_buffers
 from piplay_ray.learner.role_engine import RoleEngine
 from piplay_ray.records import Experience
 from piplay_ray.weight_sync import make_transport
@@ -71,6 +71,8 @@ class LearnerWorkerImpl:
 
         if torch.cuda.is_available() and cuda_index is not None:
             torch.cuda.set_device(cuda_index)
+        if self.learner.cpu_cores:
+            pin_threads(self.learner.cpu_cores)
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                    auto_mpi_discovery=False, init_method=f"tcp://{master_addr}:{master_port}",
                                    rank=self.rank, world_size=self.world_size)

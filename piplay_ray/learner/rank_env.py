@@ -1,5 +1,6 @@
 """The rank environment of one learner rank, derived from the devices Ray gives it (pure, so it is tested
-without GPUs), and the cleanup of what DeepSpeed's CPU all-reduce leaves in /dev/shm.
+without GPUs), the cleanup of what DeepSpeed's CPU all-reduce leaves in /dev/shm, and the pinning of its
+threads to cores (`learner.cpu_cores`).
 
 DeepSpeed picks its device from `LOCAL_RANK`, which must name the rank's own GPU as this process sees it
 (`cluster.devices.select`: index 0 by default, its real index under NOSET), not its position among the
@@ -37,4 +38,14 @@ def unlink_shm_buffers(master_addr: str | None, master_port: str | None) -> None
         try:
             os.unlink(f)
         except OSError:
+            pass
+
+
+def pin_threads(cores: Sequence[int]) -> None:
+    """Pin every thread of this process (torch's pools already exist) and those it starts later to `cores`
+    (`learner.cpu_cores`): Linux's affinity is per thread, and a new thread inherits its creator's."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), set(cores))
+        except (ProcessLookupError, PermissionError):  # a thread that just ended
             pass

@@ -65,6 +65,7 @@ async def run_agent(engine: Engine, search, tokenizer, prompt_ids: list[int], sp
         traj.response_ids += gen.token_ids
         traj.mask += [1] * len(gen.token_ids)
         traj.logprobs += list(gen.logprobs)
+        traj.versions += gen.versions or [version] * len(gen.token_ids)  # an engine that does not say
         traj.turns += 1
         action = protocol.parse_turn(tokenizer.decode(gen.token_ids), role)
 
@@ -87,6 +88,7 @@ async def run_agent(engine: Engine, search, tokenizer, prompt_ids: list[int], sp
             traj.response_ids += info
             traj.mask += [0] * len(info)
             traj.logprobs += [0.0] * len(info)
+            traj.versions += [traj.versions[-1] if traj.versions else version] * len(info)
             continue
         if action.kind in ("answer", "question"):
             traj.answer = action.answer
@@ -99,5 +101,6 @@ async def run_agent(engine: Engine, search, tokenizer, prompt_ids: list[int], sp
         finish = {"eos": "eos", "length": "length"}.get(gen.finish_reason, "invalid")
         break
     traj.finish_reason = finish  # type: ignore[assignment]
+    traj.version = min((v for v, m in zip(traj.versions, traj.mask, strict=True) if m), default=version)
     traj.text = tokenizer.decode(traj.response_ids)
     return traj

@@ -216,3 +216,39 @@ def test_a_cut_evidence_cuts_the_hop_to_what_the_agent_saw(tok):
     first, second = traj.hops[0].docs
     assert first == docs[0] and second.id == "2" and second.contents and second.contents in docs[1].contents
     assert seen.endswith(second.contents) and len(second.contents) < len(docs[1].contents)
+
+
+class VersionedEngine(ScriptedEngine):
+    """Says which version made each token: the weights changed during its second turn."""
+
+    def __init__(self, turns, versions):
+        super().__init__(turns)
+        self.versions = versions
+
+    async def generate(self, prompt_ids, spec):
+        gen = await super().generate(prompt_ids, spec)
+        gen.versions = self.versions[len(self.inputs) - 1][: len(gen.token_ids)]
+        return gen
+
+
+def test_a_trajectory_that_spans_a_weight_update_records_each_tokens_version(tok):
+    """Per-token versions survive the agent loop (inserted search results take their turn's), and the
+    trajectory's version is its oldest generated token's: what the replay bound reads."""
+    t1 = enc(tok, "<search>capital of France</search>")
+    t2 = enc(tok, "<answer>Paris</answer>")
+    v2 = [4] * 2 + [5] * (len(t2) - 2)  # the update landed after two tokens of the second turn
+    engine = VersionedEngine([t1, t2], [[4] * len(t1), v2])
+    traj = asyncio.run(run_agent(engine, FakeSearch(), tok, [1, 2], SamplingSpec(100), max_turns=3, version=4))
+    info = len(traj.response_ids) - len(t1) - len(t2)
+    assert traj.versions == [4] * len(t1) + [4] * info + v2
+    assert traj.version == 4 and traj.finish_reason == "answer"
+    engine = VersionedEngine([t1, t2], [[5] * len(t1), [6] * len(t2)])  # all of it newer than its start
+    assert asyncio.run(run_agent(engine, FakeSearch(), tok, [1, 2], SamplingSpec(100), 3, version=4)).version == 5
+
+
+def test_token_staleness_counts_trained_tokens_only():
+    from piplay_ray.records import Experience
+
+    e = Experience("g", "student", [1], [5, 6, 7, 8], [1, 0, 1, 1], [0.0] * 4, 1.0, 0.5, 3, versions=[3, 3, 4, 5])
+    assert e.token_staleness(6) == [3, 2, 1]
+    assert Experience("g", "student", [1], [5, 6], [1, 1], [0.0] * 2, 1.0, 0.5, 3).token_staleness(4) == [1, 1]

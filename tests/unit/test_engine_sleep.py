@@ -40,13 +40,14 @@ class FakeLLM:
         if self.release is not None:
             await self.release.wait()
         self.calls.append("generate")
-        yield SimpleNamespace(outputs=[])
+        yield SimpleNamespace(outputs=[SimpleNamespace(token_ids=[], logprobs=[])])
 
 
 @pytest.fixture
 def engine():
     eng = VLLMEngine.__new__(VLLMEngine)  # no vLLM engine: the sleep logic around it
     eng.can_sleep, eng._asleep, eng._inflight, eng._lora_request = True, False, 0, None
+    eng.inflight, eng.recompute, eng.version = False, True, 0
     eng._loop = asyncio.new_event_loop()
     import threading
 
@@ -78,7 +79,7 @@ def test_an_asleep_engine_wakes_once_for_many_requests_and_drops_its_cache(engin
 
 def test_a_weight_load_wakes_it_first(engine):
     asyncio.run(engine.asleep())
-    asyncio.run(engine._on_engine(engine._swap_rpc("piplay_receive", {})))
+    asyncio.run(engine._on_engine(engine._swap_rpc("piplay_receive", {}, lambda out: None)))
     assert engine.llm.calls == ["sleep1", "wake", "reset", "piplay_receive", "reset"]
 
 
