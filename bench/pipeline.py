@@ -1,61 +1,85 @@
-"""Streaming vs synchronous student phase on the tiny config.
+"""Synchronous vs step-boundary streaming vs in-flight weight updates: the student phase on a miniature cluster.
 
-Runs `piplay train` twice in this process's environment — `replay.max_staleness=1` (rollouts for step j+1
-overlap the learner's step j) and `replay.max_staleness=0` (strictly on-policy, generation and training
-alternate) — and reads their metrics.jsonl: seconds per student learner step (from the moment the task set
-is written to the last student step) and the learner's idle fraction (time waiting for experiences over
-time waiting plus training). Prints one JSON line last.
+Runs `piplay train` once per mode on the same config and seed, on disjoint resources as on a cluster: the
+learner's rank pinned to one core (`learner.cpu_cores`), everything else (rollout engines, teacher, search,
+driver) to the other (`taskset`, and vLLM's thread binding), so generation and training do not compete for
+cores as they would not on separate GPUs. The search agent's trajectories vary in length with its searches.
 
-    python bench/pipeline.py [--steps 6] [--config configs/tiny.yaml]
+- synchronous: `replay.max_staleness=0` (generate a step's groups, train on them, sync, repeat);
+- streaming: `max_staleness=1`, syncs between requests (rollouts of step j+1 overlap learner step j, but a
+  sync waits for the requests in flight and a round for its slowest trajectory);
+- inflight: `max_staleness=1`, `rollout.inflight_updates=true` (weights go into the running requests; the
+  rounds of consecutive steps overlap).
+
+From each run's metrics.jsonl: student steps per minute (from the task set's writing to the last student
+step), the learner's idle fraction, mean and max token staleness, and the reward of every step (the curve).
+Prints one JSON line per mode, then one with all three.
+
+    python bench/pipeline.py [--steps 4] [--config configs/local.yaml] [--modes synchronous,streaming,inflight]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+MODES = {
+    "synchronous": ["replay.max_staleness=0", "rollout.inflight_updates=false"],
+    "streaming": ["replay.max_staleness=1", "rollout.inflight_updates=false"],
+    "inflight": ["replay.max_staleness=1", "rollout.inflight_updates=true"],
+}
 
 
-def run(config: str, staleness: int, steps: int, workdir: Path) -> dict:
-    run_dir = workdir / f"staleness-{staleness}"
-    cmd = [sys.executable, "-m", "piplay_ray", "train", "--config", config, f"run.dir={run_dir}",
-           f"replay.max_staleness={staleness}", "schedule.examiner_steps=1", f"schedule.student_steps={steps}",
-           "checkpoint.every=0", "dashboard.enabled=false", "logging.tensorboard=false"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+def run(config: str, mode: str, steps: int, workdir: Path, cores: tuple[int, int]) -> dict:
+    run_dir = workdir / mode
+    engines, learner = cores
+    cmd = ["taskset", "-c", str(engines), sys.executable, "-m", "piplay_ray", "train", "--config", config,
+           f"run.dir={run_dir}", *MODES[mode], f"learner.cpu_cores=[{learner}]", "learner.num_cpus_per_rank=1",
+           "schedule.examiner_steps=1", f"schedule.student_steps={steps}", "schedule.iterations=1",
+           "checkpoint.every=0", "dashboard.enabled=false", "logging.tensorboard=false", "eval.every=0",
+           "eval.before_training=false"]
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": str(engines)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
-        sys.exit(f"train failed (max_staleness={staleness}):\n{proc.stderr[-4000:]}")
+        sys.exit(f"train failed ({mode}):\n{proc.stderr[-4000:]}")
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     start = next(r["time"] for r in rows if "tasks/size" in r)
-    student = [r for r in rows if r["phase"] == "student" and "learner/version" in r]
-    idle = [r["learner/idle_frac"] for r in student]
-    return {"seconds_per_step": round((student[-1]["time"] - start) / len(student), 3),
-            "learner_idle_frac": round(sum(idle) / len(idle), 3),
-            "max_staleness_seen": max(r["replay/staleness"] for r in student)}
+    learner = [r for r in rows if r["phase"] == "student" and "learner/version" in r]
+    rewards = [r["student/reward"] for r in rows if r["phase"] == "student" and "student/reward" in r]
+    minutes = (learner[-1]["time"] - start) / 60
+    return {"mode": mode, "steps": len(learner), "steps_per_min": round(len(learner) / minutes, 3),
+            "seconds_per_step": round(60 * minutes / len(learner), 1),
+            "learner_idle_frac": round(sum(r["learner/idle_frac"] for r in learner) / len(learner), 3),
+            "token_staleness_mean": round(sum(r["replay/token_staleness_mean"] for r in learner) / len(learner), 3),
+            "token_staleness_max": max(r["replay/token_staleness_max"] for r in learner),
+            "reward_curve": [round(x, 3) for x in rewards]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "local.yaml"))
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--cores", default="0,1", help="the engines' core, the learner's core")
     args = ap.parse_args()
+    cores = tuple(int(c) for c in args.cores.split(","))
+    out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        streaming = run(args.config, 1, args.steps, Path(tmp))
-        print(json.dumps({"max_staleness": 1, **streaming}), flush=True)
-        synchronous = run(args.config, 0, args.steps, Path(tmp))
-        print(json.dumps({"max_staleness": 0, **synchronous}), flush=True)
-    print(json.dumps({
-        "bench": "pipeline", "config": Path(args.config).name, "student_steps": args.steps,
-        "streaming_s_per_step": streaming["seconds_per_step"],
-        "synchronous_s_per_step": synchronous["seconds_per_step"],
-        "speedup": round(synchronous["seconds_per_step"] / streaming["seconds_per_step"], 3),
-        "streaming_learner_idle_frac": streaming["learner_idle_frac"],
-        "synchronous_learner_idle_frac": synchronous["learner_idle_frac"],
-    }))
+        for mode in args.modes.split(","):
+            out[mode] = run(args.config, mode, args.steps, Path(tmp), cores)
+            print(json.dumps(out[mode]), flush=True)
+    base = out.get("synchronous", {}).get("steps_per_min")
+    print(json.dumps({"bench": "pipeline", "config": Path(args.config).name, "student_steps": args.steps,
+                      "cores": {"engines": cores[0], "learner": cores[1]},
+                      **{m: {k: v for k, v in r.items() if k != "mode"} for m, r in out.items()},
+                      **({"speedup_vs_synchronous": {m: round(r["steps_per_min"] / base, 3) for m, r in out.items()}}
+                         if base else {})}))
 
 
 if __name__ == "__main__":
