@@ -206,3 +206,30 @@ def test_ipc_a_receiver_that_dies_mid_sync_fails_the_sender_within_the_timeout_a
             p.join(timeout=30)
     assert dying.exitcode == 3  # it died mid-sync, after its first tensor
     assert not _segments()
+
+
+def _receive_slowly(ticket, out):
+    """Reads each tensor a while after it arrived: a sender that reused a bucket's buffer before every
+    receiver said it was done would have overwritten it by then."""
+    rx = receiver_for(ticket, "cpu")
+    got = {}
+    for name, t in rx.receive(ticket):
+        time.sleep(0.05)
+        got[name] = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    out.put(got)
+
+
+def test_ipc_a_bucket_is_reused_only_after_every_receiver_took_it():
+    named = [(f"w{i}", torch.full((256,), float(i))) for i in range(12)]  # 1 KiB each: a bucket each
+    ctx = mp.get_context("spawn")
+    tx = _sender("ipc", bucket_bytes=1024)
+    rdv = tx.open(_host(), world=2, generation=1, timeout_s=60)
+    out = ctx.Queue()
+    p = ctx.Process(target=_receive_slowly, args=(rdv.ticket(1, 1), out))
+    p.start()
+    try:
+        tx.publish(1, iter(named))
+        got = out.get(timeout=60)
+    finally:
+        p.join(timeout=30)
+    assert got == {n: t.numpy().tobytes() for n, t in named}
