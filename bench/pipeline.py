@@ -3,7 +3,9 @@
 Runs `piplay train` once per mode on the same config and seed, on disjoint resources as on a cluster: the
 learner's rank pinned to one core (`learner.cpu_cores`), everything else (rollout engines, teacher, search,
 driver) to the other (`taskset`, and vLLM's thread binding), so generation and training do not compete for
-cores as they would not on separate GPUs. The search agent's trajectories vary in length with its searches.
+cores as they would not on separate GPUs. The search agent's trajectories vary in length as they do in
+training: `SEARCH_AGENT` lets one answer in a few tokens and another search four times with turns of up to 192
+tokens (1,024 in all), so a round's slowest trajectory takes several times its median one.
 
 - synchronous: `replay.max_staleness=0` (generate a step's groups, train on them, sync, repeat);
 - streaming: `max_staleness=1`, syncs between requests (rollouts of step j+1 overlap learner step j, but a
@@ -11,11 +13,13 @@ cores as they would not on separate GPUs. The search agent's trajectories vary i
 - inflight: `max_staleness=1`, `rollout.inflight_updates=true` (weights go into the running requests; the
   rounds of consecutive steps overlap).
 
-From each run's metrics.jsonl: student steps per minute (from the task set's writing to the last student
-step), the learner's idle fraction, mean and max token staleness, and the reward of every step (the curve).
+From each run's metrics.jsonl: student steps per minute in the steady state (from the first learner step's end
+to the last's: every mode's first step waits for a whole round, the pipeline's fill) and over the whole phase
+(from the task set's writing), the learner's idle fraction (steady state), mean and max token staleness, the
+mean time of a producer round (rollouts and teacher scoring of one step), and the reward of every step.
 Prints one JSON line per mode, then one with all three.
 
-    python bench/pipeline.py [--steps 4] [--config configs/local.yaml] [--modes synchronous,streaming,inflight]
+    python bench/pipeline.py [--steps 5] [--config configs/local.yaml] [--modes synchronous,streaming,inflight]
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from statistics import mean
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = {
@@ -34,48 +39,57 @@ MODES = {
     "streaming": ["replay.max_staleness=1", "rollout.inflight_updates=false"],
     "inflight": ["replay.max_staleness=1", "rollout.inflight_updates=true"],
 }
+SEARCH_AGENT = ["student.max_turns=4", "rollout.max_tokens_per_turn=192", "rollout.max_response_tokens=1024"]
 
 
-def run(config: str, mode: str, steps: int, workdir: Path, cores: tuple[int, int]) -> dict:
+def run(config: str, mode: str, steps: int, workdir: Path, cores: tuple[int, int], extra: list[str]) -> dict:
     run_dir = workdir / mode
     engines, learner = cores
     cmd = ["taskset", "-c", str(engines), sys.executable, "-m", "piplay_ray", "train", "--config", config,
            f"run.dir={run_dir}", *MODES[mode], f"learner.cpu_cores=[{learner}]", "learner.num_cpus_per_rank=1",
-           "schedule.examiner_steps=1", f"schedule.student_steps={steps}", "schedule.iterations=1",
+           "schedule.examiner_steps=0", f"schedule.student_steps={steps}", "schedule.iterations=1",
            "checkpoint.every=0", "dashboard.enabled=false", "logging.tensorboard=false", "eval.every=0",
-           "eval.before_training=false"]
+           "eval.before_training=false", *extra]
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": str(engines)}
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     if proc.returncode != 0:
         sys.exit(f"train failed ({mode}):\n{proc.stderr[-4000:]}")
     rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     start = next(r["time"] for r in rows if "tasks/size" in r)
-    learner = [r for r in rows if r["phase"] == "student" and "learner/version" in r]
-    rewards = [r["student/reward"] for r in rows if r["phase"] == "student" and "student/reward" in r]
-    minutes = (learner[-1]["time"] - start) / 60
-    return {"mode": mode, "steps": len(learner), "steps_per_min": round(len(learner) / minutes, 3),
-            "seconds_per_step": round(60 * minutes / len(learner), 1),
-            "learner_idle_frac": round(sum(r["learner/idle_frac"] for r in learner) / len(learner), 3),
-            "token_staleness_mean": round(sum(r["replay/token_staleness_mean"] for r in learner) / len(learner), 3),
+    student = [r for r in rows if r["phase"] == "student"]
+    learner = [r for r in student if "learner/version" in r]
+    if len(learner) < 2:
+        sys.exit(f"{mode}: {len(learner)} learner steps; the steady state needs at least 2")
+    steady = learner[1:]
+    seconds = (learner[-1]["time"] - learner[0]["time"]) / len(steady)
+    rounds = [r["rollout/round_seconds"] for r in student if "rollout/round_seconds" in r]
+    return {"mode": mode, "steps": len(learner), "steps_per_min": round(60 / seconds, 3),
+            "seconds_per_step": round(seconds, 1),
+            "steps_per_min_with_fill": round(60 * len(learner) / (learner[-1]["time"] - start), 3),
+            "learner_idle_frac": round(mean(r["learner/idle_frac"] for r in steady), 3),
+            "learner_step_seconds": round(mean(r["learner/step_seconds"] for r in steady), 1),
+            "round_seconds": round(mean(rounds), 1),
+            "token_staleness_mean": round(mean(r["replay/token_staleness_mean"] for r in learner), 3),
             "token_staleness_max": max(r["replay/token_staleness_max"] for r in learner),
-            "reward_curve": [round(x, 3) for x in rewards]}
+            "reward_curve": [round(r["student/reward"], 3) for r in student if "student/reward" in r]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "local.yaml"))
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--cores", default="0,1", help="the engines' core, the learner's core")
+    ap.add_argument("--set", nargs="*", default=SEARCH_AGENT, help="config overrides of every mode")
     args = ap.parse_args()
     cores = tuple(int(c) for c in args.cores.split(","))
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes.split(","):
-            out[mode] = run(args.config, mode, args.steps, Path(tmp), cores)
+            out[mode] = run(args.config, mode, args.steps, Path(tmp), cores, args.set)
             print(json.dumps(out[mode]), flush=True)
     base = out.get("synchronous", {}).get("steps_per_min")
-    print(json.dumps({"bench": "pipeline", "config": Path(args.config).name, "student_steps": args.steps,
+    print(json.dumps({"bench": "pipeline", "config": Path(args.config).name, "student_steps": args.steps, "set": args.set,
                       "cores": {"engines": cores[0], "learner": cores[1]},
                       **{m: {k: v for k, v in r.items() if k != "mode"} for m, r in out.items()},
                       **({"speedup_vs_synchronous": {m: round(r["steps_per_min"] / base, 3) for m, r in out.items()}}

@@ -125,9 +125,10 @@ class VLLMEngine(LoraServing, WeightSwap, Engine):
                 self._idle.notify_all()
 
     async def generate(self, prompt_ids: list[int], spec: SamplingSpec) -> Generation:
-        """With in-flight updates the tokens stream in (DELTA) and each takes the version the engine holds
-        when it arrives: a swap sets the new version while generation is paused, after the tokens made
-        before the pause came out (vllm_swap.py)."""
+        """Each token takes the version the engine holds when it arrives. With in-flight updates the tokens
+        stream in (DELTA): a swap sets the new version while generation is paused, after the tokens made
+        before the pause came out (vllm_swap.py); without, a swap waits for no request to run, so the
+        request's one version is the one at its end."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -144,8 +145,6 @@ class VLLMEngine(LoraServing, WeightSwap, Engine):
             versions.extend([self.version] * len(o.token_ids))
 
         out = (await self._on_engine(self._request(prompt_ids, params, on_output=take))).outputs[0]
-        if not self.inflight:
-            versions = None
         if out.finish_reason == "length":
             finish = "length"
         elif out.finish_reason == "stop" and isinstance(out.stop_reason, str):

@@ -5,7 +5,9 @@ once the staleness rule allows it and puts them in the replay store; the learner
 publishes the new weights, which the next producer round loads into the rollout pool. With in-flight updates
 (`rollout.inflight_updates`) the new weights go into the engines at once, mid-trajectory, and the rounds of
 consecutive steps overlap (up to `replay.max_staleness` + 1 of them), so the engines stay full and neither
-side waits for the slowest trajectory; rounds still reach the replay store in step order.
+side waits for the slowest trajectory; rounds still reach the replay store in step order. The teacher's EMA
+step and the push into the engines then run beside the next learner step, which waits for them only before it
+publishes: the learner never waits for a teacher that is still scoring.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class Phase:
     def __init__(self, loop, role: str, eval_every: int = 0):
         self.loop, self.role, self.eval_every = loop, role, eval_every
         self.policy = loop.policies[role]
+        self.after: asyncio.Task | None = None  # in flight: the last step's teacher EMA step and push
+        self.mark = time.monotonic()  # the last learner step's end (or the phase's start)
 
     async def run(self, steps: int) -> None:
         """`steps` learner steps (fewer left when resumed mid-phase)."""
@@ -46,24 +50,25 @@ class Phase:
         try:
             while st.phase_steps < steps and not self.loop.stopping:
                 await self.learner_step(producer, bar)
+            await self.settle()
         except Exception as e:  # a dead learner rank (or an actor past its retries): roll back, go on
             if is_actor_failure(e):
                 raise LearnerFailure(describe(e)) from e
             raise
         finally:
             bar.close()
-            producer.cancel()
-            try:
-                await producer
-            except (asyncio.CancelledError, Exception):
-                pass
+            for task in (producer, self.after):
+                if task is not None:
+                    task.cancel()
+                    try:
+                        await task
+                    except (asyncio.CancelledError, Exception):
+                        pass
 
     async def learner_step(self, producer: asyncio.Task, bar) -> None:
         loop, role, policy = self.loop, self.role, self.policy
         cfg, st, book, actors = loop.cfg, loop.state, loop.book, loop.actors
-        t_wait = time.monotonic()
         groups = await self.sample(producer)
-        waited = time.monotonic() - t_wait
         exps = [e for g in groups for e in g]
         oldest = min(e.version for e in exps)
         stale = policy.version - oldest
@@ -77,14 +82,18 @@ class Phase:
         st.phase_steps += 1
         st.global_step += 1
         await actors.replay.set_version.remote(role, policy.version)
+        await self.settle()
         policy.publish()
-        await policy.after_step()  # the student's: the teacher's EMA step (collective: with the pool's sync)
-        if cfg.rollout.inflight_updates:  # into the running engines now, not at the next round's start
-            await policy.sync_pool()
+        inflight = cfg.rollout.inflight_updates  # the push goes into the running engines now
+        after = self.after_publish() if inflight else policy.after_step()
+        if inflight and policy.detached_after_step:  # beside the next step
+            self.after = asyncio.create_task(after)
+        else:  # without in-flight updates the next round starts with the teacher of this step
+            await after
         book.record_step(role, groups)
         book.log({**learner_metrics(m), "schedule/lambda": lam, "replay/staleness": stale,
                   "replay/token_staleness_mean": mean(token_stale), "replay/token_staleness_max": max(token_stale),
-                  "learner/step_seconds": step_s, "learner/idle_frac": waited / (waited + step_s),
+                  "learner/step_seconds": step_s, "learner/idle_frac": self.idle(step_s),
                   "learner/groups": len(groups), "learner/version": policy.version,
                   "learner/min_experience_version": oldest,
                   "learner/max_experience_version": max(e.version for e in exps)}, role)
@@ -93,11 +102,31 @@ class Phase:
                 "(learner/skipped_step)")
         await book.after_step()
         if self.eval_every and policy.version % self.eval_every == 0:  # a learning curve (piplay experiment)
+            await self.settle()
             await loop.evaluate(step_eval_name(policy.version))
         bar.update(1)
         bar.set_postfix(reward=f"{mean([e.reward for e in exps]):.3f}", staleness=stale)
         if cfg.checkpoint.every and st.global_step % cfg.checkpoint.every == 0:
+            await self.settle()
             await book.checkpoint()
+
+    async def after_publish(self) -> None:
+        """The student's teacher EMA step (collective: with the pool's sync), then the pool's push."""
+        await self.policy.after_step()
+        await self.policy.sync_pool()
+
+    def idle(self, step_s: float) -> float:
+        """The share of the time since the last learner step's end that the learner did not train: waiting
+        for its data, the teacher's EMA step and the push (in turn), evaluations, checkpoints."""
+        now = time.monotonic()
+        window, self.mark = now - self.mark, now
+        return max(0.0, 1 - step_s / max(window, 1e-9))
+
+    async def settle(self) -> None:
+        """Wait for the last step's `after_publish` (raising its failure), if one runs."""
+        after, self.after = self.after, None
+        if after is not None:
+            await after
 
     async def sample(self, producer: asyncio.Task) -> list:
         """The groups of the oldest learner step the replay store holds for the role: always a whole step."""
@@ -142,11 +171,13 @@ class Phase:
             await policy.sync_pool()
             t = time.monotonic()
             groups = await loop.step_groups(self.role, j)
+            seconds = time.monotonic() - t  # the round's rollouts and scoring
             tokens = sum(sum(e.mask) for g in groups for e in g)
             if put_before is not None:
                 await asyncio.shield(put_before)
             verdict = await loop.actors.replay.put.remote(groups)  # the whole step or none of it
-            loop.book.log({"throughput/rollout_tokens_per_s": tokens / max(time.monotonic() - t, 1e-9),
+            loop.book.log({"throughput/rollout_tokens_per_s": tokens / max(seconds, 1e-9),
+                           "rollout/round_seconds": seconds,
                            "replay/refused": len(groups) if verdict == "stale" else 0}, self.role)
             if verdict in ("ok", "duplicate"):
                 return  # else it went stale while generating: make this step's groups again

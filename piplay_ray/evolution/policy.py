@@ -97,6 +97,12 @@ class Policy:
     async def after_step(self) -> None:
         """Called after each learner step of this role, once the new weights are published."""
 
+    @property
+    def detached_after_step(self) -> bool:
+        """May `after_step` and the pool's push run beside the next learner step? Only where they read
+        nothing but the published bundle: a collective sync reads the learner's weights as they are then."""
+        return self.sync is None
+
 
 class StudentPolicy(Policy):
     """The student's handle: its teacher (an EMA of the student, ψ ← (1−τ)ψ + τθ) follows every step, and
@@ -118,6 +124,10 @@ class StudentPolicy(Policy):
             await self._broadcast(version, "ema")
         elif self.teach:
             await self.teacher.ema_update(version, await self._for_teacher(bundle))
+
+    @property
+    def detached_after_step(self) -> bool:  # a teacher of another form than the pool's fetches its own
+        return self.sync is None and (not self.teach or self.teacher.form == self.form)
 
     async def _for_teacher(self, bundle):
         """What the teacher's EMA takes (its `form`: the adapter under learner.lora, else full weights): the

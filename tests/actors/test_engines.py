@@ -181,12 +181,14 @@ def test_vllm_weight_update_matches_transformers(vllm_engine, hf, tied_model, pr
     assert vllm_engine.version == 7
     got = asyncio.run(vllm_engine.generate(prompt, spec))
     assert got.token_ids == ref_new.token_ids
+    assert got.versions == [7] * len(got.token_ids)  # every token says which weights made it
     assert got.logprobs == pytest.approx(ref_new.logprobs, abs=TOL)
     close(asyncio.run(vllm_engine.prompt_topk(seq, start, k)).logprobs, ref_topk)
 
     # and back: pushing the original weights restores the original outputs (async path)
     asyncio.run(vllm_engine.aupdate_weights(8, hf.model.named_parameters()))
     back = asyncio.run(vllm_engine.generate(prompt, spec))
+    assert back.versions == [8] * len(back.token_ids)
     assert back.token_ids == ref_old.token_ids and back.logprobs == pytest.approx(ref_old.logprobs, abs=TOL)
     close(asyncio.run(vllm_engine.prompt_topk(seq, start, k)).logprobs, hf.prompt_topk_sync(seq, start, k).logprobs)
 

@@ -160,6 +160,8 @@ def test_under_lora_the_teacher_gets_the_adapter(pool_form, wire):
         asyncio.run(p.sync_pool())
         assert p.pool.pushed == [(1, f"student-{pool_form}")] and learner.asked == [(None, pool_form)]
     asyncio.run(p.after_step())
+    # beside the next learner step only if the EMA step read nothing but the published bundle
+    assert p.detached_after_step == (sync is None and learner.asked == [(None, pool_form)])
     asyncio.run(p.reset_teacher())
     in_group = wire == "collective" and pool_form == "adapter"
     if in_group:  # the broadcast carries the adapter, which the teacher blends (then loads) itself
