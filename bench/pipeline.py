@@ -5,7 +5,9 @@ learner's rank pinned to one core (`learner.cpu_cores`), everything else (rollou
 driver) to the other (`taskset`, and vLLM's thread binding), so generation and training do not compete for
 cores as they would not on separate GPUs. The search agent's trajectories vary in length as they do in
 training: `SEARCH_AGENT` lets one answer in a few tokens and another search four times with turns of up to 192
-tokens (1,024 in all), so a round's slowest trajectory takes several times its median one.
+tokens (1,024 in all), and the engine runs 3 sequences at once, so a step's 12 trajectories go through it in
+about 4 waves, as a paper-scale step's do (qwen3-4b: 1,280 trajectories, 256 sequences at once), and a wave
+waits for its slowest trajectory.
 
 - synchronous: `replay.max_staleness=0` (generate a step's groups, train on them, sync, repeat);
 - streaming: `max_staleness=1`, syncs between requests (rollouts of step j+1 overlap learner step j, but a
@@ -39,7 +41,8 @@ MODES = {
     "streaming": ["replay.max_staleness=1", "rollout.inflight_updates=false"],
     "inflight": ["replay.max_staleness=1", "rollout.inflight_updates=true"],
 }
-SEARCH_AGENT = ["student.max_turns=4", "rollout.max_tokens_per_turn=192", "rollout.max_response_tokens=1024"]
+SEARCH_AGENT = ["student.max_turns=4", "rollout.max_tokens_per_turn=192", "rollout.max_response_tokens=1024",
+                "rollout.max_num_seqs=3"]
 
 
 def run(config: str, mode: str, steps: int, workdir: Path, cores: tuple[int, int], extra: list[str]) -> dict:
@@ -89,7 +92,8 @@ def main() -> None:
             out[mode] = run(args.config, mode, args.steps, Path(tmp), cores, args.set)
             print(json.dumps(out[mode]), flush=True)
     base = out.get("synchronous", {}).get("steps_per_min")
-    print(json.dumps({"bench": "pipeline", "config": Path(args.config).name, "student_steps": args.steps, "set": args.set,
+    print(json.dumps({"bench": "pipeline", "config": Path(args.config).name, "student_steps": args.steps,
+                      "set": args.set,
                       "cores": {"engines": cores[0], "learner": cores[1]},
                       **{m: {k: v for k, v in r.items() if k != "mode"} for m, r in out.items()},
                       **({"speedup_vs_synchronous": {m: round(r["steps_per_min"] / base, 3) for m, r in out.items()}}
