@@ -7,7 +7,8 @@ publishes the new weights, which the next producer round loads into the rollout 
 consecutive steps overlap (up to `replay.max_staleness` + 1 of them), so the engines stay full and neither
 side waits for the slowest trajectory; rounds still reach the replay store in step order. The teacher's EMA
 step and the push into the engines then run beside the next learner step, which waits for them only before it
-publishes: the learner never waits for a teacher that is still scoring.
+publishes (where they read only the published bundle: `Policy.detached_after_step`), so the learner does not
+wait for a teacher that is still scoring.
 """
 
 from __future__ import annotations

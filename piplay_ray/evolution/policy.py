@@ -127,12 +127,17 @@ class StudentPolicy(Policy):
 
     @property
     def detached_after_step(self) -> bool:  # a teacher of another form than the pool's fetches its own
-        return self.sync is None and (not self.teach or self.teacher.form == self.form)
+        return self.sync is None and (not self.teach or self._teacher_takes_published)
+
+    @property
+    def _teacher_takes_published(self) -> bool:
+        """The teacher's EMA blends what the pool takes (the same form), else it fetches its own form."""
+        return self.teacher.form == self.form
 
     async def _for_teacher(self, bundle):
         """What the teacher's EMA takes (its `form`: the adapter under learner.lora, else full weights): the
         published bundle when the pool takes the same, else fetched by the object store."""
-        if self.teacher.form == self.form and bundle is not None:
+        if self._teacher_takes_published and bundle is not None:
             return bundle
         return await asyncio.to_thread(self.learner.weights, self.role, "object_store", self.teacher.form)
 
