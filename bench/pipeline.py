@@ -10,18 +10,25 @@ about 4 waves, as a paper-scale step's do (qwen3-4b: 1,280 trajectories, 256 seq
 waits for its slowest trajectory.
 
 - synchronous: `replay.max_staleness=0` (generate a step's groups, train on them, sync, repeat);
-- streaming: `max_staleness=1`, syncs between requests (rollouts of step j+1 overlap learner step j, but a
-  sync waits for the requests in flight and a round for its slowest trajectory);
-- inflight: `max_staleness=1`, `rollout.inflight_updates=true` (weights go into the running requests; the
-  rounds of consecutive steps overlap).
+- streaming: `max_staleness=B` (`--bound`, 1 by default), syncs between requests (rollouts of step j+1 overlap
+  learner step j, but a sync waits for the requests in flight and a round for its slowest trajectory);
+- inflight: `max_staleness=B`, `rollout.inflight_updates=true` (weights go into the running requests; the
+  rounds of consecutive steps overlap), the requests' KV recomputed under the new weights (`inflight_kv`);
+- inflight_keep: the same, the old weights' KV kept (`rollout.inflight_kv=keep`: no recomputation, not exact).
+
+A larger bound lets the producer run further ahead, so a long round or a long learner step is absorbed rather
+than waited for (both vary by 50% from step to step with the trajectories' lengths), at the price of staler
+tokens.
 
 From each run's metrics.jsonl: student steps per minute in the steady state (from the first learner step's end
 to the last's: every mode's first step waits for a whole round, the pipeline's fill) and over the whole phase
 (from the task set's writing), the learner's idle fraction (steady state), mean and max token staleness, the
-mean time of a producer round (rollouts and teacher scoring of one step), and the reward of every step.
-Prints one JSON line per mode, then one with all three.
+mean time of a producer round (rollouts and teacher scoring of one step) and of a push into the engines (in
+flight: pause, load, resume; a recomputed KV slows the round after it, not the push), and every step's reward.
+Prints one JSON line per mode, then one with all of them.
 
-    python bench/pipeline.py [--steps 5] [--config configs/local.yaml] [--modes synchronous,streaming,inflight]
+    python bench/pipeline.py [--steps 5] [--config configs/local.yaml] [--bound 1]
+        [--modes synchronous,streaming,inflight,inflight_keep]
 """
 
 from __future__ import annotations
@@ -36,20 +43,24 @@ from pathlib import Path
 from statistics import mean
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = {
-    "synchronous": ["replay.max_staleness=0", "rollout.inflight_updates=false"],
-    "streaming": ["replay.max_staleness=1", "rollout.inflight_updates=false"],
-    "inflight": ["replay.max_staleness=1", "rollout.inflight_updates=true"],
+MODES = {  # the overlapped modes' staleness bound is --bound's
+    "synchronous": ["rollout.inflight_updates=false"],
+    "streaming": ["rollout.inflight_updates=false"],
+    "inflight": ["rollout.inflight_updates=true", "rollout.inflight_kv=recompute"],
+    "inflight_keep": ["rollout.inflight_updates=true", "rollout.inflight_kv=keep"],
 }
 SEARCH_AGENT = ["student.max_turns=4", "rollout.max_tokens_per_turn=192", "rollout.max_response_tokens=1024",
                 "rollout.max_num_seqs=3"]
 
 
-def run(config: str, mode: str, steps: int, workdir: Path, cores: tuple[int, int], extra: list[str]) -> dict:
+def run(config: str, mode: str, steps: int, bound: int, workdir: Path, cores: tuple[int, int],
+        extra: list[str]) -> dict:
     run_dir = workdir / mode
+    bound = 0 if mode == "synchronous" else bound
     engines, learner = cores
     cmd = ["taskset", "-c", str(engines), sys.executable, "-m", "piplay_ray", "train", "--config", config,
-           f"run.dir={run_dir}", *MODES[mode], f"learner.cpu_cores=[{learner}]", "learner.num_cpus_per_rank=1",
+           f"run.dir={run_dir}", f"replay.max_staleness={bound}", *MODES[mode], f"learner.cpu_cores=[{learner}]",
+           "learner.num_cpus_per_rank=1",
            "schedule.examiner_steps=0", f"schedule.student_steps={steps}", "schedule.iterations=1",
            "checkpoint.every=0", "dashboard.enabled=false", "logging.tensorboard=false", "eval.every=0",
            "eval.before_training=false", *extra]
@@ -66,12 +77,14 @@ def run(config: str, mode: str, steps: int, workdir: Path, cores: tuple[int, int
     steady = learner[1:]
     seconds = (learner[-1]["time"] - learner[0]["time"]) / len(steady)
     rounds = [r["rollout/round_seconds"] for r in student if "rollout/round_seconds" in r]
+    syncs = [r["weight_sync/seconds"] for r in student if "weight_sync/seconds" in r]
     return {"mode": mode, "steps": len(learner), "steps_per_min": round(60 / seconds, 3),
             "seconds_per_step": round(seconds, 1),
             "steps_per_min_with_fill": round(60 * len(learner) / (learner[-1]["time"] - start), 3),
             "learner_idle_frac": round(mean(r["learner/idle_frac"] for r in steady), 3),
             "learner_step_seconds": round(mean(r["learner/step_seconds"] for r in steady), 1),
             "round_seconds": round(mean(rounds), 1),
+            "sync_seconds": round(mean(syncs), 2) if syncs else None,
             "token_staleness_mean": round(mean(r["replay/token_staleness_mean"] for r in learner), 3),
             "token_staleness_max": max(r["replay/token_staleness_max"] for r in learner),
             "reward_curve": [round(r["student/reward"], 3) for r in student if "student/reward" in r]}
@@ -82,6 +95,7 @@ def main() -> None:
     ap.add_argument("--config", default=str(ROOT / "configs" / "local.yaml"))
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--bound", type=int, default=1, help="replay.max_staleness of the overlapped modes")
     ap.add_argument("--cores", default="0,1", help="the engines' core, the learner's core")
     ap.add_argument("--set", nargs="*", default=SEARCH_AGENT, help="config overrides of every mode")
     args = ap.parse_args()
@@ -89,11 +103,11 @@ def main() -> None:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in args.modes.split(","):
-            out[mode] = run(args.config, mode, args.steps, Path(tmp), cores, args.set)
+            out[mode] = run(args.config, mode, args.steps, args.bound, Path(tmp), cores, args.set)
             print(json.dumps(out[mode]), flush=True)
     base = out.get("synchronous", {}).get("steps_per_min")
     print(json.dumps({"bench": "pipeline", "config": Path(args.config).name, "student_steps": args.steps,
-                      "set": args.set,
+                      "bound": args.bound, "set": args.set,
                       "cores": {"engines": cores[0], "learner": cores[1]},
                       **{m: {k: v for k, v in r.items() if k != "mode"} for m, r in out.items()},
                       **({"speedup_vs_synchronous": {m: round(r["steps_per_min"] / base, 3) for m, r in out.items()}}

@@ -82,13 +82,14 @@ class RolloutWorkerImpl:
         return await self.engine.areceive_weights(ticket)
 
     async def _one(self, prompt_ids: list[int], role: str, temperature: float | None = None,
-                   max_turns: int | None = None) -> Trajectory:
+                   max_turns: int | None = None, priority: int = 0) -> Trajectory:
         if self._inflight == 0:
             self._busy_since = time.perf_counter()
         self._inflight += 1
         try:
             r = self.rollout
-            spec = self.spec if temperature is None else replace(self.spec, temperature=temperature)
+            spec = replace(self.spec, priority=priority,
+                           temperature=self.spec.temperature if temperature is None else temperature)
             traj = await run_agent(self.engine, self.search, self.tokenizer, prompt_ids, spec,
                                    max_turns or self.max_turns[role], role=role, version=self.engine.version,
                                    max_response_tokens=r.max_response_tokens, max_context=r.max_model_len,
@@ -105,23 +106,25 @@ class RolloutWorkerImpl:
 
     @dies_with_engine
     async def rollouts(self, prompts: list[list[int]], role: str | None = None, temperature: float | None = None,
-                       max_turns: int | None = None) -> list[Trajectory]:
+                       max_turns: int | None = None, priority: int = 0) -> list[Trajectory]:
         """One trajectory per prompt (token ids), all in flight together; `role` sets the turn format,
-        `temperature` overrides the config's (0 = greedy, e.g. for evaluation), `max_turns` the role's."""
-        return list(await asyncio.gather(*[self._one(p, role or self.role, temperature, max_turns) for p in prompts]))
+        `temperature` overrides the config's (0 = greedy, e.g. for evaluation), `max_turns` the role's;
+        `priority` orders the engine's waiting turns (`SamplingSpec.priority`: the learner step's index)."""
+        return list(await asyncio.gather(*[self._one(p, role or self.role, temperature, max_turns, priority)
+                                           for p in prompts]))
 
     async def student_rollouts(self, questions: list[str], n: int, temperature: float | None = None,
-                               closed_book: bool = False) -> list[list[Trajectory]]:
+                               closed_book: bool = False, priority: int = 0) -> list[list[Trajectory]]:
         """`n` trajectories per question; `closed_book` asks for a direct answer in one turn, no search."""
         prompt = protocol.closed_book_prompt_ids if closed_book else protocol.student_prompt_ids
         prompts = [prompt(self.tokenizer, q) for q in questions]
         flat = await self.rollouts([p for p in prompts for _ in range(n)], "student", temperature,
-                                   1 if closed_book else None)
+                                   1 if closed_book else None, priority)
         return [flat[i * n : (i + 1) * n] for i in range(len(questions))]
 
-    async def examiner_rollouts(self, docs: list[Doc], hops: list[int]) -> list[Trajectory]:
+    async def examiner_rollouts(self, docs: list[Doc], hops: list[int], priority: int = 0) -> list[Trajectory]:
         prompts = [protocol.examiner_prompt_ids(self.tokenizer, d, h) for d, h in zip(docs, hops, strict=True)]
-        trajs = await self.rollouts(prompts, "examiner")
+        trajs = await self.rollouts(prompts, "examiner", priority=priority)
         for t, h, d in zip(trajs, hops, docs, strict=True):
             t.extra.update(hop_target=h, source_id=d.id)
         return trajs

@@ -181,18 +181,18 @@ class RolloutPool:
     # ------------------------------------------------------------------------------------------ requests
 
     async def student_rollouts(self, questions: Sequence[str], n: int, temperature: float | None = None,
-                               closed_book: bool = False) -> list[list[Trajectory]]:
+                               closed_book: bool = False, priority: int = 0) -> list[list[Trajectory]]:
         """`n` trajectories for each question (`closed_book`: answered without search, in one turn); a
-        question's samples stay on one worker (same prefix)."""
+        question's samples stay on one worker (same prefix). `priority`: `SamplingSpec.priority`."""
         questions = list(questions)
         return await self._fan_out(len(questions), "student_rollouts",
-                                   lambda part: ([questions[i] for i in part], n, temperature, closed_book))
+                                   lambda part: ([questions[i] for i in part], n, temperature, closed_book, priority))
 
-    async def examiner_rollouts(self, docs: Sequence[Doc], hops: Sequence[int]) -> list[Trajectory]:
+    async def examiner_rollouts(self, docs: Sequence[Doc], hops: Sequence[int], priority: int = 0) -> list[Trajectory]:
         if len(docs) != len(hops):
             raise ValueError(f"{len(docs)} docs but {len(hops)} hop targets")
         return await self._fan_out(len(docs), "examiner_rollouts",
-                                   lambda part: ([docs[i] for i in part], [hops[i] for i in part]))
+                                   lambda part: ([docs[i] for i in part], [hops[i] for i in part], priority))
 
     async def teacher_topk(self, jobs: Sequence[tuple[list[int], int]], k: int, teacher: tuple[int, list]) -> list:
         """Teacher top-K of every job, split over the workers (`RolloutWorkerImpl.teacher_topk`)."""

@@ -24,6 +24,9 @@ class SamplingSpec:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()  # generation stops after any of these strings (included in the output)
     seed: int | None = None
+    # lower first, where an engine orders its waiting requests (vLLM): in flight the rounds of consecutive
+    # learner steps share the engines, and the older step's turns go first, since the learner needs it next
+    priority: int = 0
 
 
 @dataclass

@@ -53,7 +53,7 @@ class VLLMEngine(LoraServing, WeightSwap, Engine):
         args = dict(
             model=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
             tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager, max_logprobs=max_logprobs,
-            enable_prefix_caching=True, disable_log_stats=True,
+            enable_prefix_caching=True, disable_log_stats=True, scheduling_policy="priority",  # ties: FCFS
             worker_extension_cls=f"{WeightLoader.__module__}.{WeightLoader.__qualname__}",
             **({"kv_cache_memory_bytes": int(kv_cache_gib * GiB)} if on_cpu
                else {"gpu_memory_utilization": gpu_memory_utilization}),
@@ -102,7 +102,7 @@ class VLLMEngine(LoraServing, WeightSwap, Engine):
 
     # ------------------------------------------------------------------------------------- requests
 
-    async def _request(self, prompt_ids: list[int], params, lora_request=None, on_output=None):
+    async def _request(self, prompt_ids: list[int], params, lora_request=None, on_output=None, priority: int = 0):
         """One request, with the policy's adapter unless `lora_request` names another (the teacher's);
         `on_output(out)` sees every output as it comes (streamed with `RequestOutputKind.DELTA`)."""
         from vllm.inputs import TokensPrompt
@@ -113,7 +113,7 @@ class VLLMEngine(LoraServing, WeightSwap, Engine):
             await self._awake()
             final = None
             async for out in self.llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params,
-                                               request_id=uuid.uuid4().hex,
+                                               request_id=uuid.uuid4().hex, priority=priority,
                                                lora_request=lora_request or self._lora_request):
                 final = out
                 if on_output is not None:
@@ -144,7 +144,7 @@ class VLLMEngine(LoraServing, WeightSwap, Engine):
             logprobs.extend(float(lp[t].logprob) for lp, t in zip(o.logprobs, o.token_ids, strict=True))
             versions.extend([self.version] * len(o.token_ids))
 
-        out = (await self._on_engine(self._request(prompt_ids, params, on_output=take))).outputs[0]
+        out = (await self._on_engine(self._request(prompt_ids, params, on_output=take, priority=spec.priority))).outputs[0]
         if out.finish_reason == "length":
             finish = "length"
         elif out.finish_reason == "stop" and isinstance(out.stop_reason, str):

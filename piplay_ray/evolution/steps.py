@@ -42,7 +42,7 @@ async def examiner_step(step: int, cfg: Config, iteration: int, sampler: Examine
     newest weights), difficulty rewards, one group; the tasks passing the full gate are the step's candidates."""
     ecfg = cfg.examiner
     docs, hops = sampler.sample(ecfg.tasks_per_step)
-    trajs, reason = await partial(examiner_pool.examiner_rollouts(docs, hops))
+    trajs, reason = await partial(examiner_pool.examiner_rollouts(docs, hops, priority=step))
     keep = [i for i, t in enumerate(trajs) if t is not None]
     if not keep:
         raise RuntimeError(f"examiner step {step}: no rollout could be produced: {reason}")
@@ -53,7 +53,8 @@ async def examiner_step(step: int, cfg: Config, iteration: int, sampler: Examine
     n, failures = ecfg.attempts, []
     if tried:
         await student_ready()  # r_d from the newest student, never a stale one
-        attempts, reason = await partial(student_pool.student_rollouts([tasks[i].question for i in tried], n))
+        attempts, reason = await partial(student_pool.student_rollouts([tasks[i].question for i in tried], n,
+                                                                           priority=step))
         lost = {i for i, group in zip(tried, attempts, strict=True) if group is None}
         for i, group in zip(tried, attempts, strict=True):
             if group is not None:
@@ -99,7 +100,7 @@ async def student_step(step: int, cfg: Config, task_set: Sequence[Task], student
     with an arm that does not teach (`none`)."""
     g, tcfg = cfg.student.group_size, cfg.teacher
     tasks = step_tasks(task_set, step, cfg.student.tasks_per_step)
-    groups, reason = await partial(student_pool.student_rollouts([t.question for t in tasks], g))
+    groups, reason = await partial(student_pool.student_rollouts([t.question for t in tasks], g, priority=step))
     failures = [(t.id, reason) for t, group in zip(tasks, groups, strict=True) if group is None]
     if len(failures) == len(tasks):
         raise RuntimeError(f"student step {step}: no group could be produced: {reason}")

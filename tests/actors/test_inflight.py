@@ -101,6 +101,38 @@ def test_vllm_engine_takes_weights_mid_request(tiny_model, refs, kv):
         assert max(abs(a - b) for a, b in zip(gen.logprobs[k:], new[k:], strict=True)) < TOL
 
 
+def test_vllm_engine_serves_an_older_steps_turns_first(tiny_model, refs):
+    """In flight, the rounds of consecutive learner steps share an engine: of the turns waiting for a slot, the
+    older step's go first (`SamplingSpec.priority`), though they arrived later (first come, first served would
+    finish `young` first), so the round the learner needs next is not held up by the one after it."""
+    from piplay_ray.engines.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine(tiny_model, dtype="float32", max_model_len=512, max_num_seqs=1, kv_cache_gib=1,
+                        inflight=True)
+    try:
+        async def scenario():
+            done = []
+
+            async def turn(name, tokens, priority):
+                await engine.generate(refs.prompt, SamplingSpec(max_tokens=tokens, temperature=0.0,
+                                                                priority=priority))
+                done.append(name)
+
+            busy = asyncio.ensure_future(turn("busy", 300, 5))  # holds the only slot
+            await asyncio.sleep(0.3)
+            young = asyncio.ensure_future(turn("young", 8, 5))
+            await asyncio.sleep(0.1)
+            old = asyncio.ensure_future(turn("old", 8, 4))
+            await asyncio.sleep(0.1)
+            assert not busy.done(), "the first request ended before the others waited: make it longer"
+            await asyncio.gather(busy, young, old)
+            return done
+
+        assert asyncio.run(scenario()) == ["busy", "old", "young"]
+    finally:
+        engine.shutdown()
+
+
 @ray.remote(num_cpus=0, max_restarts=1, max_task_retries=0, max_concurrency=4)
 class Worker:
     """A rollout worker stand-in: an in-flight transformers engine that generates in a thread while syncs

@@ -27,7 +27,7 @@ class FakePool:
     async def aupdate_weights(self, version, bundle):
         self.version = version
 
-    async def examiner_rollouts(self, docs, hops):
+    async def examiner_rollouts(self, docs, hops, priority=0):
         self.calls.append(("examiner", self.version))
         out = []
         for d in docs:
@@ -40,7 +40,7 @@ class FakePool:
                                   extra={"question": f"Which river flows through {d.title}?"}))
         return out
 
-    async def student_rollouts(self, questions, n):
+    async def student_rollouts(self, questions, n, priority=0):
         self.calls.append(("student", self.version))
         return [[Trajectory(prompt_ids=[1], response_ids=[2], mask=[1], logprobs=[-1.0], answer="no idea",
                             finish_reason="answer", version=self.version) for _ in range(n)] for _ in questions]

@@ -34,8 +34,10 @@ class ExaminerPool:
 
     def __init__(self, invalid_every=0, version=4, leak_every=0):
         self.invalid_every, self.leak_every, self.version, self.n = invalid_every, leak_every, version, 0
+        self.priorities: list[int] = []
 
-    async def examiner_rollouts(self, docs, hops):
+    async def examiner_rollouts(self, docs, hops, priority=0):
+        self.priorities.append(priority)
         out = []
         for d in docs:
             self.n += 1
@@ -53,11 +55,13 @@ class StudentPool:
     def __init__(self, right, lose=(), version=3):
         self.right, self.lose, self.version = right, set(lose), version
         self.asked: list[list[str]] = []
+        self.priorities: list[int] = []
         self.ready = False
 
-    async def student_rollouts(self, questions, n):
+    async def student_rollouts(self, questions, n, priority=0):
         assert self.ready, "attempts asked before the student pool was brought to the newest weights"
         self.asked.append(list(questions))
+        self.priorities.append(priority)
         out = []
         for q in questions:
             gold = "R" + q.removeprefix("Which river flows through Town").rstrip("?")
@@ -80,8 +84,9 @@ def examiner_run(cfg, student, examiner=None):
 def test_examiner_step_rewards_difficulty_within_hop_groups():
     cfg = cfg_with("examiner.tasks_per_step=4", "examiner.attempts=4", "examiner.format_weight=0")
     k_of = lambda q: int(q.removeprefix("Which river flows through Town").rstrip("?")) % 5  # noqa: E731
-    student = StudentPool(lambda q: min(k_of(q), 4))
-    res = examiner_run(cfg, student)
+    student, examiner = StudentPool(lambda q: min(k_of(q), 4)), ExaminerPool(invalid_every=4)
+    res = examiner_run(cfg, student, examiner)
+    assert examiner.priorities == student.priorities == [7]  # the step's turns ordered by its index
 
     (group,) = res.groups
     assert len(group) == 4 and {e.group_id for e in group} == {"examiner-7"} and not res.failures
@@ -137,7 +142,7 @@ def test_examiner_step_drops_tasks_whose_attempts_were_lost():
 
 def test_examiner_step_without_any_rollout_raises():
     class Dead:
-        async def examiner_rollouts(self, docs, hops):
+        async def examiner_rollouts(self, docs, hops, priority=0):
             raise RolloutFailed("every share lost", [None] * len(docs))
 
     with pytest.raises(RuntimeError, match="no rollout could be produced: every share lost"):
@@ -173,10 +178,11 @@ class Pool:
     """Student rollouts where the first `right` of the `n` answers to each question are correct."""
 
     def __init__(self, right=2, lose=()):
-        self.right, self.lose, self.asked = right, set(lose), []
+        self.right, self.lose, self.asked, self.priorities = right, set(lose), [], []
 
-    async def student_rollouts(self, questions, n):
+    async def student_rollouts(self, questions, n, priority=0):
         self.asked.append(list(questions))
+        self.priorities.append(priority)
         gold = {t.question: t.answer for t in TASKS}
         out = [None if q in self.lose else [traj(gold[q] if j < self.right else "x", 5) for j in range(n)]
                for q in questions]
@@ -191,6 +197,7 @@ def test_student_step_cycles_the_task_set_and_carries_the_teacher():
     res = asyncio.run(student_step(1, cfg, TASKS, pool, teacher, Tokenizer()))
     assert [t.id for t in step_tasks(TASKS, 1, 2)] == ["t2", "t0"]
     assert pool.asked == [[TASKS[2].question, TASKS[0].question]] and teacher.calls == 1
+    assert pool.priorities == [1]  # the engines serve an older step's turns first (SamplingSpec.priority)
     assert [[e.group_id for e in g][0] for g in res.groups] == ["student-1-0-t2", "student-1-1-t0"]
     for g in res.groups:
         assert [e.reward for e in g] == [1.0, 1.0, 0.0, 0.0]
@@ -230,8 +237,8 @@ def test_examiner_attempts_lost_after_retries_are_no_attempts():
     from piplay_ray.method.examiner import write_tasks
 
     class Losing(ExaminerPool):
-        async def examiner_rollouts(self, docs, hops):
-            out = await super().examiner_rollouts(docs, hops)
+        async def examiner_rollouts(self, docs, hops, priority=0):
+            out = await super().examiner_rollouts(docs, hops, priority)
             raise RolloutFailed("worker died", [None if i % 2 else t for i, t in enumerate(out)])
 
     cfg = cfg_with()
