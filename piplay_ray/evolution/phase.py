@@ -4,11 +4,11 @@ The producer makes the groups of learner step j (the role's step recipe, through
 once the staleness rule allows it and puts them in the replay store; the learner samples them, trains, and
 publishes the new weights, which the next producer round loads into the rollout pool. With in-flight updates
 (`rollout.inflight_updates`) the new weights go into the engines at once, mid-trajectory, and the rounds of
-consecutive steps overlap (up to `replay.max_staleness` + 1 of them), so the engines stay full and neither
-side waits for the slowest trajectory; rounds still reach the replay store in step order. The teacher's EMA
-step and the push into the engines then run beside the next learner step, which waits for them only before it
-publishes (where they read only the published bundle: `Policy.detached_after_step`), so the learner does not
-wait for a teacher that is still scoring.
+consecutive steps overlap (up to `replay.max_staleness` + 1 of them; the engines serve the older round's turns
+first, `SamplingSpec.priority`), so the engines stay full and neither side waits for the slowest trajectory;
+rounds still reach the replay store in step order. The teacher's EMA step and the push into the engines then
+run beside the next learner step, which waits for them only before it publishes (where they read only the
+published bundle: `Policy.detached_after_step`), so the learner does not wait for a teacher still scoring.
 """
 
 from __future__ import annotations
