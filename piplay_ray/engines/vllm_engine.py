@@ -144,7 +144,8 @@ class VLLMEngine(LoraServing, WeightSwap, Engine):
             logprobs.extend(float(lp[t].logprob) for lp, t in zip(o.logprobs, o.token_ids, strict=True))
             versions.extend([self.version] * len(o.token_ids))
 
-        out = (await self._on_engine(self._request(prompt_ids, params, on_output=take, priority=spec.priority))).outputs[0]
+        request = self._request(prompt_ids, params, on_output=take, priority=spec.priority)
+        out = (await self._on_engine(request)).outputs[0]
         if out.finish_reason == "length":
             finish = "length"
         elif out.finish_reason == "stop" and isinstance(out.stop_reason, str):
