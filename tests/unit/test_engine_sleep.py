@@ -36,7 +36,7 @@ class FakeLLM:
         self.calls.append(method)
         return [[1, 0]]
 
-    async def generate(self, prompt, params, request_id=None, lora_request=None):
+    async def generate(self, prompt, params, request_id=None, lora_request=None, priority=0):
         if self.release is not None:
             await self.release.wait()
         self.calls.append("generate")
