@@ -23,9 +23,11 @@ tokens.
 From each run's metrics.jsonl: student steps per minute in the steady state (from the first learner step's end
 to the last's: every mode's first step waits for a whole round, the pipeline's fill) and over the whole phase
 (from the task set's writing), the learner's idle fraction (steady state), mean and max token staleness, the
-mean time of a producer round (rollouts and teacher scoring of one step) and of a push into the engines (in
-flight: pause, load, resume; a recomputed KV slows the round after it, not the push), and every step's reward.
-Prints one JSON line per mode, then one with all of them.
+mean time of a producer round (rollouts and teacher scoring of one step), of its rollouts and of its scoring, of a
+push into the engines (in flight: pause, load, resume; a recomputed KV slows the round after it, not the push),
+and every step's reward. Prints one JSON line per mode, then one with all of them, where `ceiling_vs_synchronous`
+is what a mode would reach with its learner never idle (the synchronous step over its learner step): an
+overlapped step is never shorter than its learner step.
 
     python bench/pipeline.py [--steps 5] [--config configs/local.yaml] [--bound 1]
         [--modes synchronous,streaming,inflight,inflight_keep]
@@ -78,12 +80,15 @@ def run(config: str, mode: str, steps: int, bound: int, workdir: Path, cores: tu
     seconds = (learner[-1]["time"] - learner[0]["time"]) / len(steady)
     rounds = [r["rollout/round_seconds"] for r in student if "rollout/round_seconds" in r]
     syncs = [r["weight_sync/seconds"] for r in student if "weight_sync/seconds" in r]
+    phases = {k: [r[k] for r in student if k in r] for k in ("rollout/generate_seconds", "teacher/score_seconds")}
     return {"mode": mode, "steps": len(learner), "steps_per_min": round(60 / seconds, 3),
             "seconds_per_step": round(seconds, 1),
             "steps_per_min_with_fill": round(60 * len(learner) / (learner[-1]["time"] - start), 3),
             "learner_idle_frac": round(mean(r["learner/idle_frac"] for r in steady), 3),
             "learner_step_seconds": round(mean(r["learner/step_seconds"] for r in steady), 1),
             "round_seconds": round(mean(rounds), 1),
+            "generate_seconds": round(mean(phases["rollout/generate_seconds"]), 1),
+            "score_seconds": round(mean(phases["teacher/score_seconds"]), 1),
             "sync_seconds": round(mean(syncs), 2) if syncs else None,
             "token_staleness_mean": round(mean(r["replay/token_staleness_mean"] for r in learner), 3),
             "token_staleness_max": max(r["replay/token_staleness_max"] for r in learner),
@@ -110,7 +115,9 @@ def main() -> None:
                       "bound": args.bound, "set": args.set,
                       "cores": {"engines": cores[0], "learner": cores[1]},
                       **{m: {k: v for k, v in r.items() if k != "mode"} for m, r in out.items()},
-                      **({"speedup_vs_synchronous": {m: round(r["steps_per_min"] / base, 3) for m, r in out.items()}}
+                      **({"speedup_vs_synchronous": {m: round(r["steps_per_min"] / base, 3) for m, r in out.items()},
+                          "ceiling_vs_synchronous": {m: round(60 / base / r["learner_step_seconds"], 3)
+                                                     for m, r in out.items() if m != "synchronous"}}
                          if base else {})}))
 
 

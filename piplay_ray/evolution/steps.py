@@ -8,6 +8,7 @@ the shares that succeeded: the recipe goes on with those and reports the rest as
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -100,7 +101,9 @@ async def student_step(step: int, cfg: Config, task_set: Sequence[Task], student
     with an arm that does not teach (`none`)."""
     g, tcfg = cfg.student.group_size, cfg.teacher
     tasks = step_tasks(task_set, step, cfg.student.tasks_per_step)
+    start = time.monotonic()
     groups, reason = await partial(student_pool.student_rollouts([t.question for t in tasks], g, priority=step))
+    seconds = {"rollout/generate_seconds": time.monotonic() - start}  # a round is these two and the rest
     failures = [(t.id, reason) for t, group in zip(tasks, groups, strict=True) if group is None]
     if len(failures) == len(tasks):
         raise RuntimeError(f"student step {step}: no group could be produced: {reason}")
@@ -111,7 +114,9 @@ async def student_step(step: int, cfg: Config, task_set: Sequence[Task], student
     rewards = [float(reward(traj.answer, task.answer)) for task, traj in flat]
     advantages = group_advantages(rewards, g, cfg.learner.loss.std_normalize)
     if privileged.arm(tcfg.privileged).teaches:
+        start = time.monotonic()
         scores, tstats = await teacher.score([tr for _, tr in flat], [t for t, _ in flat], with_stats=True)
+        seconds["teacher/score_seconds"] = time.monotonic() - start
     else:  # an arm with no teacher: the learner gets no teacher fields
         scores, tstats = [(None, None, None)] * len(flat), {}
     texts = {t.id: privileged.render(t, tcfg.privileged, tcfg.doc_token_budget, seed=cfg.run.seed) for t in tasks}
@@ -138,7 +143,7 @@ async def student_step(step: int, cfg: Config, task_set: Sequence[Task], student
         **_rollout_metrics(trajs),
         "rollout/answer_len": mean([len((t.answer or "").split()) for t in trajs]),
         "rollout/tokens": sum(sum(t.mask) for t in trajs),
-        **diag.metrics(), **{f"teacher/{k}": v for k, v in tstats.items()},
+        **diag.metrics(), **{f"teacher/{k}": v for k, v in tstats.items()}, **seconds,
     }
     return StepResult([exps[i : i + g] for i in range(0, len(exps), g)], metrics, failures, rows)
 

@@ -213,6 +213,24 @@ def test_student_step_cycles_the_task_set_and_carries_the_teacher():
     assert not res.failures
 
 
+def test_student_step_times_its_rollouts_and_its_scoring_apart():
+    class SlowPool(Pool):
+        async def student_rollouts(self, questions, n, priority=0):
+            await asyncio.sleep(0.2)
+            return await super().student_rollouts(questions, n, priority)
+
+    class SlowTeacher(Teacher):
+        async def score(self, trajs, tasks, with_stats=False):
+            await asyncio.sleep(0.4)
+            return await super().score(trajs, tasks, with_stats)
+
+    cfg = cfg_with("student.tasks_per_step=1", "student.group_size=2")
+    m = asyncio.run(student_step(0, cfg, TASKS, SlowPool(), SlowTeacher(), Tokenizer())).metrics
+    assert 0.2 <= m["rollout/generate_seconds"] < 0.4 <= m["teacher/score_seconds"] < 0.6
+    cfg = cfg_with("student.tasks_per_step=1", "student.group_size=2", "teacher.privileged=none")
+    assert "teacher/score_seconds" not in asyncio.run(student_step(0, cfg, TASKS, Pool(), Teacher(), Tokenizer())).metrics
+
+
 def test_a_task_used_twice_in_a_step_makes_two_groups():
     cfg = cfg_with(f"student.tasks_per_step={len(TASKS) + 1}", "student.group_size=2", "teacher.privileged=none")
     res = asyncio.run(student_step(0, cfg, TASKS, Pool(right=1), Teacher(), Tokenizer()))
