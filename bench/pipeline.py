@@ -10,7 +10,7 @@ about 4 waves, as a paper-scale step's do (qwen3-4b: 1,280 trajectories, 256 seq
 waits for its slowest trajectory.
 
 - synchronous: `replay.max_staleness=0` (generate a step's groups, train on them, sync, repeat);
-- streaming: `max_staleness=B` (`--bound`, 1 by default), syncs between requests (rollouts of step j+1 overlap
+- streaming: `max_staleness=B` (`--bound`, 2 by default), syncs between requests (rollouts of step j+1 overlap
   learner step j, but a sync waits for the requests in flight and a round for its slowest trajectory);
 - inflight: `max_staleness=B`, `rollout.inflight_updates=true` (weights go into the running requests; the
   rounds of consecutive steps overlap), the requests' KV recomputed under the new weights (`inflight_kv`);
@@ -18,7 +18,7 @@ waits for its slowest trajectory.
 
 A larger bound lets the producer run further ahead, so a long round or a long learner step is absorbed rather
 than waited for (both vary by 50% from step to step with the trajectories' lengths), at the price of staler
-tokens.
+tokens: on 2 cores a bound of 1 is too shallow for any overlapped mode to pass ~1.8x (docs/cluster.md).
 
 From each run's metrics.jsonl: student steps per minute in the steady state (from the first learner step's end
 to the last's: every mode's first step waits for a whole round, the pipeline's fill) and over the whole phase
@@ -29,7 +29,7 @@ and every step's reward. Prints one JSON line per mode, then one with all of the
 is what a mode would reach with its learner never idle (the synchronous step over its learner step): an
 overlapped step is never shorter than its learner step.
 
-    python bench/pipeline.py [--steps 5] [--config configs/local.yaml] [--bound 1]
+    python bench/pipeline.py [--steps 6] [--config configs/local.yaml] [--bound 2]
         [--modes synchronous,streaming,inflight,inflight_keep]
 """
 
@@ -98,9 +98,9 @@ def run(config: str, mode: str, steps: int, bound: int, workdir: Path, cores: tu
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "local.yaml"))
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--modes", default=",".join(MODES))
-    ap.add_argument("--bound", type=int, default=1, help="replay.max_staleness of the overlapped modes")
+    ap.add_argument("--bound", type=int, default=2, help="replay.max_staleness of the overlapped modes")
     ap.add_argument("--cores", default="0,1", help="the engines' core, the learner's core")
     ap.add_argument("--set", nargs="*", default=SEARCH_AGENT, help="config overrides of every mode")
     args = ap.parse_args()
