@@ -81,14 +81,14 @@ def run(config: str, mode: str, steps: int, bound: int, workdir: Path, cores: tu
     rounds = [r["rollout/round_seconds"] for r in student if "rollout/round_seconds" in r]
     syncs = [r["weight_sync/seconds"] for r in student if "weight_sync/seconds" in r]
     phases = {k: [r[k] for r in student if k in r] for k in ("rollout/generate_seconds", "teacher/score_seconds")}
+    phases = {k: round(mean(v), 1) if v else None for k, v in phases.items()}  # no scoring: an arm that does not teach
     return {"mode": mode, "steps": len(learner), "steps_per_min": round(60 / seconds, 3),
             "seconds_per_step": round(seconds, 1),
             "steps_per_min_with_fill": round(60 * len(learner) / (learner[-1]["time"] - start), 3),
             "learner_idle_frac": round(mean(r["learner/idle_frac"] for r in steady), 3),
             "learner_step_seconds": round(mean(r["learner/step_seconds"] for r in steady), 1),
             "round_seconds": round(mean(rounds), 1),
-            "generate_seconds": round(mean(phases["rollout/generate_seconds"]), 1),
-            "score_seconds": round(mean(phases["teacher/score_seconds"]), 1),
+            "generate_seconds": phases["rollout/generate_seconds"], "score_seconds": phases["teacher/score_seconds"],
             "sync_seconds": round(mean(syncs), 2) if syncs else None,
             "token_staleness_mean": round(mean(r["replay/token_staleness_mean"] for r in learner), 3),
             "token_staleness_max": max(r["replay/token_staleness_max"] for r in learner),
