@@ -103,7 +103,7 @@ async def student_step(step: int, cfg: Config, task_set: Sequence[Task], student
     tasks = step_tasks(task_set, step, cfg.student.tasks_per_step)
     start = time.monotonic()
     groups, reason = await partial(student_pool.student_rollouts([t.question for t in tasks], g, priority=step))
-    seconds = {"rollout/generate_seconds": time.monotonic() - start}  # a round is these two and the rest
+    seconds = {"rollout/generate_seconds": time.monotonic() - start}  # with the scoring, most of a round
     failures = [(t.id, reason) for t, group in zip(tasks, groups, strict=True) if group is None]
     if len(failures) == len(tasks):
         raise RuntimeError(f"student step {step}: no group could be produced: {reason}")
